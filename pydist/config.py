@@ -1,0 +1,182 @@
+"""Every setting of a node and of a client, once: its default, its environment variable, its CLI flag.
+
+``NodeConfig`` is shared by ``pydist-node`` (cli.py builds its argparse flags from the field table) and
+by ``LocalCluster``; ``ClientConfig`` by ``ClusterExecutor``.  Precedence: explicit argument / CLI flag >
+``PYDIST_*`` environment variable > default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import ConfigError
+
+ENV_PREFIX = "PYDIST_"
+
+
+def _meta(env: Optional[str], flag: Optional[str], help: str) -> dict:
+    return {"env": env, "flag": flag, "help": help}
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pydist", "code")
+
+
+def _cpu_count() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=True) or 1
+
+
+def parse_size(text: str | int) -> int:
+    """Parse ``"512M"``, ``"2G"``, ``"1000"`` into bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().rstrip("B")
+    mult = 1
+    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):
+        if s.endswith(suffix):
+            s, mult = s[:-1], m
+            break
+    try:
+        return int(float(s) * mult)
+    except ValueError:
+        raise ConfigError(f"cannot read size {text!r}: use a number of bytes or e.g. 512M, 2G") from None
+
+
+@dataclass
+class NodeConfig:
+    """Settings of one ``pydist-node``."""
+
+    host: str = field(default="127.0.0.1", metadata=_meta("HOST", "--host", "address to bind (and advertise)"))
+    port: int = field(default=0, metadata=_meta("PORT", "--port", "port to bind; 0 picks a free one"))
+    name: Optional[str] = field(default=None, metadata=_meta("NAME", "--name", "node name (default: host-port)"))
+    workers: Optional[int] = field(default=None, metadata=_meta("WORKERS", "--workers",
+                                                                 "worker processes (default: CPU count)"))
+    ns: Optional[str] = field(default=None, metadata=_meta("NS", "--ns", "name server host:port to register in"))
+    parent: Optional[str] = field(default=None, metadata=_meta("PARENT", "--parent",
+                                                               "parent node: a name, host:port or Pyro5 URI"))
+    peers: list = field(default_factory=list, metadata=_meta("PEERS", "--peer",
+                                                             "peer link (tasks flow both ways); repeatable"))
+    max_hops: int = field(default=8, metadata=_meta("MAX_HOPS", "--max-hops", "max hops a task may travel"))
+    heartbeat: float = field(default=1.0, metadata=_meta("HEARTBEAT", "--heartbeat", "seconds between heartbeats"))
+    heartbeat_timeout: float = field(default=5.0, metadata=_meta("HEARTBEAT_TIMEOUT", "--heartbeat-timeout",
+                                                                  "seconds of silence before a link is lost"))
+    secret_file: Optional[str] = field(default=None, metadata=_meta("SECRET_FILE", "--secret-file",
+                                                                    "file holding the cluster secret"))
+    insecure: bool = field(default=False, metadata=_meta("INSECURE", "--insecure",
+                                                         "allow a non-loopback bind without a secret"))
+    tls_cert: Optional[str] = field(default=None, metadata=_meta("TLS_CERT", "--tls-cert", "TLS certificate (PEM)"))
+    tls_key: Optional[str] = field(default=None, metadata=_meta("TLS_KEY", "--tls-key", "TLS private key (PEM)"))
+    tls_ca: Optional[str] = field(default=None, metadata=_meta("TLS_CA", "--tls-ca", "CA certificate(s) to trust"))
+    max_message_size: int = field(default=256 << 20, metadata=_meta("MAX_MESSAGE_SIZE", "--max-message-size",
+                                                                    "largest accepted message, bytes"))
+    code_cache: str = field(default_factory=_default_cache_dir, metadata=_meta("CODE_CACHE", "--code-cache",
+                                                                               "folder for code bundles"))
+    code_cache_max: int = field(default=2 << 30, metadata=_meta("CODE_CACHE_MAX", "--code-cache-max",
+                                                                "bundle cache size limit, bytes (e.g. 2G)"))
+    client_lease: float = field(default=60.0, metadata=_meta("CLIENT_LEASE", "--client-lease",
+                                                             "drop a silent client's tasks after this many s"))
+    threadpool: int = field(default=256, metadata=_meta("THREADPOOL", "--threadpool",
+                                                        "Pyro5 server threads (one per open connection)"))
+    log_level: str = field(default="INFO", metadata=_meta("LOG_LEVEL", "--log-level", "logging level"))
+
+    # -- secret (never a CLI flag value, never logged) ------------------------------------------------
+    secret: Optional[bytes] = field(default=None, repr=False, metadata=_meta("SECRET", None,
+                                                                             "cluster secret (env only)"))
+
+    def __post_init__(self) -> None:
+        if self.workers is None:
+            self.workers = _cpu_count()
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if self.max_hops < 1:
+            raise ConfigError(f"max_hops must be >= 1, got {self.max_hops}")
+        if isinstance(self.secret, str):
+            self.secret = self.secret.encode()
+        if self.secret is None and self.secret_file:
+            self.secret = read_secret_file(self.secret_file)
+        self.code_cache_max = parse_size(self.code_cache_max)
+        self.max_message_size = parse_size(self.max_message_size)
+        if not self.name:
+            self.name = f"{self.host}-{self.port}" if self.port else f"{self.host}-{os.getpid()}"
+
+    @classmethod
+    def from_env(cls, environ: Optional[dict] = None, **overrides: Any) -> "NodeConfig":
+        """Defaults, then ``PYDIST_*`` variables, then ``overrides`` (those not None)."""
+        return cls(**_values_from_env(cls, environ, overrides))
+
+
+@dataclass
+class ClientConfig:
+    """Settings of a ``ClusterExecutor``."""
+
+    connect_timeout: float = field(default=5.0, metadata=_meta("CONNECT_TIMEOUT", None,
+                                                               "seconds to find a node before ClusterUnavailable"))
+    secret: Optional[bytes] = field(default=None, repr=False, metadata=_meta("SECRET", None, "cluster secret"))
+    tls_cert: Optional[str] = field(default=None, metadata=_meta("TLS_CERT", None, "client TLS certificate"))
+    tls_key: Optional[str] = field(default=None, metadata=_meta("TLS_KEY", None, "client TLS key"))
+    tls_ca: Optional[str] = field(default=None, metadata=_meta("TLS_CA", None, "CA certificate(s) to trust"))
+    max_batch: int = field(default=2000, metadata=_meta("MAX_BATCH", None, "most tasks in one submit call"))
+    poll_interval: float = field(default=1.0, metadata=_meta("POLL_INTERVAL", None,
+                                                             "seconds a result long-poll waits at most"))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.secret, str):
+            self.secret = self.secret.encode()
+
+    @classmethod
+    def from_env(cls, environ: Optional[dict] = None, **overrides: Any) -> "ClientConfig":
+        """Defaults, then ``PYDIST_*`` variables, then ``overrides`` (those not None)."""
+        return cls(**_values_from_env(cls, environ, overrides))
+
+
+def read_secret_file(path: str) -> bytes:
+    """Read a secret file, refusing an empty one."""
+    p = Path(path)
+    try:
+        data = p.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
+    if not data:
+        raise ConfigError(f"secret file {path} is empty: put a long random string in it "
+                          "(e.g. python -c 'import secrets;print(secrets.token_hex(32))' > FILE)")
+    return data
+
+
+def _convert(value: str, f: dataclasses.Field) -> Any:
+    typ = str(f.type)
+    if "bool" in typ:
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if typ.startswith("list"):
+        return [v for v in (s.strip() for s in value.split(",")) if v]
+    if "int" in typ and f.name not in ("code_cache_max", "max_message_size"):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{ENV_PREFIX}{f.metadata['env']}={value!r} is not a whole number") from None
+    if "float" in typ:
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{ENV_PREFIX}{f.metadata['env']}={value!r} is not a number") from None
+    if "bytes" in typ:
+        return value.encode()
+    return value
+
+
+def _values_from_env(cls, environ: Optional[dict], overrides: dict) -> dict:
+    environ = os.environ if environ is None else environ
+    values: dict = {}
+    for f in fields(cls):
+        env = f.metadata.get("env")
+        if env and ENV_PREFIX + env in environ:
+            values[f.name] = _convert(environ[ENV_PREFIX + env], f)
+    for k, v in overrides.items():
+        if v is not None:
+            values[k] = v
+    return values

@@ -1,0 +1,97 @@
+"""Every exception pydist raises, in one small hierarchy.
+
+::
+
+    PydistError
+     ├── ClusterUnavailable        no node answers at the address / name server
+     │    └── BrokenCluster        (also a concurrent.futures BrokenExecutor) the node died under us
+     ├── VersionMismatch           client and node would not understand each other's pickles
+     ├── AuthenticationError       the other side does not know the cluster secret
+     ├── ConfigError               a setting is invalid (names the setting and how to fix it)
+     ├── TaskError                 a task could not be run as asked
+     │    ├── SerializationError   the function, an argument or a result cannot be pickled
+     │    ├── WorkerLost           the worker process running the task died
+     │    ├── NodeLost             the node holding the task went away and it could not be re-placed
+     │    └── RemoteError          carrier of a remote traceback (set as ``__cause__``)
+     ├── CodeSyncError             uploading or installing a code bundle failed
+     │    ├── BundleTooLarge
+     │    ├── UnsafeArchive        an archive member escapes its folder (absolute, ``..``, link)
+     │    └── BundleNotFound       a task names a bundle no node has
+     └── ProtocolError             a peer sent something that is not a pydist message
+
+Messages say what went wrong and what to do about it.
+"""
+from __future__ import annotations
+
+from concurrent.futures import BrokenExecutor
+
+
+class PydistError(Exception):
+    """Base class of every pydist error."""
+
+
+class ClusterUnavailable(PydistError):
+    """No pydist node answers at the given address (or the name server has none)."""
+
+
+class BrokenCluster(ClusterUnavailable, BrokenExecutor):
+    """The node this executor talks to died or went away; pending futures failed with this."""
+
+
+class VersionMismatch(PydistError):
+    """Client and node run pydist/Python/cloudpickle versions whose pickles are not compatible."""
+
+
+class AuthenticationError(PydistError):
+    """The peer does not prove knowledge of the cluster secret (or we do not have it)."""
+
+
+class ConfigError(PydistError, ValueError):
+    """A setting has an invalid value."""
+
+
+class TaskError(PydistError):
+    """A task could not be run as asked."""
+
+
+class SerializationError(TaskError):
+    """A function, argument or result could not be pickled or unpickled."""
+
+
+class WorkerLost(TaskError):
+    """The worker process that ran the task died (segfault, ``os._exit``, killed)."""
+
+
+class NodeLost(TaskError):
+    """The node that held the task went away."""
+
+
+class RemoteError(PydistError):
+    """Holds the formatted remote traceback; set as ``__cause__`` of re-raised task exceptions."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return "\n" + self.tb
+
+
+class CodeSyncError(PydistError):
+    """Uploading or installing a code bundle failed."""
+
+
+class BundleTooLarge(CodeSyncError):
+    """A code directory is over the size limit."""
+
+
+class UnsafeArchive(CodeSyncError):
+    """A bundle archive has a member whose path escapes the target folder."""
+
+
+class BundleNotFound(CodeSyncError):
+    """A task names a code bundle that no reachable node has."""
+
+
+class ProtocolError(PydistError):
+    """A peer sent a message that is not a valid pydist message."""

@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="pydist",
+    version="0.1.0",
+    description="Distribute Python functions and scripts over the computers of a network "
+                "through concurrent.futures (Pyro5 remote-object cluster)",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["pydist", "pydist.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "Pyro5>=5.17",
+        "serpent>=1.41",
+        "cloudpickle>=3.0",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        # cryptography: writes the CA and node certificates of `pydist make-certs`
+        "tls": ["cryptography>=41"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "cryptography>=41"],
+        "bench": ["loky>=3.4", "dask[distributed]>=2024.1", "ray>=2.9"],
+    },
+    entry_points={
+        "console_scripts": [
+            "pydist-node=pydist.cli:node_main",
+            "pydist=pydist.cli:main",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Distributed Computing",
+    ],
+)
