@@ -1,0 +1,384 @@
+"""pydist.security: the secret handshake (both directions), replay and clock checks, versions, hostile input, TLS.
+
+Real Pyro5 daemons on 127.0.0.1 (port 0) in a thread of this process; the TLS node runs in a subprocess
+(Pyro5 caches SSL contexts per process), started and stopped by pid.  No sleeps: every wait polls a condition
+with a deadline.
+"""
+from __future__ import annotations
+
+import logging
+import marshal
+import os
+import selectors
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import Pyro5.errors
+import Pyro5.server
+from Pyro5 import protocol
+
+from pydist import security as S
+from pydist.errors import AuthenticationError, ClusterUnavailable, ConfigError, VersionMismatch
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = b"correct horse battery staple"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@Pyro5.server.expose
+class Echo:
+    def echo(self, x):
+        return x
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        threading.Event().wait(0.01)      # a poll interval, not a synchronisation sleep
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(autouse=True)
+def _plain_pyro():
+    S.configure_pyro(tls=None)
+    yield
+    S.configure_pyro(tls=None)
+
+
+@pytest.fixture
+def node():
+    """Factory: start a SecureDaemon serving Echo as pydist.node in a thread; all stopped at teardown."""
+    started = []
+
+    def start(secret=SECRET, name="n1", **kw):
+        d = S.SecureDaemon("127.0.0.1", 0, secret=secret, name=name, **kw)
+        d.register(Echo, S.NODE_OBJECT_ID)
+        t = threading.Thread(target=d.requestLoop, daemon=True)
+        t.start()
+        started.append((d, t))
+        return d
+
+    yield start
+    for d, t in started:
+        d.shutdown()
+        t.join(5)
+        assert not t.is_alive()
+
+
+def raw_connect_message(hello, obj=S.NODE_OBJECT_ID, serializer_id=2) -> bytes:
+    payload = marshal.dumps({"handshake": hello, "object": obj})
+    return protocol.SendingMessage(protocol.MSG_CONNECT, 0, 0, serializer_id, payload).data
+
+
+def raw_handshake(address: str, frame: bytes):
+    """Send one CONNECT frame on a raw socket; return (msgtype, decoded reply)."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(frame)
+        from Pyro5.socketutil import SocketConnection
+        conn = SocketConnection(s, keep_open=True)
+        msg = protocol.recv_stub(conn, [protocol.MSG_CONNECTOK, protocol.MSG_CONNECTFAIL])
+        return msg.type, marshal.loads(msg.data)
+
+
+def closed_by_server(s: socket.socket, timeout=5.0) -> bool:
+    """True if the server closes s (EOF or reset) within timeout; reads and discards any reply."""
+    s.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not s.recv(65536):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+    return False
+
+
+# ------------------------------------------------------------------------------------------------------
+# the secret, both directions
+# ------------------------------------------------------------------------------------------------------
+
+def test_right_secret_works_and_names_the_peer(node):
+    d = node(name="head")
+    p = S.connect(d.locationStr, secret=SECRET)
+    assert p.echo(b"\x00payload") == b"\x00payload"     # marshal: bytes arrive as bytes
+    assert p.pydist_peer_name == "head"
+    assert p.pydist_peer_versions["py"] == "%d.%d" % sys.version_info[:2]
+    # a dropped connection reconnects with a fresh nonce (a reused one would be refused as a replay)
+    p._pyroRelease()
+    assert p.echo(2) == 2
+    p._pyroRelease()
+
+
+def test_wrong_secret_is_refused_fast_logged_once_and_server_keeps_serving(node, caplog):
+    d = node()
+    caplog.set_level(logging.WARNING, logger="pydist.security")
+    t0 = time.monotonic()
+    with pytest.raises(AuthenticationError) as ei:
+        S.connect(d.locationStr, secret=b"not the secret")
+    assert time.monotonic() - t0 < 2.0
+    assert "wrong cluster secret" in str(ei.value) and d.locationStr in str(ei.value)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pydist.security"]
+    assert len(lines) == 1 and "127.0.0.1:" in lines[0]
+    assert SECRET.decode() not in lines[0] and "not the secret" not in lines[0]
+    assert S.connect(d.locationStr, secret=SECRET).echo("ok") == "ok"
+
+
+def test_client_without_secret_is_refused(node):
+    d = node()
+    with pytest.raises(AuthenticationError, match="requires the cluster secret"):
+        S.connect(d.locationStr, secret=None)
+
+
+def test_client_with_secret_refuses_a_node_without_one(node):
+    d = node(secret=None, name="rogue")
+    with pytest.raises(AuthenticationError, match="has no cluster secret"):
+        S.connect(d.locationStr, secret=SECRET)
+    # ... while a loopback-only setup without any secret works
+    assert S.connect(d.locationStr, secret=None).echo(3) == 3
+
+
+def test_client_refuses_a_node_that_cannot_prove_the_secret(node):
+    d = node(secret=b"other cluster", name="impostor")
+    # the impostor refuses us too; check the client side on its own with a forged reply:
+    hello = S.client_hello(SECRET, d.locationStr)
+    forged = S.SecureDaemon.validateHandshake(d, None, S.client_hello(b"other cluster", d.locationStr))
+    with pytest.raises(AuthenticationError, match="failed to prove"):
+        S.check_server_reply(forged, hello, SECRET, d.locationStr)
+    # and a failed proof leaves no usable connection on the proxy
+    p = S.SecureProxy(f"PYRO:{S.NODE_OBJECT_ID}@{d.locationStr}", secret=SECRET)
+    object.__setattr__(p, "_pydist_pending", hello)
+    p._pyroConnection = object.__new__(type("FakeConn", (), {"close": lambda self: None}))
+    with pytest.raises(AuthenticationError):
+        p._pyroValidateHandshake(forged)
+    assert p._pyroConnection is None
+
+
+# ------------------------------------------------------------------------------------------------------
+# replay, clock, versions, destination
+# ------------------------------------------------------------------------------------------------------
+
+def test_replayed_handshake_is_refused(node):
+    d = node()
+    frame = raw_connect_message(S.client_hello(SECRET, d.locationStr))
+    kind, reply = raw_handshake(d.locationStr, frame)
+    assert kind == protocol.MSG_CONNECTOK and reply["handshake"]["name"] == "n1"
+    kind, reply = raw_handshake(d.locationStr, frame)           # the very same bytes again
+    assert kind == protocol.MSG_CONNECTFAIL and "replayed" in reply and reply.startswith(S.TAG_AUTH)
+    assert S.connect(d.locationStr, secret=SECRET).echo(1) == 1
+
+
+def test_replay_cache_is_bounded_and_never_readmits_an_evicted_nonce():
+    cache = S._ReplayCache(window=300, maxsize=3)
+    now = 1000.0
+    for i in range(3):
+        assert cache.check_and_add(bytes([i]) * 16, now - 10 + i, now) is None
+    assert cache.check_and_add(bytes([9]) * 16, now, now) is None       # evicts the oldest (ts = now-10)
+    assert len(cache) == 3
+    assert cache.check_and_add(bytes([0]) * 16, now - 10, now) is not None   # evicted one: still refused
+    assert cache.check_and_add(bytes([1]) * 16, now - 9, now) is not None    # remembered one: refused
+
+
+def test_timestamp_outside_the_window_says_check_the_clocks(node):
+    d = node(clock_window=300)
+    frame = raw_connect_message(S.client_hello(SECRET, d.locationStr, ts=time.time() - 1000))
+    kind, reply = raw_handshake(d.locationStr, frame)
+    assert kind == protocol.MSG_CONNECTFAIL
+    err = S.translate_connect_error(Pyro5.errors.CommunicationError("rejected: " + reply), d.locationStr)
+    assert isinstance(err, AuthenticationError) and "check the clocks" in str(err)
+    ok = raw_connect_message(S.client_hello(SECRET, d.locationStr, ts=time.time() + 200))   # inside the window
+    assert raw_handshake(d.locationStr, ok)[0] == protocol.MSG_CONNECTOK
+
+
+def test_version_mismatch_names_both_sides(node):
+    d = node()
+    theirs = dict(S.local_versions(), py="2.7", cp="1.6")
+    frame = raw_connect_message(S.client_hello(SECRET, d.locationStr, versions=theirs))
+    kind, reply = raw_handshake(d.locationStr, frame)
+    assert kind == protocol.MSG_CONNECTFAIL
+    err = S.translate_connect_error(Pyro5.errors.CommunicationError("rejected: " + reply), d.locationStr)
+    assert isinstance(err, VersionMismatch)
+    text = str(err)
+    assert "Python 2.7" in text and "Python %d.%d" % sys.version_info[:2] in text and d.locationStr in text
+    # protocol version differs: refused before anything else
+    frame = raw_connect_message(S.client_hello(SECRET, d.locationStr, versions=dict(S.local_versions(), pydist=99)))
+    assert "protocol" in raw_handshake(d.locationStr, frame)[1]
+
+
+def test_handshake_made_for_another_node_is_refused(node):
+    a, b = node(name="a"), node(name="b")
+    frame = raw_connect_message(S.client_hello(SECRET, a.locationStr))   # sniffed on its way to a ...
+    kind, reply = raw_handshake(b.locationStr, frame)                    # ... replayed against b
+    assert kind == protocol.MSG_CONNECTFAIL and "not an address of node b" in reply
+    port = b.locationStr.rsplit(":", 1)[1]
+    assert raw_handshake(b.locationStr, raw_connect_message(
+        S.client_hello(SECRET, f"localhost:{port}")))[0] == protocol.MSG_CONNECTOK   # a name resolving to it
+
+
+# ------------------------------------------------------------------------------------------------------
+# hostile input
+# ------------------------------------------------------------------------------------------------------
+
+def test_silent_connections_do_not_block_and_are_released(node):
+    d = node(handshake_timeout=1.0)
+    host, port = d.locationStr.rsplit(":", 1)
+    silent = [socket.create_connection((host, int(port)), timeout=5) for _ in range(50)]
+    try:
+        t0 = time.monotonic()
+        p = S.connect(d.locationStr, secret=SECRET)
+        assert p.echo("alive") == "alive"
+        assert time.monotonic() - t0 < 1.0           # did not wait for the silent ones
+        assert all(closed_by_server(s, timeout=5) for s in silent)
+        pool = d.transportServer.pool
+        wait_for(lambda: len(pool.busy) == 1, what="handshake threads released")
+        # the good connection has been idle longer than the handshake deadline and is still open
+        assert p.echo("still here") == "still here"
+    finally:
+        for s in silent:
+            s.close()
+
+
+@pytest.mark.parametrize("junk", [
+    b"GET / HTTP/1.0\r\n\r\n",                                  # garbage
+    b"PYRO\x01\xf6\x01\x02",                                     # truncated header, then EOF
+    struct.pack(protocol._header_format, b"PYRO", protocol.PROTOCOL_VERSION, protocol.MSG_CONNECT, 2, 0, 0,
+                200 << 20, 0, b"\0" * 16, 0, 0x4dc5),                  # header claims 200 MiB, then EOF
+    protocol.SendingMessage(protocol.MSG_CONNECT, 0, 0, 2, b"\x00\x01garbage").data,  # not marshal
+    protocol.SendingMessage(protocol.MSG_INVOKE, 0, 0, 2, marshal.dumps(("pydist.node", "echo", [1], {}))).data,
+], ids=["garbage", "truncated", "oversized", "bad-payload", "invoke-before-connect"])
+def test_junk_closes_only_that_connection(node, junk):
+    d = node(handshake_timeout=2.0)
+    host, port = d.locationStr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(junk)
+        s.shutdown(socket.SHUT_WR)
+        assert closed_by_server(s, timeout=3)
+    assert S.connect(d.locationStr, secret=SECRET).echo("fine") == "fine"
+
+
+def test_message_size_limit_closes_the_connection(node):
+    S.configure_pyro(max_message_size=1 << 20)
+    try:
+        d = node()
+        p = S.connect(d.locationStr, secret=SECRET)
+        assert p.echo(b"x" * 1000) == b"x" * 1000
+        with pytest.raises(Pyro5.errors.ProtocolError):      # refused before sending
+            p.echo(b"x" * (2 << 20))
+    finally:
+        S.configure_pyro(max_message_size=1 << 30)
+
+
+def test_plain_pyro_proxy_is_refused(node):
+    d = node()
+    plain = Pyro5.client.Proxy(f"PYRO:{S.NODE_OBJECT_ID}@{d.locationStr}")
+    with pytest.raises(Pyro5.errors.CommunicationError, match="pydist-refused"):
+        plain._pyroBind()
+
+
+# ------------------------------------------------------------------------------------------------------
+# connect() errors, secrets
+# ------------------------------------------------------------------------------------------------------
+
+def test_unreachable_address_is_cluster_unavailable_after_retrying():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]       # closed again when the block ends: nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(ClusterUnavailable, match=f"127.0.0.1:{port}"):
+        S.connect(f"127.0.0.1:{port}", secret=SECRET, timeout=0.5)
+    assert 0.3 < time.monotonic() - t0 < 3
+
+
+def test_load_secret_precedence(tmp_path):
+    f = tmp_path / "s"
+    f.write_text("from-file\n")
+    env = {"PYDIST_SECRET": "from-env"}
+    assert S.load_secret("explicit", str(f), env) == b"explicit"
+    assert S.load_secret(None, str(f), env) == b"from-file"
+    assert S.load_secret(None, None, env) == b"from-env"
+    assert S.load_secret(None, None, {}) is None
+    with pytest.raises(ConfigError):
+        S.load_secret(None, None, {"PYDIST_SECRET": ""})
+    a, b = S.new_secret(), S.new_secret()
+    assert a != b and len(a) >= 32
+
+
+# ------------------------------------------------------------------------------------------------------
+# TLS
+# ------------------------------------------------------------------------------------------------------
+
+TLS_NODE = textwrap.dedent("""
+    import sys, Pyro5.server
+    from pydist import security as S
+    certs, secret = sys.argv[1], sys.argv[2].encode()
+    S.configure_pyro(tls=S.TLSSettings(cert=certs + "/node.pem", key=certs + "/node.key", ca=certs + "/ca.pem"),
+                     server=True)
+
+    @Pyro5.server.expose
+    class Echo:
+        def echo(self, x):
+            return x
+
+    d = S.SecureDaemon("127.0.0.1", 0, secret=secret, name="tls-node", handshake_timeout=2.0)
+    d.register(Echo, S.NODE_OBJECT_ID)
+    print("READY", d.locationStr, flush=True)
+    d.requestLoop()
+""")
+
+
+def test_tls_two_way_with_make_certs(tmp_path):
+    certs = S.make_certs(tmp_path / "certs", names=("node", "client"))
+    other = S.make_certs(tmp_path / "other", names=("client",))      # a different CA
+    assert set(certs) >= {"ca", "ca_key", "node", "node_key", "client", "client_key"}
+    assert oct(os.stat(certs["node_key"]).st_mode & 0o777) == "0o600"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", TLS_NODE, str(tmp_path / "certs"), SECRET.decode()],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        assert sel.select(timeout=20), "TLS node did not start"
+        line = proc.stdout.readline().split()
+        assert line[0] == "READY"
+        address = line[1]
+
+        good = S.TLSSettings(cert=certs["client"], key=certs["client_key"], ca=certs["ca"])
+        p = S.connect(address, secret=SECRET, tls=good)
+        assert p.echo(b"over tls") == b"over tls" and p.pydist_peer_name == "tls-node"
+        assert p._pyroConnection.sock.version().startswith("TLS")
+        p._pyroRelease()
+
+        # a client that does not trust the cluster CA refuses the node's certificate
+        with pytest.raises(AuthenticationError, match="TLS"):
+            S.connect(address, secret=SECRET, timeout=1,
+                      tls=S.TLSSettings(cert=other["client"], key=other["client_key"], ca=other["ca"]))
+        # a client with no certificate is refused by the node (2-way TLS)
+        with pytest.raises(AuthenticationError, match="TLS"):
+            S.connect(address, secret=SECRET, timeout=1, tls=S.TLSSettings(ca=certs["ca"]))
+        # a client without the CA cannot even be configured
+        with pytest.raises(ConfigError, match="CA"):
+            S.configure_pyro(tls=S.TLSSettings(cert=certs["client"], key=certs["client_key"]))
+        # a silent TCP peer does not block the TLS node's accept loop
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5):
+            assert S.connect(address, secret=SECRET, tls=good).echo(1) == 1
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
