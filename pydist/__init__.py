@@ -1,0 +1,47 @@
+"""pydist: distribute Python functions and scripts over the computers of a network.
+
+The public face (import everything from here)::
+
+    from pydist import ClusterExecutor, LocalCluster, task_context, ScriptResult
+    from pydist import PydistError, ClusterUnavailable, WorkerLost, AuthenticationError, ...
+
+Names load lazily, so a worker process that only needs ``pydist.workers`` does not import Pyro5.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ClusterExecutor": "executor",
+    "PydistFuture": "executor",
+    "LocalCluster": "cluster",
+    "task_context": "workers",
+    "TaskContext": "workers",
+    "ScriptResult": "scripts",
+    "ScriptTimeout": "scripts",
+    "NodeConfig": "config",
+    "ClientConfig": "config",
+    "BundleInfo": "codesync",
+}
+_ERRORS = ("PydistError", "ClusterUnavailable", "BrokenCluster", "VersionMismatch", "AuthenticationError",
+           "ConfigError", "TaskError", "SerializationError", "WorkerLost", "NodeLost", "RemoteError",
+           "CodeSyncError", "BundleTooLarge", "UnsafeArchive", "BundleNotFound", "ProtocolError")
+for _e in _ERRORS:
+    _EXPORTS[_e] = "errors"
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'pydist' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"pydist.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,261 @@
+"""``LocalCluster``: a Pyro5 name server and pydist nodes as subprocesses on loopback.
+
+It is the embedded default behind ``ClusterExecutor()`` and the fixture behind the tests.  Every
+process it starts reads a pipe on its stdin and exits when that pipe closes, so nothing outlives the
+process that started the cluster, even after ``kill -9``.  Each node gets its own loopback address
+(127.0.0.(k+2) on Linux) so that nodes look like distinct hosts, its own code cache, and the cluster's
+random secret.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import List, Optional
+
+from . import security
+from .errors import ClusterUnavailable
+
+log = logging.getLogger(__name__)
+
+TOPOLOGIES = ("tree", "chain", "star")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _node_host(k: int) -> str:
+    if sys.platform.startswith("linux"):
+        return f"127.0.0.{k + 2}"
+    return "127.0.0.1"
+
+
+def parent_index(k: int, topology: str) -> Optional[int]:
+    """Index of node ``k``'s parent in a topology (None for the root)."""
+    if k == 0:
+        return None
+    if topology == "tree":
+        return (k - 1) // 2
+    if topology == "chain":
+        return k - 1
+    return 0
+
+
+class LocalCluster:
+    """A name server plus ``nodes`` pydist nodes (``workers_per_node`` workers each) on loopback.
+
+    Use as a context manager; ``.address`` is the root node's ``host:port``, ``.ns_address`` the name
+    server's, ``.secret`` the cluster secret (random unless given), ``.pids`` every process started.
+    ``topology``: ``"tree"`` (binary), ``"chain"`` or ``"star"``.
+    """
+
+    def __init__(self, nodes: int = 1, workers_per_node: Optional[int] = None, topology: str = "tree", *,
+                 secret: Optional[bytes] = None, log_level: str = "WARNING", start_timeout: float = 30.0,
+                 node_args: Optional[List[str]] = None, env: Optional[dict] = None):
+        if nodes < 1:
+            raise ValueError("a LocalCluster needs at least one node")
+        if topology not in TOPOLOGIES:
+            raise ValueError(f"topology must be one of {TOPOLOGIES}, got {topology!r}")
+        if workers_per_node is not None and workers_per_node < 0:
+            raise ValueError("workers_per_node must be >= 0")
+        self.n = nodes
+        self.workers_per_node = workers_per_node
+        self.topology = topology
+        self.secret = secret if secret is not None else security.new_secret()
+        self.log_level = log_level
+        self.start_timeout = start_timeout
+        self.node_args = list(node_args or [])
+        self.extra_env = dict(env or {})
+        self.ns_address = ""
+        self.address = ""
+        self.addresses: List[str] = []
+        self.names: List[str] = [f"node{k}" for k in range(nodes)]
+        self.procs: List[subprocess.Popen] = []
+        self.ns_proc: Optional[subprocess.Popen] = None
+        self._tmp: Optional[str] = None
+        self._started = False
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def pids(self) -> List[int]:
+        """Process ids of the name server and the nodes (not their workers)."""
+        ps = ([self.ns_proc] if self.ns_proc else []) + self.procs
+        return [p.pid for p in ps]
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        path = [p if p else os.getcwd() for p in sys.path]
+        if env.get("PYTHONPATH"):
+            path.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+        env["PYDIST_SECRET"] = self.secret.decode() if isinstance(self.secret, bytes) else self.secret
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> "LocalCluster":
+        """Start the name server and every node; return once the root sees the whole cluster."""
+        if self._started:
+            return self
+        self._started = True
+        self._tmp = tempfile.mkdtemp(prefix="pydist-cluster-")
+        env = self._env()
+        try:
+            ns_port = _free_port("127.0.0.1")
+            self.ns_address = f"127.0.0.1:{ns_port}"
+            self.ns_proc = subprocess.Popen(
+                [sys.executable, "-m", "pydist.cluster", "ns", "127.0.0.1", str(ns_port)],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+            for k in range(self.n):
+                self.procs.append(self._start_node(k, env))
+            self.addresses = [self._read_ready(k, p) for k, p in enumerate(self.procs)]
+            self.address = self.addresses[0]
+            if self.n > 1:
+                self.wait_for_nodes(self.n, self.start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_node(self, k: int, env: dict) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "pydist.cli", "node", "--host", _node_host(k), "--port", "0",
+               "--name", self.names[k], "--ns", self.ns_address, "--watch-stdin",
+               "--code-cache", os.path.join(self._tmp or ".", self.names[k], "code"),
+               "--log-level", self.log_level]
+        if self.workers_per_node is not None:
+            cmd += ["--workers", str(self.workers_per_node)]
+        parent = parent_index(k, self.topology)
+        if parent is not None:
+            cmd += ["--parent", self.names[parent]]
+        cmd += self.node_args
+        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+
+    def _read_ready(self, k: int, p: subprocess.Popen) -> str:
+        box: List[str] = []
+
+        def read():
+            assert p.stdout is not None
+            for raw in p.stdout:
+                line = raw.decode(errors="replace").strip()
+                if line.startswith("READY "):
+                    box.append(line.split()[2])
+                    return
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(self.start_timeout)
+        if not box:
+            rc = p.poll()
+            raise ClusterUnavailable(f"LocalCluster node {self.names[k]} did not start within "
+                                     f"{self.start_timeout:g} s (exit code {rc}); see its log above")
+        return box[0]
+
+    def wait_for_nodes(self, count: int, timeout: float = 30.0) -> None:
+        """Wait until the root node reaches ``count`` nodes through its links."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            try:
+                p = security.connect(self.address, secret=self.secret, timeout=2.0)
+                try:
+                    seen = len(p.status()["reachable"])
+                finally:
+                    p._pyroRelease()
+            except Exception as exc:
+                log.debug("status: %s", exc)
+            if seen >= count:
+                return
+            if time.monotonic() > deadline:
+                raise ClusterUnavailable(f"LocalCluster: the root reaches {seen} of {count} nodes after "
+                                         f"{timeout:g} s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop every process this cluster started (nodes, then the name server) and remove its files."""
+        for p in self.procs:
+            _terminate(p)
+        for p in self.procs:
+            _reap(p)
+        if self.ns_proc is not None:
+            _terminate(self.ns_proc)
+            _reap(self.ns_proc)
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def kill_node(self, k: int, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to node ``k`` (tests: simulate a crash)."""
+        self.procs[k].send_signal(sig)
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _terminate(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except OSError:
+            pass
+    for f in (p.stdin,):
+        try:
+            if f:
+                f.close()
+        except OSError:
+            pass
+
+
+def _reap(p: subprocess.Popen) -> None:
+    try:
+        p.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    if p.stdout:
+        try:
+            p.stdout.close()
+        except OSError:
+            pass
+
+
+def watch_stdin() -> None:
+    """Exit this process as soon as its stdin pipe closes (the parent died or stopped us)."""
+    def watch():
+        try:
+            while sys.stdin.buffer.read(1 << 12):
+                pass
+        except Exception:
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(3)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="pydist-stdin-watch").start()
+
+
+def _ns_main(host: str, port: int) -> None:
+    """A Pyro5 name server that exits with its parent (``python -m pydist.cluster ns HOST PORT``)."""
+    import Pyro5.nameserver
+
+    watch_stdin()
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    Pyro5.nameserver.start_ns_loop(host=host, port=port, enableBroadcast=False)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "ns":
+        _ns_main(sys.argv[2], int(sys.argv[3]))
+    else:
+        sys.exit("usage: python -m pydist.cluster ns HOST PORT")

@@ -1,0 +1,588 @@
+"""The client side: a ``concurrent.futures.Executor`` whose workers are the nodes of a pydist cluster.
+
+::
+
+    user thread                 sender thread                 node                 collector thread
+    submit(fn, *a) ─▶ pickle ─▶ outbox ─▶ one submit(batch) ─▶ queue ─▶ workers ─▶ results
+      returns Future (pending)    (everything queued since                           │
+                                   the last call, ≤ max_batch)   collect(long poll) ◀┘
+                                                                   ─▶ set_running / set_result
+
+``submit`` pickles the arguments in the caller's thread (so an unpicklable argument raises there and
+the executor stays usable) and the *function* once per executor (cached by identity; mutate a
+closure's captured state and submit again: the first pickle is reused).  A sender thread coalesces
+everything submitted while its previous call was in flight into one call: a lone task costs one
+round trip, 10,000 tasks cost a handful.  A collector thread keeps one long poll open; the node
+answers it as soon as anything finished, with every result ready by then.  Finished futures are
+forgotten at once: the executor holds no reference to results.
+
+If the node goes away, every pending future fails with ``BrokenCluster`` (a ``BrokenExecutor``) and
+later ``submit`` raises it: nothing hangs.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from concurrent.futures import Executor, Future, InvalidStateError
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+
+import cloudpickle
+
+from . import security, wire
+from .config import ClientConfig
+from .errors import BrokenCluster, ClusterUnavailable, SerializationError, WorkerLost
+from .scripts import ScriptResult, run_script
+
+log = logging.getLogger(__name__)
+
+FN_CACHE = 256
+
+
+class PydistFuture(Future):
+    """A ``concurrent.futures.Future`` for a pydist task; cancelling it also cancels it on the node."""
+
+    _pydist_tid: str = ""
+    _pydist_exec: Any = None
+
+    def cancel(self) -> bool:
+        ok = super().cancel()
+        if ok and self._pydist_exec is not None:
+            ex = self._pydist_exec()
+            if ex is not None:
+                ex._on_cancel(self._pydist_tid)
+        return ok
+
+
+def _parse_address(address: str) -> str:
+    a = address.strip()
+    if a.startswith("tcp://"):
+        a = a[len("tcp://"):]
+    return a
+
+
+class ClusterExecutor(Executor):
+    """Run callables on a pydist cluster through the ``concurrent.futures`` interface.
+
+    ``ClusterExecutor()`` starts an embedded ``LocalCluster`` (a name server and one node with
+    ``max_workers`` worker processes on loopback) and stops it on shutdown.
+    ``ClusterExecutor("host:port")`` (or a Pyro5 URI) connects to a running node;
+    ``ClusterExecutor(ns="host:port")`` finds the cluster's root node in a Pyro5 name server.
+
+    Accepts what ``ProcessPoolExecutor`` accepts (``max_workers``, ``mp_context`` (ignored),
+    ``initializer``, ``initargs``, ``max_tasks_per_child`` (ignored)), plus ``secret`` (else
+    ``PYDIST_SECRET``), ``code`` (paths uploaded at start, see ``upload_code``), TLS files and
+    ``connect_timeout`` (seconds before ``ClusterUnavailable``).
+    """
+
+    def __init__(self, address: Optional[str] = None, max_workers: Optional[int] = None, mp_context: Any = None,
+                 initializer: Optional[Callable] = None, initargs: tuple = (), *, ns: Optional[str] = None,
+                 secret: Optional[bytes] = None, code: Optional[Sequence[str]] = None,
+                 max_tasks_per_child: Optional[int] = None, connect_timeout: Optional[float] = None,
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None):
+        if isinstance(address, int) and not isinstance(address, bool):
+            # ProcessPoolExecutor's positional order: (max_workers, mp_context, initializer, initargs)
+            address, max_workers, mp_context, initializer, initargs = (
+                None, address, max_workers, mp_context, initializer if initializer is not None else ())
+        if max_workers is not None and max_workers < 1:
+            raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        self._cfg = ClientConfig.from_env(secret=secret, connect_timeout=connect_timeout,
+                                          tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
+        self._cluster = None
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._pending: Dict[str, PydistFuture] = {}
+        self._outbox: List[tuple] = []
+        self._cancels: List[str] = []
+        self._fns: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+        self._fn_seq = itertools.count()
+        self._seq = itertools.count()
+        self._cid = uuid.uuid4().hex[:16]
+        self._shutdown = False
+        self._broken: Optional[BaseException] = None
+        self._bundle: Optional[str] = None
+        self._code_paths: "collections.OrderedDict[str, str]" = collections.OrderedDict()
+        self._code_exclude: tuple = ()
+        self._threads: List[threading.Thread] = []
+        self._closed = threading.Event()
+        tls = None
+        if self._cfg.tls_ca or self._cfg.tls_cert:
+            tls = security.TLSSettings(cert=self._cfg.tls_cert, key=self._cfg.tls_key, ca=self._cfg.tls_ca)
+        self._tls = tls
+        security.configure_pyro(tls=tls)
+
+        if address is None and ns is None:
+            from .cluster import LocalCluster
+
+            self._cluster = LocalCluster(nodes=1, workers_per_node=max_workers)
+            self._cluster.start()
+            address = self._cluster.address
+            self._cfg.secret = self._cluster.secret
+        try:
+            if ns is not None:
+                self._uri = self._find_root(ns)
+            else:
+                self._uri = _parse_address(str(address))
+            self._address = self._uri
+            proxy = self._connect()
+            init_blob = None
+            if initializer is not None:
+                init_blob = wire.dumps((initializer, tuple(initargs)), "the initializer")
+            self._node_info = proxy.open_client(self._cid, init_blob)
+            self._node_name = self._node_info["name"]
+            proxy._pyroRelease()
+        except BaseException:
+            if self._cluster is not None:
+                self._cluster.stop()
+            raise
+        self._wref = weakref.ref(self)
+        for target, name in ((self._sender, "sender"), (self._collector, "collector")):
+            t = threading.Thread(target=target, name=f"pydist-client-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        if code:
+            for p in ([code] if isinstance(code, (str, os.PathLike)) else code):
+                self.upload_code(p)
+
+    # ------------------------------------------------------------------------------------ connecting
+    def _connect(self, timeout: Optional[float] = None):
+        return security.connect(self._uri, secret=self._cfg.secret,
+                                timeout=self._cfg.connect_timeout if timeout is None else timeout, tls=self._tls)
+
+    def _find_root(self, ns: str) -> str:
+        import Pyro5.api
+        import Pyro5.errors
+
+        host, _, port = _parse_address(ns).rpartition(":")
+        deadline = time.monotonic() + self._cfg.connect_timeout
+        last: Optional[BaseException] = None
+        while True:
+            try:
+                with Pyro5.api.locate_ns(host, int(port)) as nsp:
+                    entries = nsp.list(prefix="pydist.node.", return_metadata=True)
+                roots = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" in meta]
+                others = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" not in meta]
+                for uri in roots + others:
+                    try:
+                        security.connect(uri, secret=self._cfg.secret, timeout=0.5, tls=self._tls)._pyroRelease()
+                        return uri
+                    except ClusterUnavailable as exc:
+                        last = exc   # a stale entry
+                last = last or ClusterUnavailable(f"name server {ns} lists no pydist node yet")
+            except (Pyro5.errors.NamingError, Pyro5.errors.CommunicationError, OSError) as exc:
+                last = exc
+            if time.monotonic() > deadline:
+                raise ClusterUnavailable(f"no pydist node found through name server {ns} within "
+                                         f"{self._cfg.connect_timeout:g} s: {last}") from None
+            time.sleep(0.1)
+
+    # ------------------------------------------------------------------------------------ Executor API
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> PydistFuture:
+        """Schedule ``fn(*args, **kwargs)`` on the cluster; returns a Future."""
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        key, blob = self._fn_key(fn)
+        payload = wire.dumps_call(args, kwargs)
+        return self._enqueue(key, blob, payload, wire.KIND_CALL)
+
+    def _enqueue(self, key: str, blob: bytes, payload: bytes, kind: int) -> PydistFuture:
+        fut = PydistFuture()
+        with self._lock:
+            self._check_open()
+            tid = f"{self._cid}.{next(self._seq)}"
+            fut._pydist_tid = tid
+            fut._pydist_exec = self._wref
+            self._pending[tid] = fut
+            self._outbox.append(((tid, key, payload, self._bundle, 0, [], kind, self._cid), blob))
+            if len(self._outbox) == 1:
+                self._cond.notify_all()
+        return fut
+
+    def _check_open(self) -> None:
+        if self._broken is not None:
+            raise BrokenCluster(str(self._broken))
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def _fn_key(self, fn: Callable) -> tuple:
+        entry = self._fns.get(id(fn))
+        if entry is not None and entry[0] is fn:
+            self._fns.move_to_end(id(fn))
+            return entry[1], entry[2]
+        try:
+            blob = cloudpickle.dumps(fn, wire.PICKLE_PROTOCOL)
+        except Exception as exc:
+            raise SerializationError(f"cannot pickle the function {fn!r}: {type(exc).__name__}: {exc}") from exc
+        key = f"{self._cid}.f{next(self._fn_seq)}"
+        self._fns[id(fn)] = (fn, key, blob)
+        if len(self._fns) > FN_CACHE:
+            self._fns.popitem(last=False)
+        return key, blob
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None, chunksize: int = 1,
+            buffersize: Optional[int] = None) -> Iterator:
+        """Like ``Executor.map``: results lazily, in order.  ``chunksize > 1`` sends that many calls as
+        one task (one pickle, one result message); ``buffersize`` bounds tasks in flight (Python 3.14)."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
+            raise ValueError("buffersize must be None or > 0")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        key, blob = self._fn_key(fn)
+        calls = zip(*iterables)
+        kind = wire.KIND_CALL if chunksize == 1 else wire.KIND_CHUNK
+
+        def make(group):
+            if kind == wire.KIND_CALL:
+                return self._enqueue(key, blob, wire.dumps_call(group, {}), kind)
+            return self._enqueue(key, blob, wire.dumps(list(group), "map arguments"), kind)
+
+        groups = calls if chunksize == 1 else _chunks(calls, chunksize)
+        if buffersize is None:
+            fs = collections.deque(make(g) for g in groups)
+            more = iter(())
+        else:
+            more = iter(groups)
+            fs = collections.deque(make(g) for g in itertools.islice(more, buffersize))
+
+        def result_iterator():
+            try:
+                while fs:
+                    f = fs.popleft()
+                    if buffersize is not None:
+                        for g in itertools.islice(more, 1):
+                            fs.append(make(g))
+                    r = _result_or_cancel(f, None if end_time is None else end_time - time.monotonic())
+                    if kind == wire.KIND_CALL:
+                        yield r
+                    else:
+                        yield from r
+            finally:
+                for f in fs:
+                    f.cancel()
+
+        return result_iterator()
+
+    def submit_script(self, path: str, args: Sequence[str] = (), *, cwd: Optional[str] = None,
+                      env: Optional[dict] = None, timeout: Optional[float] = None) -> PydistFuture:
+        """Run a Python script file on the cluster; the future gives a ``ScriptResult``
+        (``returncode``, ``stdout``, ``stderr``, ``node``).  The file's content is shipped."""
+        p = os.fspath(path)
+        try:
+            with open(p, "rb") as f:
+                source = f.read()
+        except OSError as exc:
+            raise FileNotFoundError(f"cannot read script {p}: {exc.strerror}") from None
+        return self.submit(run_script, source, os.path.basename(p), [str(a) for a in args], cwd,
+                           dict(env) if env else None, timeout)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; optionally cancel pending ones; with ``wait`` block until all are done.
+        Stops the embedded cluster, if any, once nothing is pending."""
+        with self._lock:
+            self._shutdown = True
+            pending = list(self._pending.values())
+        if cancel_futures:
+            for f in pending:
+                f.cancel()
+        if wait:
+            self._drain_and_close()
+        else:
+            threading.Thread(target=self._drain_and_close, daemon=True, name="pydist-client-close").start()
+
+    def _drain_and_close(self) -> None:
+        while True:
+            with self._lock:
+                pending = list(self._pending.values())
+            if not pending:
+                break
+            for f in pending:
+                try:
+                    f.exception()
+                except BaseException:
+                    pass
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with self._cond:
+            self._cond.notify_all()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=10)
+        if self._broken is None:
+            try:
+                p = self._connect(timeout=1.0)
+                p._pyroTimeout = 2.0
+                p.close_client(self._cid)
+                p._pyroRelease()
+            except Exception as exc:
+                log.debug("close_client failed: %s", exc)
+        if self._cluster is not None:
+            self._cluster.stop()
+            self._cluster = None
+
+    # ------------------------------------------------------------------------------------ extras
+    @property
+    def node_name(self) -> str:
+        """Name of the node this executor talks to."""
+        return self._node_name
+
+    @property
+    def cluster(self):
+        """The embedded ``LocalCluster`` (None when connected to a running cluster)."""
+        return self._cluster
+
+    def status(self) -> dict:
+        """The status of the node this executor talks to (see ``pydist status``)."""
+        p = self._connect()
+        try:
+            return p.status()
+        finally:
+            p._pyroRelease()
+
+    def upload_code(self, path, exclude: Sequence[str] = (), timeout: float = 300.0, progress=None):
+        """Ship a code directory, package directory or ``.py`` file to every node of the cluster.
+
+        Tasks submitted afterwards can import from it (it is first on their ``sys.path``); tasks already
+        queued keep the version they were submitted with.  Uploads are content addressed: unchanged code
+        is not sent again.  Returns a ``BundleInfo`` (digest, size, files).  Every path uploaded so far
+        is part of the bundle (a path providing the same top-level name replaces the older one).
+        """
+        from . import codesync
+
+        p = os.path.abspath(os.fspath(path))
+        if not os.path.exists(p):
+            raise codesync.CodeSyncError(f"code path not found: {p}")
+        paths = collections.OrderedDict(self._code_paths)
+        name = os.path.splitext(os.path.basename(p.rstrip(os.sep)))[0]
+        paths.pop(name, None)
+        paths[name] = p
+        excl = tuple(self._code_exclude) + tuple(exclude)
+        info, data = codesync.build_bundle(list(paths.values()), exclude=excl, progress=progress)
+        _upload_bundle(self._uri, self._cfg.secret, self._tls, info, data, timeout, progress)
+        with self._lock:
+            self._code_paths = paths
+            self._code_exclude = excl
+            self._bundle = info.digest
+        return info
+
+    # ------------------------------------------------------------------------------------ threads
+    def _on_cancel(self, tid: str) -> None:
+        with self._lock:
+            if self._pending.pop(tid, None) is None:
+                return
+            for i, (rec, _) in enumerate(self._outbox):
+                if rec[0] == tid:   # not sent yet: just drop it
+                    del self._outbox[i]
+                    return
+            self._cancels.append(tid)
+            self._cond.notify_all()
+
+    def _sender(self) -> None:
+        proxy = None
+        try:
+            proxy = self._connect()
+            while True:
+                with self._cond:
+                    while not self._outbox and not self._cancels and not self._closed.is_set():
+                        self._cond.wait()
+                    if self._closed.is_set() and not self._outbox:
+                        return
+                    batch = self._outbox[:self._cfg.max_batch]
+                    del self._outbox[:len(batch)]
+                    cancels, self._cancels = self._cancels, []
+                if batch:
+                    fns = {}
+                    recs = []
+                    for rec, blob in batch:
+                        fns[rec[1]] = blob
+                        recs.append(rec)
+                    proxy.submit(self._cid, fns, recs)
+                if cancels:
+                    proxy.cancel(self._cid, cancels)
+        except BaseException as exc:  # the node is gone
+            if not self._closed.is_set():
+                self._break(exc)
+        finally:
+            if proxy is not None:
+                try:
+                    proxy._pyroRelease()
+                except Exception:
+                    pass
+
+    def _collector(self) -> None:
+        proxy = None
+        try:
+            proxy = self._connect()
+            poll = self._cfg.poll_interval
+            while not self._closed.is_set():
+                results, started = proxy.collect(self._cid, poll)
+                if started:
+                    self._mark_started(started)
+                if results:
+                    self._deliver(results)
+        except BaseException as exc:
+            if not self._closed.is_set():
+                self._break(exc)
+        finally:
+            if proxy is not None:
+                try:
+                    proxy._pyroRelease()
+                except Exception:
+                    pass
+
+    def _mark_started(self, ids: List[str]) -> None:
+        pending = self._pending
+        for tid in ids:
+            f = pending.get(tid)
+            if f is not None and not f.running() and not f.done():
+                try:
+                    f.set_running_or_notify_cancel()
+                except (InvalidStateError, RuntimeError):
+                    pass
+
+    def _deliver(self, results: List[tuple]) -> None:
+        broken = None
+        with self._lock:
+            futs = [(self._pending.pop(r[0], None), r) for r in results]
+        for f, r in futs:
+            if f is None:
+                continue
+            status = r[wire.R_STATUS]
+            try:
+                if status == wire.OK:
+                    try:
+                        value = wire.loads(r[wire.R_BLOB])
+                    except Exception as exc:
+                        f.set_exception(SerializationError(
+                            f"the result of task {r[0]} could not be unpickled here: {type(exc).__name__}: {exc}"))
+                        continue
+                    f.set_result(value)
+                elif status == wire.INIT_FAILED:
+                    cause = wire.loads_exception(r[wire.R_BLOB])
+                    broken = BrokenCluster(f"the executor's initializer failed on node {r[wire.R_NODE]}: "
+                                           f"{type(cause).__name__}: {cause}")
+                    broken.__cause__ = cause
+                    f.set_exception(broken)
+                else:
+                    f.set_exception(wire.loads_exception(r[wire.R_BLOB]))
+            except InvalidStateError:
+                pass   # cancelled meanwhile
+        if broken is not None:
+            self._break(broken, already=True)
+
+    def _break(self, exc: BaseException, already: bool = False) -> None:
+        if already:
+            err = exc
+        else:
+            err = BrokenCluster(f"lost the connection to pydist node {getattr(self, '_node_name', '?')} at "
+                                f"{self._address}: {type(exc).__name__}: {exc}")
+        with self._lock:
+            if self._broken is None:
+                self._broken = err
+            pending = list(self._pending.values())
+            self._pending.clear()
+            self._outbox.clear()
+            self._cond.notify_all()
+        for f in pending:
+            try:
+                f.set_exception(BrokenCluster(str(err)))
+            except InvalidStateError:
+                pass
+        self._closed.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def __enter__(self) -> "ClusterExecutor":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.shutdown(wait=True)
+        return False
+
+    def __del__(self):
+        try:
+            if self._cluster is not None and not self._closed.is_set():
+                self._cluster.stop()
+        except Exception:
+            pass
+
+
+def _result_or_cancel(fut: Future, timeout: Optional[float] = None):
+    try:
+        try:
+            return fut.result(timeout)
+        finally:
+            fut.cancel()
+    finally:
+        del fut
+
+
+def _chunks(it: Iterator, size: int) -> Iterator[tuple]:
+    while True:
+        chunk = tuple(itertools.islice(it, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def _walk_nodes(uri: str, secret, tls) -> List[dict]:
+    """Statuses of every node reachable from ``uri`` through child/peer links (breadth first)."""
+    seen: Dict[str, dict] = {}
+    todo = [uri]
+    while todo:
+        u = todo.pop(0)
+        try:
+            p = security.connect(u, secret=secret, timeout=2.0, tls=tls)
+            try:
+                st = p.status()
+            finally:
+                p._pyroRelease()
+        except Exception as exc:
+            log.debug("status of %s failed: %s", u, exc)
+            continue
+        if st["name"] in seen:
+            continue
+        seen[st["name"]] = st
+        for l in st["links"]:
+            if l["alive"] and l["name"] not in seen:
+                todo.append(l["uri"])
+    return list(seen.values())
+
+
+def _send_bundle(proxy, info, data: bytes, timeout: float, progress=None) -> None:
+    from .codesync import CHUNK_SIZE
+
+    proxy._pyroTimeout = max(60.0, timeout)
+    t0 = time.monotonic()
+    proxy.code_begin(info.digest, len(data))
+    for off in range(0, len(data), CHUNK_SIZE):
+        proxy.code_chunk(info.digest, off, data[off:off + CHUNK_SIZE])
+        done = min(off + CHUNK_SIZE, len(data))
+        if progress is not None:
+            progress(done, len(data))
+        elif time.monotonic() - t0 > 2.0:
+            log.info("uploading %s: %d%%", info, 100 * done // max(1, len(data)))
+    proxy.code_finish(info.digest, False)
+
+
+def _upload_bundle(uri: str, secret, tls, info, data: bytes, timeout: float, progress=None) -> List[str]:
+    """Send a bundle to every node reachable from ``uri`` that lacks it (in chunks).  Nodes that join
+    later fetch it from their parent when a task needs it.  Returns the names of the nodes."""
+    names = []
+    for st in _walk_nodes(uri, secret, tls):
+        p = security.connect(st["uri"], secret=secret, timeout=5.0, tls=tls)
+        try:
+            if not p.code_has([info.digest]):
+                _send_bundle(p, info, data, timeout, progress)
+        finally:
+            p._pyroRelease()
+        names.append(st["name"])
+    return names

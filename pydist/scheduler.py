@@ -1,0 +1,150 @@
+"""Pure placement policy: which task goes to which local worker or linked node.
+
+No sockets, no threads, no Pyro5: functions over plain data, unit-tested on their own.
+
+Vocabulary
+    *slot*    a place tasks can be sent: one local worker process, or one link to another node.
+    *credit*  how many more tasks a slot may hold right now (capacity - in flight).  A node never
+              sends a slot more than its credit, so one node cannot hoard a queue that others could run.
+    *window*  tasks kept in flight per worker: 1 for long tasks (perfect balance), more for tiny tasks
+              (so pipes and round trips are hidden and batches form); derived from measured runtimes.
+    *hops*    node-to-node forwards a task has made; *path* the names of the nodes it visited.  A task is
+              never sent to a node on its path nor beyond ``max_hops``: any topology, cycles included,
+              is safe.
+
+Task state is one explicit machine (``TaskState`` + ``TRANSITIONS``); the node moves tasks only through
+``advance`` so every transition is checked in one place.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+
+class TaskState(enum.Enum):
+    """Life of a task inside one node."""
+
+    QUEUED = "queued"        # waiting in this node's queue
+    SENT = "sent"            # handed to a local worker or a linked node
+    DONE = "done"            # result (or error) produced and passed back toward its origin
+    LOST = "lost"            # its worker or node died; it will be QUEUED again or failed
+    CANCELLED = "cancelled"  # the client cancelled it before it ran
+
+
+TRANSITIONS: Dict[TaskState, frozenset] = {
+    TaskState.QUEUED: frozenset({TaskState.SENT, TaskState.CANCELLED, TaskState.DONE}),
+    TaskState.SENT: frozenset({TaskState.DONE, TaskState.LOST, TaskState.CANCELLED}),
+    TaskState.LOST: frozenset({TaskState.QUEUED, TaskState.DONE}),
+    TaskState.DONE: frozenset(),
+    TaskState.CANCELLED: frozenset(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A task was asked to move between states that are not linked in TRANSITIONS."""
+
+
+def advance(current: TaskState, new: TaskState) -> TaskState:
+    """Return ``new`` if ``current -> new`` is a legal transition, else raise InvalidTransition."""
+    if new not in TRANSITIONS[current]:
+        raise InvalidTransition(f"task cannot go from {current.value} to {new.value}")
+    return new
+
+
+# -- windows ------------------------------------------------------------------------------------------
+LONG_TASK = 0.020        # s: tasks at least this long get window 1 (no prefetch: perfect balance)
+BATCH_TIME = 0.005       # s: for short tasks keep about this much work in flight per worker
+MAX_WINDOW = 256
+
+
+def window(avg_runtime: Optional[float]) -> int:
+    """Tasks to keep in flight per worker, from the mean measured runtime (None: not yet known)."""
+    if avg_runtime is None:
+        return 2
+    if avg_runtime >= LONG_TASK:
+        return 1
+    return max(2, min(MAX_WINDOW, math.ceil(BATCH_TIME / max(avg_runtime, 1e-6))))
+
+
+def link_capacity(workers: int, win: int) -> int:
+    """Capacity granted to a linked node with ``workers`` workers behind it (one extra per worker to
+    cover the round trip of a hop)."""
+    if workers <= 0:
+        return 0
+    return workers * win + (workers if win == 1 else 0)
+
+
+# -- placement ----------------------------------------------------------------------------------------
+@dataclass
+class Slot:
+    """A place tasks can go.  ``node`` is the linked node's name (None for a local worker)."""
+
+    key: Tuple
+    credit: int
+    capacity: int
+    node: Optional[str] = None
+
+
+def eligible(slot: Slot, hops: int, path: Sequence[str], max_hops: int) -> bool:
+    """May a task with this ``hops``/``path`` go to ``slot``?"""
+    if slot.node is None:
+        return True
+    return hops < max_hops and slot.node not in path
+
+
+def place(tasks: Sequence[Tuple[int, Sequence[str]]], slots: List[Slot], max_hops: int) -> Dict[Tuple, List[int]]:
+    """Assign tasks (given as ``(hops, path)`` in queue order) to slots.
+
+    Returns ``{slot.key: [task indexes]}``; tasks not in the answer stay queued.  Each task goes to the
+    eligible slot with the largest share of free credit (ties: local workers first, then list order), so
+    a big queue spreads over workers and links in proportion to their capacity while a lone task runs
+    locally.  Never exceeds any slot's credit; never violates hops or path.
+    """
+    free = {s.key: s.credit for s in slots if s.credit > 0}
+    out: Dict[Tuple, List[int]] = {}
+    if not free:
+        return out
+    live = [s for s in slots if s.credit > 0]
+    remaining = sum(free.values())
+    for i, (hops, path) in enumerate(tasks):
+        if remaining <= 0:
+            break
+        best = None
+        best_score = -1.0
+        for s in live:
+            c = free[s.key]
+            if c <= 0 or not eligible(s, hops, path, max_hops):
+                continue
+            score = c / s.capacity if s.capacity > 0 else 0.0
+            if s.node is None:
+                score += 1e-9  # prefer local on ties
+            if score > best_score:
+                best, best_score = s, score
+        if best is None:
+            continue
+        free[best.key] -= 1
+        remaining -= 1
+        out.setdefault(best.key, []).append(i)
+    return out
+
+
+def forward_path(path: Iterable[str], hops: int, here: str) -> Tuple[int, list]:
+    """The hops and path a task carries when this node (``here``) forwards it."""
+    p = list(path)
+    if here not in p:
+        p.append(here)
+    return hops + 1, p
+
+
+class RuntimeAverage:
+    """Exponentially weighted mean of task runtimes (seconds)."""
+
+    def __init__(self, alpha: float = 0.2):
+        self.alpha = alpha
+        self.value: Optional[float] = None
+
+    def add(self, x: float) -> None:
+        """Fold one measurement in."""
+        self.value = x if self.value is None else (1 - self.alpha) * self.value + self.alpha * x

@@ -1,0 +1,358 @@
+"""A node's worker processes: long-lived, fed batches of tasks over pipes, replaced when they die.
+
+::
+
+    Node (scheduler decides)                    worker process i (python -m pydist.workers)
+      WorkerPool.send(i, ("run", fns, tasks)) ─▶ writer thread ─pipe─▶ read frame ─▶ run each task
+      on_results(i, [result, ...])  ◀── reader thread ◀─pipe── ("res", [...]) flushed per batch / 2 ms
+      on_exit(i)  ◀── reader thread sees EOF (segfault, os._exit, kill) ─▶ pool starts a replacement
+
+The node never blocks on a pipe: sends go through a per-worker writer thread.  A worker reads one
+frame at a time and runs its tasks in order; results go back in batches (at most ``FLUSH_EVERY`` s late).
+The function blobs a batch carries are unpickled once and cached (LRU) by key in the worker.
+Workers write task output (print) to the node's stderr, never to the pipe.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+from . import wire
+from .errors import SerializationError, TaskError
+
+log = logging.getLogger(__name__)
+
+FLUSH_EVERY = 0.002
+FN_CACHE = 256
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inside a task
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskContext:
+    """Where the current task runs: ``node`` name, ``worker`` index, ``task_id``, ``hops`` travelled."""
+
+    node: str
+    worker: int
+    task_id: str
+    hops: int
+    path: tuple
+
+
+class _WorkerState:
+    """The one place a worker process keeps mutable state (one instance per process)."""
+
+    current: Optional[TaskContext] = None
+    active_bundle: Optional[str] = None
+
+
+def task_context() -> TaskContext:
+    """Inside a pydist task: where it runs (node, worker, task id, hops).  Elsewhere: RuntimeError."""
+    ctx = _WorkerState.current
+    if ctx is None:
+        raise RuntimeError("pydist.task_context() is only available inside a task run by a pydist worker")
+    return ctx
+
+
+# ---------------------------------------------------------------------------------------------------
+# The worker process
+# ---------------------------------------------------------------------------------------------------
+class _Worker:
+    def __init__(self, fd_in: int, fd_out: int, index: int, node: str, code_cache: str):
+        self.fd_in, self.fd_out = fd_in, fd_out
+        self.index, self.node, self.code_cache = index, node, code_cache
+        self.fns: "collections.OrderedDict[str, object]" = collections.OrderedDict()
+        self.init_blobs: Dict[str, bytes] = {}
+        self.init_done: Dict[str, Optional[bytes]] = {}   # client -> None (ok) or exception blob
+
+    def serve(self) -> None:
+        while True:
+            try:
+                msg = wire.read_frame(self.fd_in)
+            except EOFError:
+                return
+            op = msg[0]
+            if op == "run":
+                self.run_batch(msg[1], msg[2])
+            elif op == "init":
+                self.init_blobs[msg[1]] = msg[2]
+            elif op == "forget":
+                for c in msg[1]:
+                    self.init_blobs.pop(c, None)
+                    self.init_done.pop(c, None)
+            elif op == "stop":
+                return
+
+    def run_batch(self, fns: Dict[str, bytes], tasks: List[tuple]) -> None:
+        out = []
+        last = time.perf_counter()
+        for t in tasks:
+            out.append(self.run_one(fns, t))
+            now = time.perf_counter()
+            if now - last > FLUSH_EVERY:
+                wire.write_frame(self.fd_out, ("res", out))
+                out, last = [], now
+        if out:
+            wire.write_frame(self.fd_out, ("res", out))
+
+    def function(self, fns: Dict[str, bytes], key: str):
+        fn = self.fns.get(key)
+        if fn is not None:
+            self.fns.move_to_end(key)
+            return fn
+        blob = fns.get(key)
+        if blob is None:
+            raise TaskError(f"function {key} was not sent with its task (node bug)")
+        try:
+            fn = wire.loads(blob)
+        except Exception as exc:
+            hint = ""
+            if isinstance(exc, (ModuleNotFoundError, ImportError)):
+                hint = " (upload the code it needs with ClusterExecutor.upload_code(...))"
+            raise SerializationError(f"cannot unpickle the task's function on node {self.node}: "
+                                     f"{type(exc).__name__}: {exc}{hint}") from exc
+        self.fns[key] = fn
+        if len(self.fns) > FN_CACHE:
+            self.fns.popitem(last=False)
+        return fn
+
+    def initialize(self, client: str) -> Optional[bytes]:
+        if client in self.init_done:
+            return self.init_done[client]
+        blob = self.init_blobs.get(client)
+        err = None
+        if blob is not None:
+            try:
+                fn, args = wire.loads(blob)
+                fn(*args)
+            except BaseException as exc:  # an initializer may sys.exit too
+                err = wire.dumps_exception(exc)
+        self.init_done[client] = err
+        return err
+
+    def activate(self, bundle: Optional[str]) -> None:
+        if bundle == _WorkerState.active_bundle:
+            return
+        from . import codesync
+
+        path = None if bundle is None else os.path.join(self.code_cache, bundle, "tree")
+        if path is not None and not os.path.isdir(path):
+            from .errors import BundleNotFound
+
+            raise BundleNotFound(f"code bundle {bundle[:12]} is not installed on node {self.node}")
+        codesync.activate(path)
+        _WorkerState.active_bundle = bundle
+
+    def run_one(self, fns: Dict[str, bytes], t: tuple) -> tuple:
+        tid, key, payload, bundle, hops, path, kind, client = t
+        if client:
+            err = self.initialize(client)
+            if err is not None:
+                return (tid, wire.INIT_FAILED, err, self.node, self.index, 0.0)
+        t0 = time.perf_counter()
+        _WorkerState.current = TaskContext(self.node, self.index, tid, hops, tuple(path))
+        try:
+            self.activate(bundle)
+            fn = self.function(fns, key)
+            try:
+                call = wire.loads(payload)
+            except Exception as exc:
+                raise SerializationError(f"cannot unpickle the arguments of task {tid}: "
+                                         f"{type(exc).__name__}: {exc}") from exc
+            if kind == wire.KIND_CHUNK:
+                value = [fn(*a) for a in call]
+            else:
+                args, kwargs = call
+                value = fn(*args, **kwargs) if kwargs else fn(*args)
+            runtime = time.perf_counter() - t0
+            blob = wire.dumps(value, f"the result of task {tid} ({type(value).__qualname__})")
+            return (tid, wire.OK, blob, self.node, self.index, runtime)
+        except SystemExit as exc:
+            err = TaskError(f"task {tid} called sys.exit({exc.code!r}); a task cannot stop its worker")
+            err.__context__ = exc
+            return (tid, wire.ERROR, wire.dumps_exception(err), self.node, self.index,
+                    time.perf_counter() - t0)
+        except BaseException as exc:
+            return (tid, wire.ERROR, wire.dumps_exception(exc), self.node, self.index,
+                    time.perf_counter() - t0)
+        finally:
+            _WorkerState.current = None
+
+
+def worker_main(argv: Optional[List[str]] = None) -> None:
+    """Entry point of a worker process (``python -m pydist.workers FD_IN FD_OUT INDEX NODE CACHE``)."""
+    p = argparse.ArgumentParser(prog="pydist-worker")
+    p.add_argument("fd_in", type=int)
+    p.add_argument("fd_out", type=int)
+    p.add_argument("index", type=int)
+    p.add_argument("node")
+    p.add_argument("code_cache")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    # Task output goes to stderr; fd 1 is not ours to keep (the node's READY protocol lives there).
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    w = _Worker(a.fd_in, a.fd_out, a.index, a.node, a.code_cache)
+    wire.write_frame(a.fd_out, ("hello", os.getpid()))
+    try:
+        w.serve()
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# The node's side
+# ---------------------------------------------------------------------------------------------------
+class _Handle:
+    """One worker process as the node sees it."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.proc: Optional[subprocess.Popen] = None
+        self.fd_w = -1
+        self.fd_r = -1
+        self.outbox: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.ready = threading.Event()
+        self.generation = 0
+
+
+class WorkerPool:
+    """N long-lived worker processes of one node.
+
+    ``on_results(index, results)`` is called from a reader thread for every batch of results;
+    ``on_exit(index, returncode)`` when a worker died (the pool has already started its replacement,
+    unless it is stopping).  ``send`` never blocks.
+    """
+
+    def __init__(self, size: int, node_name: str, code_cache: str,
+                 on_results: Callable[[int, list], None], on_exit: Callable[[int, Optional[int]], None],
+                 env: Optional[dict] = None):
+        self.size = size
+        self.node_name = node_name
+        self.code_cache = code_cache
+        self.on_results = on_results
+        self.on_exit = on_exit
+        self.env = env
+        self.handles = [_Handle(i) for i in range(size)]
+        self._stopping = threading.Event()
+        self.restarts = 0
+
+    def start(self) -> None:
+        """Start every worker (returns at once; each becomes ready on its own)."""
+        for h in self.handles:
+            self._spawn(h)
+
+    def pids(self) -> List[int]:
+        """Process ids of the live workers."""
+        return [h.proc.pid for h in self.handles if h.proc is not None and h.proc.poll() is None]
+
+    def _spawn(self, h: _Handle) -> None:
+        r_in, w_in = os.pipe()     # node -> worker
+        r_out, w_out = os.pipe()   # worker -> node
+        # -c, not -m: the worker must run *the* pydist.workers module (task_context reads its state)
+        cmd = [sys.executable, "-c", "from pydist.workers import worker_main; worker_main()", str(r_in), str(w_out), str(h.index),
+               self.node_name, self.code_cache]
+        try:
+            proc = subprocess.Popen(cmd, pass_fds=(r_in, w_out), stdin=subprocess.DEVNULL, env=self.env)
+        finally:
+            os.close(r_in)
+            os.close(w_out)
+        h.generation += 1
+        h.proc, h.fd_w, h.fd_r = proc, w_in, r_out
+        h.outbox = queue.SimpleQueue()
+        h.ready.clear()
+        gen = h.generation
+        threading.Thread(target=self._writer, args=(h, w_in, h.outbox), daemon=True,
+                         name=f"pydist-worker{h.index}-w").start()
+        threading.Thread(target=self._reader, args=(h, r_out, proc, gen), daemon=True,
+                         name=f"pydist-worker{h.index}-r").start()
+
+    def send(self, index: int, msg: tuple) -> None:
+        """Queue a frame for worker ``index`` (never blocks)."""
+        self.handles[index].outbox.put(msg)
+
+    def broadcast(self, msg: tuple) -> None:
+        """Queue a frame for every worker."""
+        for h in self.handles:
+            h.outbox.put(msg)
+
+    def _writer(self, h: _Handle, fd: int, outbox: "queue.SimpleQueue") -> None:
+        while True:
+            msg = outbox.get()
+            if msg is None:
+                break
+            try:
+                wire.write_frame(fd, msg)
+            except OSError:
+                break   # the reader sees the death and reports it
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def _reader(self, h: _Handle, fd: int, proc: subprocess.Popen, gen: int) -> None:
+        try:
+            while True:
+                msg = wire.read_frame(fd)
+                if msg[0] == "res":
+                    self.on_results(h.index, msg[1])
+                elif msg[0] == "hello":
+                    h.ready.set()
+        except (EOFError, OSError):
+            pass
+        except Exception:
+            log.exception("worker %d sent an unreadable frame; replacing it", h.index)
+            proc.kill()
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        outbox = h.outbox
+        outbox.put(None)
+        try:
+            rc = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        if self._stopping.is_set():
+            return
+        log.warning("worker %d (pid %d) of node %s died with exit code %s; starting a replacement",
+                    h.index, proc.pid, self.node_name, rc)
+        self.restarts += 1
+        if h.generation == gen:
+            self._spawn(h)
+        self.on_exit(h.index, rc)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop every worker: ask nicely, then terminate, then kill."""
+        self._stopping.set()
+        for h in self.handles:
+            h.outbox.put(("stop",))
+            h.outbox.put(None)
+        deadline = time.monotonic() + timeout
+        for h in self.handles:
+            if h.proc is None:
+                continue
+            try:
+                h.proc.wait(timeout=max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                h.proc.terminate()
+                try:
+                    h.proc.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    h.proc.kill()
+                    h.proc.wait()
+
+
+if __name__ == "__main__":
+    worker_main()
