@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -247,8 +248,7 @@ class Node:
             for t in tasks:
                 if t[wire.T_ID] in self.tasks:
                     continue   # a resend of a task we already hold
-                self.tasks[t[wire.T_ID]] = TaskRec(tuple(t[:5]) + (list(t[5]),) + tuple(t[6:8]), origin)
-                self._enqueue_new(t[wire.T_ID])
+                self._new_task(t, origin)
             self.counts["submitted"] += len(tasks)
             self._schedule()
         return len(tasks)
@@ -378,8 +378,7 @@ class Node:
                         f"(hops {t[wire.T_HOPS]}, max {self.cfg.max_hops}, path {t[wire.T_PATH]})")))
                     self._unref_fn(t[wire.T_FN])
                     continue
-                self.tasks[tid] = TaskRec(tuple(t[:5]) + (list(t[5]),) + tuple(t[6:8]), ("l", sender))
-                self._enqueue_new(tid)
+                self._new_task(t, ("l", sender))
             self.counts["forwarded_in"] += len(tasks)
             if rejected:
                 link.post(results=rejected)
@@ -582,6 +581,20 @@ class Node:
             if entry[1] <= 0:
                 del self.fns[key]
 
+    def _new_task(self, t: tuple, origin: Tuple[str, str]) -> None:
+        tid = t[wire.T_ID]
+        rec = self.tasks[tid] = TaskRec(tuple(t[:5]) + (list(t[5]),) + tuple(t[6:8]), origin)
+        if rec.rec[wire.T_BUNDLE] is not None:
+            self.store.pin(rec.rec[wire.T_BUNDLE])   # never evicted while a task needs it
+        self._enqueue_new(tid)
+
+    def _forget(self, tid: str, rec: TaskRec) -> None:
+        """The task leaves this node: drop its record, its function reference and its bundle pin."""
+        self.tasks.pop(tid, None)
+        self._unref_fn(rec.rec[wire.T_FN])
+        if rec.rec[wire.T_BUNDLE] is not None:
+            self.store.unpin(rec.rec[wire.T_BUNDLE])
+
     def _enqueue_new(self, tid: str) -> None:
         rec = self.tasks[tid]
         bundle = rec.rec[wire.T_BUNDLE]
@@ -650,8 +663,7 @@ class Node:
         rec.cancelled = True
         if rec.state is TaskState.QUEUED:
             rec.move(TaskState.CANCELLED)
-            self.tasks.pop(tid, None)
-            self._unref_fn(rec.rec[wire.T_FN])
+            self._forget(tid, rec)
             # lazily skipped in the queue
             return 1
         if rec.target is not None and rec.target[0] == "l":
@@ -771,10 +783,10 @@ class Node:
                 self.links[source[1]].inflight.pop(tid, None) if source[1] in self.links else None
             if r[wire.R_RUNTIME] and r[wire.R_STATUS] == wire.OK:
                 self.avg.add(r[wire.R_RUNTIME])
-            del self.tasks[tid]
             rec.state = TaskState.DONE
-            self._unref_fn(rec.rec[wire.T_FN])
-            self.counts["done" if r[wire.R_STATUS] == wire.OK else "failed"] += 1
+            self._forget(tid, rec)
+            if source is None or source[0] == "w":
+                self.counts["done" if r[wire.R_STATUS] == wire.OK else "failed"] += 1
             n += 1
             if rec.cancelled:
                 continue
@@ -877,36 +889,40 @@ class Node:
     def _join(self, link: Link):
         """Connect to the node a link we initiated points to, and join it.  Returns the proxy."""
         uri = self._resolve(link.join_target)  # type: ignore[arg-type]
-        proxy = security.connect(uri, secret=self.cfg.secret, timeout=self.cfg.heartbeat_timeout)
-        proxy._pyroTimeout = self.cfg.heartbeat_timeout
+        proxy = security.connect(uri, secret=self.cfg.secret, timeout=self.cfg.heartbeat_timeout,
+                                 call_timeout=self.cfg.heartbeat_timeout)
+        name = proxy.pydist_peer_name
         role = "peer" if link.role == "peer" else "child"
-        with self.lock:
-            report = self._report_for(getattr(proxy, "pydist_peer_name", ""))
-        reply = proxy.join({"name": self.name, "uri": self.uri, "role": role, "map": report})
-        name = reply["name"]
         with self.lock:
             if name == self.name:
                 raise ValueError(f"--{link.role} {link.join_target} is this node itself")
             old = self.links.get(name)
             if old is not None and old is not link:
                 if old.initiated:
-                    raise ValueError(f"already linked to {name}")
+                    raise ValueError(f"already linked to {name} (listed twice?)")
                 # it had joined us first (mutual links): take its place, keep sending rights
-                self._lose_link(old, "replaced by our own link", requeue=True)
+                self._lose_link(old, "replaced by our own link")
                 old.stop()
                 link.may_send = True
+            # known under its name before we join, so its first heartbeat to us finds the link
             link.name = name
+            link.uri = str(proxy._pyroUri)
+            link.last_heard = time.monotonic()
+            self.links[name] = link
+            report = self._report_for(name)
+        reply = proxy.join({"name": self.name, "uri": self.uri, "role": role, "map": report})
+        with self.lock:
             link.uri = reply["uri"]
             link.remote_map = _check_map(reply.get("map", {}))
             link.alive = True
             link.last_heard = time.monotonic()
-            self.links[name] = link
             log.info("linked to %s %s at %s", link.role, name, link.uri)
             self._schedule()
         return proxy
 
     def _link_loop(self, link: Link) -> None:
         delay = 0.05
+        first_try = time.monotonic()
         while not self.stopping.is_set() and not link.stopping:
             proxy = None
             try:
@@ -914,9 +930,10 @@ class Node:
                     proxy = self._join(link)
                 else:
                     proxy = security.connect(link.uri, secret=self.cfg.secret,
-                                             timeout=self.cfg.heartbeat_timeout)
-                    proxy._pyroTimeout = self.cfg.heartbeat_timeout
+                                             timeout=self.cfg.heartbeat_timeout,
+                                             call_timeout=self.cfg.heartbeat_timeout)
                 delay = 0.05
+                first_try = time.monotonic()
                 self._pump(link, proxy)
             except Exception as exc:
                 if self.stopping.is_set() or link.stopping:
@@ -930,7 +947,8 @@ class Node:
                 if not link.initiated:
                     break
                 self.stopping.wait(delay)
-                delay = min(delay * 2, 2.0)
+                # a parent that is starting too: retry briskly for a few seconds, then back off
+                delay = 0.1 if time.monotonic() - first_try < 5 else min(delay * 2, 2.0)
             finally:
                 if proxy is not None:
                     try:
@@ -1029,8 +1047,7 @@ class Node:
             rec.target = None
             if rec.cancelled:
                 rec.move(TaskState.CANCELLED)
-                del self.tasks[tid]
-                self._unref_fn(rec.rec[wire.T_FN])
+                self._forget(tid, rec)
                 continue
             rec.move(TaskState.LOST)
             rec.move(TaskState.QUEUED)
@@ -1087,6 +1104,7 @@ def _check_fns(fns: Any) -> None:
         raise TypeError("fns must map str keys to bytes")
 
 
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _TASK_TYPES = (str, str, bytes, (str, type(None)), int, (list, tuple), int, str)
 
 
@@ -1101,6 +1119,8 @@ def _check_tasks(tasks: Any) -> None:
                 raise TypeError(f"malformed task record field {v!r:.40}: expected {typ}")
         if not all(isinstance(p, str) for p in t[5]):
             raise TypeError("a task's path must be a list of node names")
+        if t[3] is not None and not _DIGEST.match(t[3]):
+            raise TypeError("a task's bundle must be None or a sha256 hex digest")
 
 
 def _check_results(results: Any) -> None:
