@@ -181,13 +181,11 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop every process this cluster started (nodes, then the name server) and remove its files."""
-        for p in self.procs:
+        procs = self.procs + ([self.ns_proc] if self.ns_proc is not None else [])
+        for p in procs:
             _terminate(p)
-        for p in self.procs:
+        for p in procs:
             _reap(p)
-        if self.ns_proc is not None:
-            _terminate(self.ns_proc)
-            _reap(self.ns_proc)
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None

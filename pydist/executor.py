@@ -42,6 +42,7 @@ from .scripts import ScriptResult, run_script
 log = logging.getLogger(__name__)
 
 FN_CACHE = 256
+DIRECT_GAP = 0.002   # s: a submit this long after the previous one is sent from the caller's thread
 
 
 class PydistFuture(Future):
@@ -143,6 +144,9 @@ class ClusterExecutor(Executor):
                 self._cluster.stop()
             raise
         self._wref = weakref.ref(self)
+        self._send_lock = threading.Lock()
+        self._last_submit = 0.0
+        self._submit_proxy = self._connect()
         for target, name in ((self._sender, "sender"), (self._collector, "collector")):
             t = threading.Thread(target=target, name=f"pydist-client-{name}", daemon=True)
             t.start()
@@ -201,7 +205,22 @@ class ClusterExecutor(Executor):
             fut._pydist_exec = self._wref
             self._pending[tid] = fut
             self._outbox.append(((tid, key, payload, self._bundle, 0, [], kind, self._cid), blob))
-            if len(self._outbox) == 1:
+            now = time.monotonic()
+            # A lone submit (nothing else submitted for a while) is sent from this thread: no hand-off
+            # to the sender thread.  Submits in quick succession go through the sender, which batches.
+            direct = len(self._outbox) == 1 and now - self._last_submit > DIRECT_GAP
+            self._last_submit = now
+            if len(self._outbox) == 1 and not direct:
+                self._cond.notify_all()
+        if direct and self._send_lock.acquire(blocking=False):
+            try:
+                self._send_outbox()
+            except BaseException as exc:
+                self._break(exc)
+            finally:
+                self._send_lock.release()
+        elif direct:
+            with self._cond:
                 self._cond.notify_all()
         return fut
 
@@ -313,17 +332,17 @@ class ClusterExecutor(Executor):
         self._closed.set()
         with self._cond:
             self._cond.notify_all()
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout=10)
         if self._broken is None:
-            try:
+            try:   # also ends the collector's long poll at once
                 p = self._connect(timeout=1.0)
                 p._pyroTimeout = 2.0
                 p.close_client(self._cid)
                 p._pyroRelease()
             except Exception as exc:
                 log.debug("close_client failed: %s", exc)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=10)
         if self._cluster is not None:
             self._cluster.stop()
             self._cluster = None
@@ -385,35 +404,46 @@ class ClusterExecutor(Executor):
             self._cancels.append(tid)
             self._cond.notify_all()
 
+    def _send_outbox(self) -> None:
+        """Send everything queued (caller holds ``_send_lock``); the submit proxy moves between the
+        sender thread and direct callers, so each use claims it (Pyro5 proxies belong to a thread)."""
+        proxy = self._submit_proxy
+        proxy._pyroClaimOwnership()
+        while True:
+            with self._lock:
+                batch = self._outbox[:self._cfg.max_batch]
+                del self._outbox[:len(batch)]
+                cancels, self._cancels = self._cancels, []
+            if not batch and not cancels:
+                return
+            if batch:
+                fns = {}
+                recs = []
+                for rec, blob in batch:
+                    fns[rec[1]] = blob
+                    recs.append(rec)
+                proxy.submit(self._cid, fns, recs)
+            if cancels:
+                proxy.cancel(self._cid, cancels)
+
     def _sender(self) -> None:
-        proxy = None
         try:
-            proxy = self._connect()
             while True:
                 with self._cond:
                     while not self._outbox and not self._cancels and not self._closed.is_set():
                         self._cond.wait()
                     if self._closed.is_set() and not self._outbox:
                         return
-                    batch = self._outbox[:self._cfg.max_batch]
-                    del self._outbox[:len(batch)]
-                    cancels, self._cancels = self._cancels, []
-                if batch:
-                    fns = {}
-                    recs = []
-                    for rec, blob in batch:
-                        fns[rec[1]] = blob
-                        recs.append(rec)
-                    proxy.submit(self._cid, fns, recs)
-                if cancels:
-                    proxy.cancel(self._cid, cancels)
+                with self._send_lock:
+                    self._send_outbox()
         except BaseException as exc:  # the node is gone
             if not self._closed.is_set():
                 self._break(exc)
         finally:
-            if proxy is not None:
+            with self._send_lock:
                 try:
-                    proxy._pyroRelease()
+                    self._submit_proxy._pyroClaimOwnership()
+                    self._submit_proxy._pyroRelease()
                 except Exception:
                     pass
 

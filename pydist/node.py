@@ -272,7 +272,9 @@ class Node:
         deadline = time.monotonic() + timeout
         with self.lock:
             c = self._client(client_id)
-            while not c.results and not c.started and not self.stopping.is_set() and not c.closed:
+            # "started" notes ride along with results (or the timeout): waking the client for each
+            # would cost a lone task a second round trip
+            while not c.results and not self.stopping.is_set() and not c.closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -679,7 +681,7 @@ class Node:
                 slots.append(scheduler.Slot(("w", i), win - len(q), win))
         for l in self.links.values():
             if l.may_send and l.alive and l.role != "parent":
-                cap = scheduler.link_capacity(l.workers, win)
+                cap = scheduler.link_capacity(l.workers, win, self.avg.value)
                 if cap > 0:
                     slots.append(scheduler.Slot(("l", l.name), cap - len(l.inflight), cap, l.name))
         return slots
@@ -761,7 +763,6 @@ class Node:
             c = self.clients.get(rec.origin[1])
             if c is not None:
                 c.started.append(tid)
-                c.cond.notify()
 
     # ---------------------------------------------------------------------------------- results
     def _finish_results(self, results: list, source: Optional[tuple]) -> int:

@@ -61,19 +61,18 @@ MAX_WINDOW = 256
 
 def window(avg_runtime: Optional[float]) -> int:
     """Tasks to keep in flight per worker, from the mean measured runtime (None: not yet known)."""
-    if avg_runtime is None:
-        return 2
-    if avg_runtime >= LONG_TASK:
+    if avg_runtime is None or avg_runtime >= LONG_TASK:
         return 1
     return max(2, min(MAX_WINDOW, math.ceil(BATCH_TIME / max(avg_runtime, 1e-6))))
 
 
-def link_capacity(workers: int, win: int) -> int:
-    """Capacity granted to a linked node with ``workers`` workers behind it (one extra per worker to
-    cover the round trip of a hop)."""
+def link_capacity(workers: int, win: int, avg_runtime: Optional[float] = None) -> int:
+    """Capacity granted to a linked node with ``workers`` workers behind it: their windows, plus one
+    task to cover the round trip of the hop when tasks are known to be short enough for it to matter
+    (never for unknown or long tasks: a slow node must not hoard work that others could run)."""
     if workers <= 0:
         return 0
-    return workers * win + (workers if win == 1 else 0)
+    return workers * win + (1 if avg_runtime is not None and avg_runtime < 0.1 else 0)
 
 
 # -- placement ----------------------------------------------------------------------------------------

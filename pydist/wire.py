@@ -130,10 +130,15 @@ _LEN = struct.Struct("!I")
 MAX_FRAME = 2 ** 32 - 1
 
 
+def frame(obj: Any) -> bytes:
+    """One length-prefixed pickle frame."""
+    data = pickle.dumps(obj, PICKLE_PROTOCOL)
+    return _LEN.pack(len(data)) + data
+
+
 def write_frame(fd: int, obj: Any) -> None:
     """Write one length-prefixed pickle frame to a file descriptor (blocking, complete)."""
-    data = pickle.dumps(obj, PICKLE_PROTOCOL)
-    buf = memoryview(_LEN.pack(len(data)) + data)
+    buf = memoryview(frame(obj))
     while buf:
         n = os.write(fd, buf)
         buf = buf[n:]

@@ -19,6 +19,7 @@ import collections
 import logging
 import os
 import queue
+import select
 import subprocess
 import sys
 import threading
@@ -223,6 +224,8 @@ class _Handle:
         self.outbox: "queue.SimpleQueue" = queue.SimpleQueue()
         self.ready = threading.Event()
         self.generation = 0
+        self.wlock = threading.Lock()
+        self.queued = 0       # frames waiting for the writer thread (keeps frames in order)
 
 
 class WorkerPool:
@@ -266,9 +269,12 @@ class WorkerPool:
         finally:
             os.close(r_in)
             os.close(w_out)
+        os.set_blocking(w_in, False)   # send() writes directly when it can, never blocking
         h.generation += 1
-        h.proc, h.fd_w, h.fd_r = proc, w_in, r_out
-        h.outbox = queue.SimpleQueue()
+        with h.wlock:
+            h.proc, h.fd_w, h.fd_r = proc, w_in, r_out
+            h.outbox = queue.SimpleQueue()
+            h.queued = 0
         h.ready.clear()
         gen = h.generation
         threading.Thread(target=self._writer, args=(h, w_in, h.outbox), daemon=True,
@@ -277,27 +283,57 @@ class WorkerPool:
                          name=f"pydist-worker{h.index}-r").start()
 
     def send(self, index: int, msg: tuple) -> None:
-        """Queue a frame for worker ``index`` (never blocks)."""
-        self.handles[index].outbox.put(msg)
+        """Send a frame to worker ``index``: written at once if the pipe has room, else queued for the
+        worker's writer thread (never blocks; frames stay in order)."""
+        self._send(self.handles[index], wire.frame(msg))
 
     def broadcast(self, msg: tuple) -> None:
-        """Queue a frame for every worker."""
+        """Send a frame to every worker."""
+        data = wire.frame(msg)
         for h in self.handles:
-            h.outbox.put(msg)
+            self._send(h, data)
+
+    def _send(self, h: _Handle, data: bytes) -> None:
+        with h.wlock:
+            if h.fd_w < 0:
+                return   # dead and not yet replaced
+            if h.queued == 0:
+                try:
+                    n = os.write(h.fd_w, data)
+                except BlockingIOError:
+                    n = 0
+                except OSError:
+                    return   # the worker is dead: its reader reports it
+                if n == len(data):
+                    return
+                data = data[n:]
+            h.queued += 1
+            h.outbox.put(data)
 
     def _writer(self, h: _Handle, fd: int, outbox: "queue.SimpleQueue") -> None:
+        ok = True
         while True:
-            msg = outbox.get()
-            if msg is None:
+            data = outbox.get()
+            if data is None:
                 break
+            view = memoryview(data)
+            while ok and view:
+                try:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                except BlockingIOError:
+                    select.select([], [fd], [], 1.0)
+                except OSError:
+                    ok = False   # the reader sees the death and reports it
+            with h.wlock:
+                h.queued -= 1
+        with h.wlock:   # never leave a closed fd number where _send could write to it
+            if h.fd_w == fd:
+                h.fd_w = -1
             try:
-                wire.write_frame(fd, msg)
+                os.close(fd)
             except OSError:
-                break   # the reader sees the death and reports it
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+                pass
 
     def _reader(self, h: _Handle, fd: int, proc: subprocess.Popen, gen: int) -> None:
         try:
@@ -337,7 +373,7 @@ class WorkerPool:
         """Stop every worker: ask nicely, then terminate, then kill."""
         self._stopping.set()
         for h in self.handles:
-            h.outbox.put(("stop",))
+            self._send(h, wire.frame(("stop",)))
             h.outbox.put(None)
         deadline = time.monotonic() + timeout
         for h in self.handles:
