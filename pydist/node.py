@@ -333,6 +333,7 @@ class Node:
             if old is not None and old.initiated:
                 # we also opened a link to it (mutual parents / peers): keep ours, allow sending
                 old.may_send = True
+                old.role = "peer"
                 old.remote_map = remote_map
                 old.last_heard = time.monotonic()
                 old.alive = True
@@ -452,7 +453,7 @@ class Node:
                 "uptime": time.time() - self.started_at, "pid": os.getpid(),
                 "avg_task_s": self.avg.value, "bundles": len(self.store.list()),
                 "reachable": sorted({self.name}.union(*(l.remote_map for l in self.links.values()
-                                                       if l.may_send and l.alive and l.role != "parent"))),
+                                                       if l.may_send and l.alive))),
             }
         st["cpu_percent"] = psutil.cpu_percent(interval=None)
         st["mem_percent"] = psutil.virtual_memory().percent
@@ -521,7 +522,7 @@ class Node:
         deadline = time.monotonic() + min(float(timeout), 600.0)
         while True:
             with self.lock:
-                missing = [l for l in self.links.values() if l.may_send and l.alive and l.role != "parent"]
+                missing = [l for l in self.links.values() if l.may_send and l.alive]
             still = []
             for l in missing:
                 if digest not in getattr(l, "has_code", set()):
@@ -538,7 +539,7 @@ class Node:
                 rec = self.tasks.get(tid)
                 if rec is not None and rec.state is TaskState.QUEUED and not rec.cancelled:
                     self.queue.append(tid)
-            targets = [l for l in self.links.values() if l.may_send and l.role != "parent"] if push else []
+            targets = [l for l in self.links.values() if l.may_send] if push else []
             for l in targets:
                 l.post(code=[digest])
             self._schedule()
@@ -680,7 +681,7 @@ class Node:
             if self.worker_up[i]:
                 slots.append(scheduler.Slot(("w", i), win - len(q), win))
         for l in self.links.values():
-            if l.may_send and l.alive and l.role != "parent":
+            if l.may_send and l.alive:
                 cap = scheduler.link_capacity(l.workers, win, self.avg.value)
                 if cap > 0:
                     slots.append(scheduler.Slot(("l", l.name), cap - len(l.inflight), cap, l.name))
@@ -855,7 +856,7 @@ class Node:
         """Workers reachable through us, as seen by ``link_name`` (split horizon, bounded distance)."""
         out: Dict[str, list] = {self.name: [len(self.worker_up), 0]}
         for l in self.links.values():
-            if l.name == link_name or not l.may_send or not l.alive or l.role == "parent":
+            if l.name == link_name or not l.may_send or not l.alive:
                 continue
             for n, (w, d) in l.remote_map.items():
                 if n == link_name or d + 1 >= self.cfg.max_hops:
@@ -905,6 +906,7 @@ class Node:
                 self._lose_link(old, "replaced by our own link")
                 old.stop()
                 link.may_send = True
+                link.role = "peer"
             # known under its name before we join, so its first heartbeat to us finds the link
             link.name = name
             link.uri = str(proxy._pyroUri)
