@@ -22,6 +22,10 @@ _EXPORTS = {
     "NodeConfig": "config",
     "ClientConfig": "config",
     "BundleInfo": "codesync",
+    "Comm": "comm",
+    "CommTimeout": "comm",
+    "ANY_SOURCE": "comm",
+    "ANY_TAG": "comm",
 }
 _ERRORS = ("PydistError", "ClusterUnavailable", "BrokenCluster", "VersionMismatch", "AuthenticationError",
            "ConfigError", "TaskError", "SerializationError", "WorkerLost", "NodeLost", "RemoteError",

@@ -169,10 +169,14 @@ class Node:
 
         self.store = CodeStore(config.code_cache, config.code_cache_max)
         env = dict(os.environ)
-        env.pop("PYDIST_SECRET", None)   # workers need no secret
+        if config.secret:   # ranks of a task group talk to their home node (pydist.comm)
+            env["PYDIST_SECRET"] = config.secret.decode() if isinstance(config.secret, bytes) else config.secret
         self.pool = WorkerPool(config.workers or 0, self.name, config.code_cache,
                                self._on_worker_results, self._on_worker_exit, env=env)
         self.daemon: Optional[Pyro5.api.Daemon] = None
+        self.mail: Dict[str, List[tuple]] = {}       # task-group mailboxes: group -> [(dst, src, tag, blob)]
+        self.mail_cond = threading.Condition(threading.Lock())
+        self.mail_bytes = 0
 
     # ======================================================================================== lifecycle
     def start(self, daemon: Pyro5.api.Daemon) -> None:
@@ -470,6 +474,48 @@ class Node:
         if self.daemon is not None:
             self.daemon.shutdown()
 
+    # ======================================================================================== messages
+    def comm_send(self, group: str, src: int, dst: int, tag: int, blob: bytes) -> None:
+        """A rank of a task group posts a message (this node is the group's home)."""
+        _check_str(group, "group")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (src, dst, tag)) \
+                or not isinstance(blob, bytes):
+            raise TypeError("comm_send(group, src:int, dst:int, tag:int, blob:bytes)")
+        with self.mail_cond:
+            if self.mail_bytes + len(blob) > self.cfg.max_message_size * 4:
+                raise MemoryError(f"node {self.name} holds {self.mail_bytes} bytes of undelivered group "
+                                  "messages; receive some before sending more")
+            self.mail.setdefault(group, []).append((dst, src, tag, blob))
+            self.mail_bytes += len(blob)
+            self.mail_cond.notify_all()
+
+    def comm_recv(self, group: str, dst: int, src: int, tag: int, timeout: float):
+        """Take the first message for rank ``dst`` matching ``src``/``tag`` (-1: any), waiting up to
+        ``timeout`` s (at most 5); returns ``(src, tag, blob)`` or None."""
+        _check_str(group, "group")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (src, dst, tag)):
+            raise TypeError("comm_recv(group, dst:int, src:int, tag:int, timeout)")
+        deadline = time.monotonic() + min(max(float(timeout), 0.0), COLLECT_MAX_WAIT)
+        with self.mail_cond:
+            while True:
+                box = self.mail.get(group, ())
+                for i, (d, s_, t, b) in enumerate(box):
+                    if d == dst and (src == -1 or s_ == src) and (t == tag or (tag == -1 and t > -1000)):
+                        del box[i]
+                        self.mail_bytes -= len(b)
+                        return (s_, t, b)
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stopping.is_set():
+                    return None
+                self.mail_cond.wait(left)
+
+    def comm_close(self, group: str) -> None:
+        """Drop a finished group's mailbox."""
+        _check_str(group, "group")
+        with self.mail_cond:
+            for _, _, _, b in self.mail.pop(group, ()):
+                self.mail_bytes -= len(b)
+
     # ======================================================================================== code
     def code_has(self, digests: list) -> list:
         """Which of these bundle digests this node holds."""
@@ -566,6 +612,10 @@ class Node:
             if name in self.links:
                 self.links[name].post(cancel=ids)
         self.pool.broadcast(("forget", [cid]))
+        with self.mail_cond:
+            for g in [g for g in self.mail if g.startswith(cid + ".")]:
+                for _, _, _, b in self.mail.pop(g):
+                    self.mail_bytes -= len(b)
 
     def _add_fns(self, fns: dict, tasks: list) -> None:
         for k, blob in fns.items():
