@@ -756,6 +756,33 @@ def git_dirty():
         return None
 
 
+def cpu_snapshot():
+    """(machine busy CPU-seconds from /proc/stat, CPU-seconds of this process + reaped children)."""
+    busy = None
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        tick = os.sysconf("SC_CLK_TCK")
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        busy = (sum(v[:8]) - idle) / tick          # user..steal, without guest (counted in user)
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return busy, me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
+
+
+def wait_idle(max_wait):
+    """Wait (up to max_wait s) until the machine's other load is low: CPU < 15 % over 2 s."""
+    t_end = time.monotonic() + max_wait
+    while True:
+        pct = psutil.cpu_percent(interval=2.0)
+        if pct < 15.0 or time.monotonic() >= t_end:
+            return pct
+        log(f"  waiting for an idle machine: CPU {pct:.0f} % busy")
+
+
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
@@ -871,6 +898,11 @@ class Orchestrator:
             log(f"  busy loop: {P['busy_loops']:,} iterations = {P['busy_t1_s'] * 1e3:.1f} ms serial")
         else:
             P["busy_loops"], P["busy_t1_s"] = 0, 0.0
+        if self.args.wait_idle:
+            wait_idle(self.args.wait_idle)
+        self.load_start = os.getloadavg()
+        cpu0 = cpu_snapshot()
+        w0 = time.perf_counter()
         try:
             for s in self.systems:
                 self.run_system(s)
@@ -887,6 +919,14 @@ class Orchestrator:
             if kids:
                 self.stray += [f"child at exit: {d}" for d in reap(kids)]
         self.elapsed = time.perf_counter() - t_run
+        cpu1 = cpu_snapshot()
+        wall = time.perf_counter() - w0
+        self.load_end = os.getloadavg()
+        self.other_cpu = None
+        if cpu0[0] is not None and cpu1[0] is not None:
+            # CPU used on the machine by processes other than this run (tests of a colleague...)
+            other = max(0.0, (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1]))
+            self.other_cpu = {"cpu_s": other, "share": other / (wall * (os.cpu_count() or 1))}
 
     def run_system(self, s):
         wl = self.workloads
@@ -992,6 +1032,13 @@ class Orchestrator:
             for w, e in self.errors.get(s, {}).items():
                 first = e.strip().splitlines()[0] if e.strip() else e
                 out.append(f"- {s} / {w}: {first[:400]}")
+        oc = getattr(self, "other_cpu", None)
+        if oc is not None:
+            warn = ("  WARNING: other work ran on this machine during the run; figures are "
+                    "disturbed" if oc["share"] > 0.05 else "")
+            out.append(f"- CPU used by other processes during the run: {oc['cpu_s']:.1f} CPU-s "
+                       f"({100 * oc['share']:.1f} % of the machine); load average at start "
+                       f"{self.load_start[0]:.2f}, at end {self.load_end[0]:.2f}{warn}")
         if self.stray:
             out.append(f"- stray processes terminated: {len(self.stray)}")
             out += [f"  - {d}" for d in self.stray[:20]]
@@ -1024,6 +1071,8 @@ def main(argv=None):
     ap.add_argument("--only", metavar="SYSTEMS", help=f"comma list of {','.join(SYSTEMS)}")
     ap.add_argument("--workloads", metavar="NAMES", help=f"comma list of {','.join(WORKLOAD_NAMES)}")
     ap.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
+                    help="first wait up to S seconds for the machine to be idle (CPU < 15 %%)")
     ap.add_argument("--_child", dest="child", help=argparse.SUPPRESS)
     ap.add_argument("--system", help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
@@ -1054,7 +1103,8 @@ def main(argv=None):
         doc = {"machine": machine, "params": orch.P, "systems": orch.systems,
                "workloads": orch.workloads, "versions": orch.versions, "na": orch.na,
                "results": orch.results, "medians": orch.medians(), "errors": orch.errors,
-               "targets": verdicts, "stray_processes": orch.stray, "elapsed_s": orch.elapsed,
+               "targets": verdicts, "stray_processes": orch.stray,
+               "other_cpu": orch.other_cpu, "load_start": orch.load_start, "load_end": orch.load_end, "elapsed_s": orch.elapsed,
                "table": table}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1, default=str)
