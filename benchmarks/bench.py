@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -841,6 +842,9 @@ class Orchestrator:
                 rc = None
                 self.stray += reap(descendants_of(proc.pid) + [psutil.Process(proc.pid)])
                 proc.wait()
+            except BaseException:          # Ctrl-C / SIGTERM: take the child down with us
+                reap(descendants_of(proc.pid) + [psutil.Process(proc.pid)])
+                raise
         # sweep anything the child left behind
         left = marked_processes(marker)
         if left:
@@ -887,6 +891,8 @@ class Orchestrator:
         P = self.P
         log(f"pydist benchmark: {'quick' if self.args.quick else 'full'} run, reps={P['reps']}, "
             f"systems={','.join(self.systems)}")
+        if self.args.wait_idle:
+            wait_idle(self.args.wait_idle)
         if "efficiency" in self.workloads:
             P["busy_loops"] = _tasks.calibrate_busy(P["busy_s"])
             samples = []
@@ -898,8 +904,6 @@ class Orchestrator:
             log(f"  busy loop: {P['busy_loops']:,} iterations = {P['busy_t1_s'] * 1e3:.1f} ms serial")
         else:
             P["busy_loops"], P["busy_t1_s"] = 0, 0.0
-        if self.args.wait_idle:
-            wait_idle(self.args.wait_idle)
         self.load_start = os.getloadavg()
         cpu0 = cpu_snapshot()
         w0 = time.perf_counter()
@@ -1078,6 +1082,8 @@ def main(argv=None):
     ap.add_argument("--params", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    # SIGTERM runs the finally blocks (systems shut down, processes swept) like Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     if args.child:
         Child(args).run()
