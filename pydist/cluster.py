@@ -56,12 +56,14 @@ class LocalCluster:
 
     Use as a context manager; ``.address`` is the root node's ``host:port``, ``.ns_address`` the name
     server's, ``.secret`` the cluster secret (random unless given), ``.pids`` every process started.
-    ``topology``: ``"tree"`` (binary), ``"chain"`` or ``"star"``.
+    ``topology``: ``"tree"`` (binary), ``"chain"`` or ``"star"``.  ``tls_cert``/``tls_key``/``tls_ca``
+    turn TLS on for the nodes, the name server and this process (see ``pydist make-certs``).
     """
 
     def __init__(self, nodes: int = 1, workers_per_node: Optional[int] = None, topology: str = "tree", *,
                  secret: Optional[bytes] = None, log_level: str = "WARNING", start_timeout: float = 30.0,
-                 node_args: Optional[List[str]] = None, env: Optional[dict] = None):
+                 node_args: Optional[List[str]] = None, env: Optional[dict] = None,
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None):
         if nodes < 1:
             raise ValueError("a LocalCluster needs at least one node")
         if topology not in TOPOLOGIES:
@@ -75,6 +77,16 @@ class LocalCluster:
         self.log_level = log_level
         self.start_timeout = start_timeout
         self.node_args = list(node_args or [])
+        # TLS: given as arguments, or found among node_args
+        for flag, val in (("--tls-cert", tls_cert), ("--tls-key", tls_key), ("--tls-ca", tls_ca)):
+            if val is not None and flag not in self.node_args:
+                self.node_args += [flag, val]
+        tls_opts = {f: self.node_args[i + 1] for i, f in enumerate(self.node_args[:-1])
+                    if f in ("--tls-cert", "--tls-key", "--tls-ca")}
+        self.tls = None
+        if tls_opts:
+            self.tls = security.TLSSettings(cert=tls_opts.get("--tls-cert"), key=tls_opts.get("--tls-key"),
+                                            ca=tls_opts.get("--tls-ca"))
         self.extra_env = dict(env or {})
         self.ns_address = ""
         self.address = ""
@@ -109,12 +121,19 @@ class LocalCluster:
         self._started = True
         self._tmp = tempfile.mkdtemp(prefix="pydist-cluster-")
         env = self._env()
+        ns_env = dict(env)
+        if self.tls is not None:
+            # Pyro5's TLS switch is process-wide, so the nodes speak TLS to the name server too
+            security.configure_pyro(tls=self.tls)
+            ns_env.update({"PYRO_SSL": "true", "PYRO_SSL_SERVERCERT": self.tls.cert or "",
+                           "PYRO_SSL_SERVERKEY": self.tls.key or "", "PYRO_SSL_CACERTS": self.tls.ca or "",
+                           "PYRO_SSL_REQUIRECLIENTCERT": "true" if self.tls.ca else "false"})
         try:
             ns_port = _free_port("127.0.0.1")
             self.ns_address = f"127.0.0.1:{ns_port}"
             self.ns_proc = subprocess.Popen(
                 [sys.executable, "-m", "pydist.cluster", "ns", "127.0.0.1", str(ns_port)],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ns_env)
             for k in range(self.n):
                 self.procs.append(self._start_node(k, env))
             self.addresses = [self._read_ready(k, p) for k, p in enumerate(self.procs)]
@@ -165,7 +184,7 @@ class LocalCluster:
         seen = 0
         while True:
             try:
-                p = security.connect(self.address, secret=self.secret, timeout=2.0)
+                p = security.connect(self.address, secret=self.secret, timeout=2.0, tls=self.tls)
                 try:
                     seen = len(p.status()["reachable"])
                 finally:

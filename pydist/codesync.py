@@ -90,7 +90,7 @@ CHUNK_SIZE = 4 << 20  # bytes per upload chunk over the wire
 _ARCHIVE = "bundle.tar"
 _TREE = "tree"
 _META = "meta.json"
-_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")   # always used with fullmatch
 _EXT_SUFFIXES = (".so", ".pyd")
 _PathLike = Union[str, "os.PathLike[str]"]
 
@@ -495,7 +495,7 @@ class CodeStore:
     # -- helpers -------------------------------------------------------------------------------------
     @staticmethod
     def _check_digest(digest: str) -> str:
-        if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+        if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
             raise CodeSyncError(f"invalid bundle digest {digest!r}: expected 64 lowercase hex characters")
         return digest
 
@@ -516,7 +516,7 @@ class CodeStore:
 
     def _scan(self) -> None:
         """Index bundles found on disk that we do not know yet; forget those that are gone."""
-        on_disk = {n for n in os.listdir(self.root) if _DIGEST_RE.match(n)}
+        on_disk = {n for n in os.listdir(self.root) if _DIGEST_RE.fullmatch(n)}
         with self._lock:
             for gone in set(self._index) - on_disk:
                 del self._index[gone]

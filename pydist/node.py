@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import re
 import socket
@@ -272,8 +273,7 @@ class Node:
     def collect(self, client_id: str, timeout: float) -> tuple:
         """Long poll: wait up to ``timeout`` s for finished results; returns ``(results, started_ids)``."""
         _check_str(client_id, "client_id")
-        timeout = min(max(float(timeout), 0.0), COLLECT_MAX_WAIT)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + _check_timeout(timeout)
         with self.lock:
             c = self._client(client_id)
             # "started" notes ride along with results (or the timeout): waking the client for each
@@ -495,7 +495,7 @@ class Node:
         _check_str(group, "group")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (src, dst, tag)):
             raise TypeError("comm_recv(group, dst:int, src:int, tag:int, timeout)")
-        deadline = time.monotonic() + min(max(float(timeout), 0.0), COLLECT_MAX_WAIT)
+        deadline = time.monotonic() + _check_timeout(timeout)
         with self.mail_cond:
             while True:
                 box = self.mail.get(group, ())
@@ -561,21 +561,6 @@ class Node:
         """Size of a bundle's archive, or -1 if absent."""
         _check_str(digest, "digest")
         return len(self.store.read(digest)) if self.store.has(digest) else -1
-
-    def code_push_wait(self, digest: str, timeout: float) -> list:
-        """Wait until every child link has ``digest`` (or ``timeout``); returns names still missing."""
-        _check_str(digest, "digest")
-        deadline = time.monotonic() + min(float(timeout), 600.0)
-        while True:
-            with self.lock:
-                missing = [l for l in self.links.values() if l.may_send and l.alive]
-            still = []
-            for l in missing:
-                if digest not in getattr(l, "has_code", set()):
-                    still.append(l.name)
-            if not still or time.monotonic() > deadline:
-                return still
-            time.sleep(0.02)
 
     def _code_installed(self, digest: str, push: bool) -> int:
         with self.lock:
@@ -1152,12 +1137,19 @@ def _check_str(v: Any, what: str) -> None:
         raise TypeError(f"{what} must be a non-empty str, got {type(v).__name__}")
 
 
+def _check_timeout(t: Any) -> float:
+    """A wait in seconds: a finite number, clamped to [0, COLLECT_MAX_WAIT]."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        raise TypeError(f"timeout must be a finite number of seconds, got {t!r:.40}")
+    return min(max(float(t), 0.0), COLLECT_MAX_WAIT)
+
+
 def _check_fns(fns: Any) -> None:
     if not isinstance(fns, dict) or not all(isinstance(k, str) and isinstance(v, bytes) for k, v in fns.items()):
         raise TypeError("fns must map str keys to bytes")
 
 
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 _TASK_TYPES = (str, str, bytes, (str, type(None)), int, (list, tuple), int, str)
 
 
@@ -1172,7 +1164,7 @@ def _check_tasks(tasks: Any) -> None:
                 raise TypeError(f"malformed task record field {v!r:.40}: expected {typ}")
         if not all(isinstance(p, str) for p in t[5]):
             raise TypeError("a task's path must be a list of node names")
-        if t[3] is not None and not _DIGEST.match(t[3]):
+        if t[3] is not None and not _DIGEST.fullmatch(t[3]):
             raise TypeError("a task's bundle must be None or a sha256 hex digest")
 
 

@@ -229,6 +229,26 @@ _configure_lock = threading.Lock()
 _applied_tls: Optional[tuple] = None
 
 
+def _register_errors() -> None:
+    """Let pydist's own exceptions cross Pyro5 with their type and message (Pyro5 rebuilds only builtin
+    and Pyro5 exceptions by default: ours would arrive as a bare SerializeError)."""
+    from . import errors as _errors
+
+    def make(classname, data):
+        cls = getattr(_errors, classname.rsplit(".", 1)[1], None)
+        if not (isinstance(cls, type) and issubclass(cls, _errors.PydistError)):
+            raise Pyro5.errors.SerializeError(f"unsupported serialized class: {classname}")
+        return serializers.SerializerBase.make_exception(cls, data)
+
+    for name in dir(_errors):
+        cls = getattr(_errors, name)
+        if isinstance(cls, type) and issubclass(cls, _errors.PydistError) and cls.__module__ == _errors.__name__:
+            serializers.SerializerBase.register_dict_to_class(f"{cls.__module__}.{cls.__name__}", make)
+
+
+_register_errors()
+
+
 def configure_pyro(*, max_message_size: Optional[int] = None, threadpool: Optional[int] = None,
                    tls: Optional[TLSSettings] = None, server: bool = False) -> None:
     """Set Pyro5's process-global config.  Call it before creating any daemon or proxy.

@@ -599,14 +599,12 @@ def make_call(rng, method, own_name):
                 else (VALID_DIGEST, 0, rng.choice([bad_int(rng), -1]))), {}
     if method == "code_size":
         return (bad_digest,), {}
-    if method == "code_push_wait":
-        return ((bad_digest, 0.0) if rng.random() < 0.5 else (VALID_DIGEST, bad_timeout(rng))), {}
     raise AssertionError(method)
 
 
 METHODS = ["submit", "open_client", "collect", "cancel", "close_client", "describe", "join", "run_task",
            "receive_results", "heartbeat", "cancel_forwarded", "status", "code_has", "code_begin", "code_chunk",
-           "code_finish", "code_read", "code_size", "code_push_wait"]
+           "code_finish", "code_read", "code_size"]
 CALLS_PER_METHOD = 100
 
 # errors a caller can understand: the type is right and the message says what was wrong
@@ -614,21 +612,11 @@ CLEAR = (TypeError, ValueError, OverflowError, pydist.PydistError)
 
 
 def _is_clear(exc) -> bool:
-    if isinstance(exc, CLEAR):
-        return True
-    # pydist's own exceptions (ProtocolError, CodeSyncError, ...) do not survive Pyro5's marshal transport: the
-    # client gets SerializeError("unsupported serialized class: pydist.errors.X").  Tracked as a BUG by
-    # test_node_errors_reach_the_client_as_pydist_errors; here it still counts as "refused, node alive".
-    return isinstance(exc, Pyro5.errors.SerializeError) and "pydist.errors." in str(exc)
+    return isinstance(exc, CLEAR)
 
 
 def _known_lenient(method, args) -> bool:
-    """Malformed calls the node accepts today; each is a BUG with its own strict xfail test below."""
-    digest = args[0] if args else None
-    if isinstance(digest, str) and digest.endswith("\n") and method.startswith("code_"):
-        return True        # test_digest_with_trailing_newline_is_refused
-    if method == "code_push_wait" and isinstance(digest, str):
-        return True        # test_code_push_wait_refuses_malformed_digest
+    """Malformed calls the node accepts (none today; add one here only with a strict xfail test)."""
     return False
 
 
@@ -710,9 +698,6 @@ def test_garbage_task_contents_come_back_as_errors(fuzz_node):
     check_workload(node.address, SECRET, n=50)
 
 
-@pytest.mark.xfail(reason="BUG: pydist errors raised by the node (ProtocolError, CodeSyncError, BundleNotFound) "
-                          "reach the client as Pyro5 SerializeError('unsupported serialized class: "
-                          "pydist.errors.X'): the message is lost", strict=True)
 def test_node_errors_reach_the_client_as_pydist_errors(fuzz_node):
     p = S.connect(fuzz_node.address, secret=SECRET, call_timeout=15)
     try:
@@ -722,8 +707,6 @@ def test_node_errors_reach_the_client_as_pydist_errors(fuzz_node):
         p._pyroRelease()
 
 
-@pytest.mark.xfail(reason="BUG: CodeStore._check_digest uses re.match with '$', which matches before a trailing "
-                          "newline: code_begin/code_size accept '<64 hex>\\n' as a digest", strict=True)
 def test_digest_with_trailing_newline_is_refused(fuzz_node):
     p = S.connect(fuzz_node.address, secret=SECRET, call_timeout=15)
     try:
@@ -734,20 +717,6 @@ def test_digest_with_trailing_newline_is_refused(fuzz_node):
         p._pyroRelease()
 
 
-@pytest.mark.xfail(reason="BUG: Node.code_push_wait does not validate the digest: a malformed one "
-                          "('../../etc/passwd') returns [] ('every child has it')", strict=True)
-def test_code_push_wait_refuses_malformed_digest(fuzz_node):
-    p = S.connect(fuzz_node.address, secret=SECRET, call_timeout=15)
-    try:
-        with pytest.raises((pydist.CodeSyncError, TypeError, ValueError, Pyro5.errors.SerializeError)):
-            p.code_push_wait("../../etc/passwd", 0.0)
-    finally:
-        p._pyroRelease()
-
-
-@pytest.mark.xfail(reason="BUG: collect(client_id, float('nan')) never returns: NaN passes the "
-                          "min(max(t,0),COLLECT_MAX_WAIT) clamp and the wait loop spins, burning a CPU",
-                   strict=True)
 def test_collect_with_nan_timeout_returns_or_refuses(fuzz_node):
     p = S.connect(fuzz_node.address, secret=SECRET, call_timeout=6.5)
     try:

@@ -283,10 +283,6 @@ def test_silent_tcp_peers_do_not_block_tls_accepts(tls_pair, certs):
     assert root.alive()
 
 
-@pytest.mark.xfail(reason="BUG: with TLS on, a node's name-server connections also use TLS (Pyro5's global "
-                          "SSL flag), but the name server is plain: nodes neither register nor resolve "
-                          "--parent NAME, so a LocalCluster(nodes=2, node_args=[--tls-*]) never links",
-                   strict=True)
 def test_local_cluster_with_tls_links_its_nodes(certs):
     p = subprocess.Popen([sys.executable, "-c", CLUSTER, str(certs), SECRET], stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=_env())
