@@ -1,0 +1,123 @@
+"""pydist.cluster.LocalCluster: what it starts, that it stops everything, that it dies with its parent.
+
+Every test starts its own cluster (each one is about starting or stopping) and checks through
+``proc_guard`` that no process survives.  No sleeps: conditions with deadlines.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+from pydist import ClusterExecutor, LocalCluster, task_context
+from conftest import cluster_pids, descendants, wait_for, wait_gone
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def where_all_at_once(started_dir, n, i):
+    """Runs only if ``n`` of these run at the same time (each waits until all have started)."""
+    open(os.path.join(started_dir, f"s{i}"), "w").close()
+    deadline = time.monotonic() + 30
+    while len(os.listdir(started_dir)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the other tasks never started")
+        threading.Event().wait(0.005)
+    c = task_context()
+    return c.node, c.hops
+
+
+def test_attributes_and_cleanup(proc_guard):
+    with LocalCluster(nodes=1, workers_per_node=2) as c:
+        host, _, port = c.address.rpartition(":")
+        assert host.startswith("127.") and int(port) > 0
+        assert c.ns_address.startswith("127.0.0.1:")
+        assert isinstance(c.secret, bytes) and len(c.secret) >= 16
+        assert len(c.procs) == 1 and len(c.pids) == 2          # name server + node
+        assert c.procs[0].pid in c.pids
+        wait_for(lambda: len(descendants(c.procs[0].pid)) == 2, 15, "two workers")
+        pids = cluster_pids(c)
+        assert all(psutil.pid_exists(p) for p in pids)
+        with ClusterExecutor(c.address, secret=c.secret) as ex:
+            assert ex.submit(sum, [1, 2, 3]).result(20) == 6
+            assert ex.status()["workers"] == 2
+    wait_gone(pids, 15, "the cluster's processes")
+
+
+def test_stop_is_idempotent_and_start_returns_self(proc_guard):
+    c = LocalCluster(nodes=1, workers_per_node=1)
+    assert c.start() is c
+    pids = cluster_pids(c)
+    c.stop()
+    c.stop()
+    wait_gone(pids, 15, "the cluster's processes")
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError):
+        LocalCluster(nodes=0)
+    with pytest.raises(ValueError):
+        LocalCluster(nodes=2, topology="ring")
+    with pytest.raises(ValueError):
+        LocalCluster(workers_per_node=-1)
+
+
+def test_wrong_secret_is_refused(proc_guard):
+    with LocalCluster(nodes=1, workers_per_node=1) as c:
+        with pytest.raises(Exception) as info:
+            ClusterExecutor(c.address, secret=b"not-the-secret-" * 3, connect_timeout=2)
+        assert "secret" in str(info.value).lower() or "auth" in type(info.value).__name__.lower()
+
+
+def test_processes_die_with_a_killed_parent(tmp_path, proc_guard):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent("""
+        import json, sys, time, psutil
+        from pydist import LocalCluster
+        c = LocalCluster(nodes=1, workers_per_node=2).start()
+        deadline = time.monotonic() + 20
+        node = psutil.Process(c.procs[0].pid)
+        while len(node.children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pids = list(c.pids) + [w.pid for w in node.children(recursive=True)]
+        print(json.dumps(pids), flush=True)
+        sys.stdin.read()      # until the test kills us
+    """))
+    p = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        line = p.stdout.readline()
+        pids = json.loads(line)
+        assert len(pids) == 4                                   # name server, node, two workers
+        proc_guard.watch(pids)
+        assert all(psutil.pid_exists(x) for x in pids)
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        wait_gone(pids, 15, "the processes of a SIGKILLed parent's LocalCluster")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdin.close()
+        p.stdout.close()
+
+
+def test_three_nodes_share_the_work(proc_guard, tmp_path):
+    with LocalCluster(nodes=3, workers_per_node=1) as c:
+        assert len(c.procs) == 3 and len(c.pids) == 4
+        with ClusterExecutor(c.address, secret=c.secret) as ex:
+            fs = [ex.submit(where_all_at_once, str(tmp_path), 3, i) for i in range(3)]
+            out = [f.result(40) for f in fs]
+        nodes = sorted(n for n, _ in out)
+        assert nodes == ["node0", "node1", "node2"]
+        assert all((hops == 0) == (n == "node0") for n, hops in out)
+        pids = cluster_pids(c)
+    wait_gone(pids, 15, "the cluster's processes")
