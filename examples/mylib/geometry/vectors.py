@@ -1,0 +1,5 @@
+import math
+
+
+def distance(a, b) -> float:
+    return math.dist(a, b)
