@@ -30,6 +30,7 @@ import time
 import uuid
 import weakref
 from concurrent.futures import Executor, Future, InvalidStateError
+from concurrent.futures._base import PENDING as _PENDING
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import cloudpickle
@@ -46,18 +47,30 @@ DIRECT_GAP = 0.002   # s: a submit this long after the previous one is sent from
 
 
 class PydistFuture(Future):
-    """A ``concurrent.futures.Future`` for a pydist task; cancelling it also cancels it on the node."""
+    """A ``concurrent.futures.Future`` for a pydist task.
+
+    ``cancel()`` asks the node (one round trip) and succeeds only if the task had not yet been handed to
+    a worker or another node, so a cancelled task never runs; otherwise the future is marked running and
+    ``cancel()`` returns False, as ``ProcessPoolExecutor`` does for started work.
+    """
 
     _pydist_tid: str = ""
     _pydist_exec: Any = None
 
     def cancel(self) -> bool:
-        ok = super().cancel()
-        if ok and self._pydist_exec is not None:
-            ex = self._pydist_exec()
-            if ex is not None:
-                ex._on_cancel(self._pydist_tid)
-        return ok
+        with self._condition:
+            if self._state != _PENDING:
+                return super().cancel()
+        ex = self._pydist_exec() if self._pydist_exec is not None else None
+        if ex is not None and self._pydist_tid not in ex._cancel_remote([self._pydist_tid]):
+            self._mark_running()
+            return False
+        return super().cancel()
+
+    def _mark_running(self) -> None:
+        with self._condition:
+            if self._state == _PENDING:
+                self.set_running_or_notify_cancel()
 
 
 def _parse_address(address: str) -> str:
@@ -101,7 +114,6 @@ class ClusterExecutor(Executor):
         self._cond = threading.Condition(self._lock)
         self._pending: Dict[str, PydistFuture] = {}
         self._outbox: List[tuple] = []
-        self._cancels: List[str] = []
         self._fns: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
         self._fn_seq = itertools.count()
         self._seq = itertools.count()
@@ -113,6 +125,7 @@ class ClusterExecutor(Executor):
         self._code_exclude: tuple = ()
         self._threads: List[threading.Thread] = []
         self._closed = threading.Event()
+        self._finalized = False
         tls = None
         if self._cfg.tls_ca or self._cfg.tls_cert:
             tls = security.TLSSettings(cert=self._cfg.tls_cert, key=self._cfg.tls_key, ca=self._cfg.tls_ca)
@@ -152,8 +165,12 @@ class ClusterExecutor(Executor):
             t.start()
             self._threads.append(t)
         if code:
-            for p in ([code] if isinstance(code, (str, os.PathLike)) else code):
-                self.upload_code(p)
+            try:
+                for p in ([code] if isinstance(code, (str, os.PathLike)) else code):
+                    self.upload_code(p)
+            except BaseException:
+                self.shutdown(wait=True)   # leave nothing behind: client threads, embedded cluster
+                raise
 
     # ------------------------------------------------------------------------------------ connecting
     def _connect(self, timeout: Optional[float] = None):
@@ -272,17 +289,19 @@ class ClusterExecutor(Executor):
             fs = collections.deque(make(g) for g in itertools.islice(more, buffersize))
 
         def result_iterator():
+            # no local variable may hold a result or its future while suspended (see CPython's
+            # test_free_reference): everything is popped and yielded inline
             try:
                 while fs:
-                    f = fs.popleft()
                     if buffersize is not None:
                         for g in itertools.islice(more, 1):
                             fs.append(make(g))
-                    r = _result_or_cancel(f, None if end_time is None else end_time - time.monotonic())
                     if kind == wire.KIND_CALL:
-                        yield r
+                        yield _result_or_cancel(fs.popleft(),
+                                                None if end_time is None else end_time - time.monotonic())
                     else:
-                        yield from r
+                        yield from _result_or_cancel(fs.popleft(),
+                                                     None if end_time is None else end_time - time.monotonic())
             finally:
                 for f in fs:
                     f.cancel()
@@ -326,8 +345,13 @@ class ClusterExecutor(Executor):
             self._shutdown = True
             pending = list(self._pending.values())
         if cancel_futures:
-            for f in pending:
-                f.cancel()
+            waiting = [f for f in pending if not f.running() and not f.done()]
+            gone = self._cancel_remote([f._pydist_tid for f in waiting])
+            for f in waiting:
+                if f._pydist_tid in gone:
+                    Future.cancel(f)
+                else:
+                    f._mark_running()
         if wait:
             self._drain_and_close()
         else:
@@ -344,8 +368,10 @@ class ClusterExecutor(Executor):
                     f.exception()
                 except BaseException:
                     pass
-        if self._closed.is_set():
-            return
+        with self._lock:
+            if self._finalized:
+                return
+            self._finalized = True
         self._closed.set()
         with self._cond:
             self._cond.notify_all()
@@ -410,16 +436,35 @@ class ClusterExecutor(Executor):
         return info
 
     # ------------------------------------------------------------------------------------ threads
-    def _on_cancel(self, tid: str) -> None:
+    def _cancel_remote(self, tids: List[str]) -> set:
+        """Withdraw tasks that no worker has started: those still in our outbox, and those the node
+        still holds in its queue (one round trip).  Returns the ids withdrawn."""
+        gone = set()
         with self._lock:
-            if self._pending.pop(tid, None) is None:
-                return
-            for i, (rec, _) in enumerate(self._outbox):
-                if rec[0] == tid:   # not sent yet: just drop it
-                    del self._outbox[i]
-                    return
-            self._cancels.append(tid)
-            self._cond.notify_all()
+            if self._broken is not None or self._finalized:
+                return set(tids)
+            want = set(tids)
+            keep = []
+            for item in self._outbox:
+                if item[0][0] in want:
+                    gone.add(item[0][0])
+                else:
+                    keep.append(item)
+            self._outbox[:] = keep
+            ask = [t for t in tids if t not in gone and t in self._pending]
+            gone.update(t for t in tids if t not in self._pending)
+        if ask:
+            with self._send_lock:
+                try:
+                    self._submit_proxy._pyroClaimOwnership()
+                    gone.update(self._submit_proxy.cancel(self._cid, ask))
+                except Exception as exc:   # the node is gone: nothing will run
+                    self._break(exc)
+                    return set(tids)
+        with self._lock:
+            for t in gone:
+                self._pending.pop(t, None)
+        return gone
 
     def _send_outbox(self) -> None:
         """Send everything queued (caller holds ``_send_lock``); the submit proxy moves between the
@@ -430,24 +475,20 @@ class ClusterExecutor(Executor):
             with self._lock:
                 batch = self._outbox[:self._cfg.max_batch]
                 del self._outbox[:len(batch)]
-                cancels, self._cancels = self._cancels, []
-            if not batch and not cancels:
+            if not batch:
                 return
-            if batch:
-                fns = {}
-                recs = []
-                for rec, blob in batch:
-                    fns[rec[1]] = blob
-                    recs.append(rec)
-                proxy.submit(self._cid, fns, recs)
-            if cancels:
-                proxy.cancel(self._cid, cancels)
+            fns = {}
+            recs = []
+            for rec, blob in batch:
+                fns[rec[1]] = blob
+                recs.append(rec)
+            proxy.submit(self._cid, fns, recs)
 
     def _sender(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while not self._outbox and not self._cancels and not self._closed.is_set():
+                    while not self._outbox and not self._closed.is_set():
                         self._cond.wait()
                     if self._closed.is_set() and not self._outbox:
                         return

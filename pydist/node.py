@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 NODE_OBJECT_ID = security.NODE_OBJECT_ID
 NS_PREFIX = "pydist.node."
 COLLECT_MAX_WAIT = 5.0
+STARTED_DELAY = 0.01   # s a collect waits for a result before answering with "started" notes alone
 
 
 class TaskRec:
@@ -85,6 +86,43 @@ class ClientRec:
         self.last_seen = time.monotonic()
         self.init_blob: Optional[bytes] = None
         self.closed = False
+        self.started_due = False   # set by the StartedTimer: answer the long poll with "started" notes
+
+
+class StartedTimer:
+    """Wakes a client's long poll STARTED_DELAY after a task of it started if no result came first, so
+    ``Future.running()`` is timely for long tasks while a short task costs no extra wake-up."""
+
+    def __init__(self, lock: threading.RLock, stopping: threading.Event):
+        self.lock = lock
+        self.stopping = stopping
+        self.due: "collections.deque[tuple]" = collections.deque()
+        self.cond = threading.Condition(threading.Lock())
+        threading.Thread(target=self._run, daemon=True, name="pydist-started").start()
+
+    def add(self, client: "ClientRec") -> None:
+        with self.cond:
+            self.due.append((time.monotonic() + STARTED_DELAY, client))
+            if len(self.due) == 1:
+                self.cond.notify()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            with self.cond:
+                while not self.due and not self.stopping.is_set():
+                    self.cond.wait(1.0)
+                if not self.due:
+                    continue
+                when, client = self.due[0]
+                left = when - time.monotonic()
+                if left > 0:
+                    self.cond.wait(left)
+                    continue
+                self.due.popleft()
+            with self.lock:
+                if client.started and not client.results:
+                    client.started_due = True
+                    client.cond.notify()
 
 
 class Link:
@@ -160,12 +198,14 @@ class Node:
         self.avg = scheduler.RuntimeAverage()
         self.counts = collections.Counter()
         self.stopping = threading.Event()
+        self._started_timer = StartedTimer(self.lock, self.stopping)
         self.started_at = time.time()
         self.worker_inflight: List["collections.OrderedDict[str, int]"] = [
             collections.OrderedDict() for _ in range(config.workers or 0)]
         self.worker_up = [False] * (config.workers or 0)
         self.waiting_code: Dict[str, List[str]] = {}   # bundle digest -> task ids waiting for it
         self.fetching: set = set()
+        self._last_touched: Optional[str] = None
         from .codesync import CodeStore
 
         self.store = CodeStore(config.code_cache, config.code_cache_max)
@@ -276,36 +316,33 @@ class Node:
         deadline = time.monotonic() + _check_timeout(timeout)
         with self.lock:
             c = self._client(client_id)
-            # "started" notes ride along with results (or the timeout): waking the client for each
-            # would cost a lone task a second round trip
-            while not c.results and not self.stopping.is_set() and not c.closed:
+            # "started" notes ride along with results; alone they wait STARTED_DELAY (waking the client
+            # for each would cost a lone short task a second round trip)
+            while not c.results and not c.started_due and not self.stopping.is_set() and not c.closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 c.cond.wait(left)
+            c.started_due = False
             res, started = c.results, c.started
             c.results, c.started = [], []
             c.last_seen = time.monotonic()
         return res, started
 
-    def cancel(self, client_id: str, task_ids: list) -> int:
-        """Cancel tasks of a client; queued ones are dropped, sent ones have their results discarded."""
+    def cancel(self, client_id: str, task_ids: list) -> list:
+        """Withdraw a client's tasks that are still queued here (not yet given to a worker or another
+        node); returns the ids withdrawn.  Tasks already sent run to the end."""
         _check_str(client_id, "client_id")
-        if not isinstance(task_ids, (list, tuple)):
-            raise TypeError("task_ids must be a list")
-        n = 0
+        if not isinstance(task_ids, (list, tuple)) or not all(isinstance(t, str) for t in task_ids):
+            raise TypeError("task_ids must be a list of str")
+        out = []
         with self.lock:
-            by_link: Dict[str, List[str]] = {}
             for tid in task_ids:
                 rec = self.tasks.get(tid)
-                if rec is None or rec.origin != ("c", client_id):
-                    continue
-                n += self._cancel_rec(tid, rec, by_link)
-            for name, ids in by_link.items():
-                link = self.links.get(name)
-                if link is not None:
-                    link.post(cancel=ids)
-        return n
+                if rec is not None and rec.origin == ("c", client_id) and rec.state is TaskState.QUEUED:
+                    self._cancel_rec(tid, rec, {})
+                    out.append(tid)
+        return out
 
     def close_client(self, client_id: str) -> None:
         """Forget a client: its queued tasks are dropped, its initializer forgotten."""
@@ -636,10 +673,14 @@ class Node:
     def _enqueue_new(self, tid: str) -> None:
         rec = self.tasks[tid]
         bundle = rec.rec[wire.T_BUNDLE]
-        if bundle is not None and not self.store.has(bundle):
-            self.waiting_code.setdefault(bundle, []).append(tid)
-            self._fetch_code(bundle, rec.origin)
-            return
+        if bundle is not None:
+            if not self.store.has(bundle):
+                self.waiting_code.setdefault(bundle, []).append(tid)
+                self._fetch_code(bundle, rec.origin)
+                return
+            if bundle != self._last_touched:
+                self.store.path(bundle)          # marks it recently used (LRU eviction)
+                self._last_touched = bundle
         self.queue.append(tid)
 
     def _fetch_code(self, digest: str, origin: Tuple[str, str]) -> None:
@@ -799,6 +840,8 @@ class Node:
             c = self.clients.get(rec.origin[1])
             if c is not None:
                 c.started.append(tid)
+                if len(c.started) == 1:
+                    self._started_timer.add(c)
 
     # ---------------------------------------------------------------------------------- results
     def _finish_results(self, results: list, source: Optional[tuple]) -> int:
@@ -851,7 +894,9 @@ class Node:
             self._finish_results(results, ("w", index))
             self._schedule()
 
-    def _on_worker_exit(self, index: int, returncode: Optional[int]) -> None:
+    def _on_worker_exit(self, index: int, returncode: Optional[int], culprit: Optional[str]) -> None:
+        """A worker died: the task it was running fails with WorkerLost; the others it held (queued
+        in it, or finished but not yet reported) are placed again."""
         with self.lock:
             q = self.worker_inflight[index]
             dead_gen = self.pool.handles[index].generation - 1
@@ -859,8 +904,7 @@ class Node:
             for tid in dead:
                 del q[tid]
             self.worker_up[index] = False
-            if dead:
-                culprit, rest = dead[0], dead[1:]
+            if culprit in dead:
                 err = WorkerLost(f"the worker process running task {culprit} on node {self.name} died "
                                  f"(exit code {returncode}); the node replaced it")
                 rec = self.tasks.get(culprit)
@@ -868,13 +912,13 @@ class Node:
                     rec.target = None
                     self._finish_results([(culprit, wire.LOST, wire.dumps_exception(err), self.name,
                                            index, 0.0)], None)
-                for tid in reversed(rest):
-                    rec = self.tasks.get(tid)
-                    if rec is not None and rec.state is TaskState.SENT:
-                        rec.move(TaskState.LOST)
-                        rec.move(TaskState.QUEUED)
-                        rec.target = None
-                        self.queue.appendleft(tid)
+            for tid in reversed(dead):
+                rec = self.tasks.get(tid)
+                if tid != culprit and rec is not None and rec.state is TaskState.SENT:
+                    rec.move(TaskState.LOST)
+                    rec.move(TaskState.QUEUED)
+                    rec.target = None
+                    self.queue.appendleft(tid)
         threading.Thread(target=self._wait_ready, args=(index,), daemon=True).start()
 
     def _wait_ready(self, index: int) -> None:
@@ -1105,8 +1149,16 @@ class Node:
     def _janitor(self) -> None:
         """Drop silent links (missed heartbeats) and clients (expired lease)."""
         period = min(1.0, self.cfg.heartbeat)
+        next_stale_check = time.monotonic() + 60
         while not self.stopping.wait(period):
             now = time.monotonic()
+            if now > next_stale_check:
+                next_stale_check = now + 60
+                try:
+                    for d in self.store.abort_stale(older_than=300.0):
+                        log.info("dropped a code upload that stalled: %s", d[:12])
+                except Exception as exc:   # never let housekeeping kill the janitor
+                    log.warning("code cache housekeeping failed: %s", exc)
             with self.lock:
                 for link in list(self.links.values()):
                     if link.alive and now - link.last_heard > self.cfg.heartbeat_timeout:

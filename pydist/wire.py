@@ -102,27 +102,45 @@ def _short_repr(obj: Any) -> str:
 
 
 def dumps_exception(exc: BaseException) -> bytes:
-    """Pickle an exception with its formatted traceback; never fails (falls back to a plain RemoteError)."""
+    """Pickle an exception with its formatted traceback; never fails.
+
+    The exception is checked to rebuild from its pickle (an ``__init__`` with extra required arguments
+    does not); if it cannot, a ``TaskError`` with the same text stands in.  The type name and message
+    travel beside it, so the client can still say what happened if it lacks the class.
+    """
+    from .errors import TaskError
+
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     try:
-        return cloudpickle.dumps((exc, tb), PICKLE_PROTOCOL)
+        message = str(exc)
     except Exception:
-        from .errors import TaskError
-
-        stand_in = TaskError(f"{type(exc).__qualname__}: {exc} (the original exception could not be pickled)")
-        return pickle.dumps((stand_in, tb), PICKLE_PROTOCOL)
-
-
-def loads_exception(blob: bytes) -> BaseException:
-    """Rebuild a task's exception with the remote traceback attached as ``__cause__``."""
+        message = "<unprintable>"
     try:
-        exc, tb = pickle.loads(blob)
-    except Exception as err:  # the exception's class may not exist on the client
-        return SerializationError(f"the task failed and its exception could not be unpickled here: {err}")
-    if isinstance(exc, BaseException):
-        exc.__cause__ = RemoteError(tb)
-        return exc
-    return RemoteError(str(tb))
+        blob = cloudpickle.dumps(exc, PICKLE_PROTOCOL)
+        pickle.loads(blob)
+    except Exception as err:
+        blob = pickle.dumps(TaskError(f"{name}: {message} (the original exception cannot be pickled: {err})"),
+                            PICKLE_PROTOCOL)
+    return pickle.dumps((blob, tb, name, message), PICKLE_PROTOCOL)
+
+
+def loads_exception(data: bytes) -> BaseException:
+    """Rebuild a task's exception with the remote traceback attached as ``__cause__``."""
+    from .errors import TaskError
+
+    try:
+        blob, tb, name, message = pickle.loads(data)
+    except Exception as err:
+        return SerializationError(f"the task failed and its error report could not be read: {err}")
+    try:
+        exc = pickle.loads(blob)
+        if not isinstance(exc, BaseException):
+            raise TypeError(f"not an exception: {type(exc).__name__}")
+    except Exception as err:   # e.g. the exception's class does not exist here
+        exc = TaskError(f"{name}: {message} (the exception could not be rebuilt here: {err})")
+    exc.__cause__ = RemoteError(tb)
+    return exc
 
 
 # -- frames over a pipe (node <-> its own workers) -----------------------------------------------------

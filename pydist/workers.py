@@ -20,8 +20,10 @@ import logging
 import os
 import queue
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 0.002
 FN_CACHE = 256
+SLOT_SIZE = 128   # bytes of the shared "task now running" slot of each worker
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -69,8 +72,15 @@ def task_context() -> TaskContext:
 # The worker process
 # ---------------------------------------------------------------------------------------------------
 class _Worker:
-    def __init__(self, fd_in: int, fd_out: int, index: int, node: str, code_cache: str):
+    def __init__(self, fd_in: int, fd_out: int, index: int, node: str, code_cache: str,
+                 slot_path: Optional[str] = None):
         self.fd_in, self.fd_out = fd_in, fd_out
+        self.slot = None
+        if slot_path:
+            import mmap
+
+            with open(slot_path, "r+b") as f:
+                self.slot = mmap.mmap(f.fileno(), SLOT_SIZE)
         self.index, self.node, self.code_cache = index, node, code_cache
         self.fns: "collections.OrderedDict[str, object]" = collections.OrderedDict()
         self.init_blobs: Dict[str, bytes] = {}
@@ -107,13 +117,16 @@ class _Worker:
             wire.write_frame(self.fd_out, ("res", out))
 
     def function(self, fns: Dict[str, bytes], key: str):
+        # keyed by (bundle, key): the same function object submitted after a new upload_code must be
+        # unpickled again, against the new bundle's modules
+        key = (_WorkerState.active_bundle, key)
         fn = self.fns.get(key)
         if fn is not None:
             self.fns.move_to_end(key)
             return fn
-        blob = fns.get(key)
+        blob = fns.get(key[1])
         if blob is None:
-            raise TaskError(f"function {key} was not sent with its task (node bug)")
+            raise TaskError(f"function {key[1]} was not sent with its task (node bug)")
         try:
             fn = wire.loads(blob)
         except Exception as exc:
@@ -156,6 +169,16 @@ class _Worker:
 
     def run_one(self, fns: Dict[str, bytes], t: tuple) -> tuple:
         tid, key, payload, bundle, hops, path, kind, client = t
+        slot = self.slot
+        if slot is not None:   # tells the node which task was running if this process dies
+            slot[:] = tid.encode()[:SLOT_SIZE - 1].ljust(SLOT_SIZE, b"\0")
+        try:
+            return self._run_one(fns, tid, key, payload, bundle, hops, path, kind, client)
+        finally:
+            if slot is not None:
+                slot[0:1] = b"\0"
+
+    def _run_one(self, fns, tid, key, payload, bundle, hops, path, kind, client) -> tuple:
         if client:
             err = self.initialize(client)
             if err is not None:
@@ -198,11 +221,12 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("index", type=int)
     p.add_argument("node")
     p.add_argument("code_cache")
+    p.add_argument("slot", nargs="?")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     # Task output goes to stderr; fd 1 is not ours to keep (the node's READY protocol lives there).
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    w = _Worker(a.fd_in, a.fd_out, a.index, a.node, a.code_cache)
+    w = _Worker(a.fd_in, a.fd_out, a.index, a.node, a.code_cache, a.slot)
     wire.write_frame(a.fd_out, ("hello", os.getpid()))
     try:
         w.serve()
@@ -232,12 +256,13 @@ class WorkerPool:
     """N long-lived worker processes of one node.
 
     ``on_results(index, results)`` is called from a reader thread for every batch of results;
-    ``on_exit(index, returncode)`` when a worker died (the pool has already started its replacement,
-    unless it is stopping).  ``send`` never blocks.
+    ``on_exit(index, returncode, task_id)`` when a worker died (the pool has already started its
+    replacement, unless it is stopping); ``task_id`` is the task it was running, read from a small
+    shared-memory slot the worker writes before each task (None if it died between tasks).  ``send`` never blocks.
     """
 
     def __init__(self, size: int, node_name: str, code_cache: str,
-                 on_results: Callable[[int, list], None], on_exit: Callable[[int, Optional[int]], None],
+                 on_results: Callable[[int, list], None], on_exit: Callable[[int, Optional[int], Optional[str]], None],
                  env: Optional[dict] = None):
         self.size = size
         self.node_name = node_name
@@ -248,6 +273,7 @@ class WorkerPool:
         self.handles = [_Handle(i) for i in range(size)]
         self._stopping = threading.Event()
         self.restarts = 0
+        self.slot_dir = tempfile.mkdtemp(prefix="pydist-slots-")
 
     def start(self) -> None:
         """Start every worker (returns at once; each becomes ready on its own)."""
@@ -262,8 +288,11 @@ class WorkerPool:
         r_in, w_in = os.pipe()     # node -> worker
         r_out, w_out = os.pipe()   # worker -> node
         # -c, not -m: the worker must run *the* pydist.workers module (task_context reads its state)
-        cmd = [sys.executable, "-c", "from pydist.workers import worker_main; worker_main()", str(r_in), str(w_out), str(h.index),
-               self.node_name, self.code_cache]
+        slot = os.path.join(self.slot_dir, f"w{h.index}.{h.generation + 1}")
+        with open(slot, "wb") as f:
+            f.write(b"\0" * SLOT_SIZE)
+        cmd = [sys.executable, "-c", "from pydist.workers import worker_main; worker_main()", str(r_in),
+               str(w_out), str(h.index), self.node_name, self.code_cache, slot]
         try:
             proc = subprocess.Popen(cmd, pass_fds=(r_in, w_out), stdin=subprocess.DEVNULL, env=self.env)
         finally:
@@ -360,17 +389,30 @@ class WorkerPool:
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait()
+        culprit = self._read_slot(h.index, gen)
         if self._stopping.is_set():
             return
-        log.warning("worker %d (pid %d) of node %s died with exit code %s; starting a replacement",
-                    h.index, proc.pid, self.node_name, rc)
+        log.warning("worker %d (pid %d) of node %s died with exit code %s%s; starting a replacement",
+                    h.index, proc.pid, self.node_name, rc, f" running task {culprit}" if culprit else "")
         self.restarts += 1
         if h.generation == gen:
             self._spawn(h)
-        self.on_exit(h.index, rc)
+        self.on_exit(h.index, rc, culprit)
+
+    def _read_slot(self, index: int, gen: int) -> Optional[str]:
+        """The task a dead worker was running (None: it was between tasks)."""
+        path = os.path.join(self.slot_dir, f"w{index}.{gen}")
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(SLOT_SIZE)
+            os.unlink(path)
+        except OSError:
+            return None
+        tid = raw.split(b"\0", 1)[0]
+        return tid.decode(errors="replace") or None
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Stop every worker: ask nicely, then terminate, then kill."""
+        """Stop every worker: ask nicely, then terminate, then kill; remove the slot files."""
         self._stopping.set()
         for h in self.handles:
             self._send(h, wire.frame(("stop",)))
@@ -388,6 +430,7 @@ class WorkerPool:
                 except subprocess.TimeoutExpired:
                     h.proc.kill()
                     h.proc.wait()
+        shutil.rmtree(self.slot_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

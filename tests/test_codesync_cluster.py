@@ -364,10 +364,6 @@ def test_reupload_switches_version_for_later_tasks(cluster3, ex, tmp_path):
         check_results(everywhere(ex, lambda x, d: pkg.probe(x, d), cluster3.names), "cs_ver", 2, i2.digest)
 
 
-@pytest.mark.xfail(reason="BUG: a worker caches unpickled functions by the executor's function key, not per "
-                          "bundle: after upload_code(v2), submitting the *same* function object again runs the "
-                          "cached v1 function on every worker that ran it before, mixed with v2 submodules it "
-                          "imports lazily (VERSION 1 but lazy/data of v2)", strict=True)
 def test_reupload_same_function_object_sees_new_code(cluster3, ex, tmp_path):
     v1 = make_pkg(tmp_path / "v1", "cs_same", 1)
     v2 = make_pkg(tmp_path / "v2", "cs_same", 2)
@@ -456,8 +452,6 @@ def _shutdown_leaked(known: set) -> None:
         leaked.shutdown(wait=True, cancel_futures=True)
 
 
-@pytest.mark.xfail(reason="BUG: ClusterExecutor(..., code=[bad path]) raises after opening the client and "
-                          "starting its sender/collector threads, and never closes them", strict=True)
 def test_code_kwarg_missing_path_leaves_nothing_behind(cluster3, tmp_path):
     before, known = len(_client_threads()), _executors()
     clients = node_call(cluster3.address, cluster3.secret, "status")["clients"]
@@ -471,8 +465,6 @@ def test_code_kwarg_missing_path_leaves_nothing_behind(cluster3, tmp_path):
         _shutdown_leaked(known)
 
 
-@pytest.mark.xfail(reason="BUG: ClusterExecutor(code=[bad path]) with no address raises but leaves its "
-                          "embedded LocalCluster (name server, node, workers) running", strict=True)
 def test_embedded_cluster_code_kwarg_missing_path_stops_the_cluster(tmp_path):
     before, known = {c.pid for c in psutil.Process().children(recursive=True)}, _executors()
 
@@ -633,9 +625,6 @@ def test_eviction_removes_the_oldest_unused_bundle(small_cluster, tmp_path):
     assert node_call(small_cluster.address, small_cluster.secret, "status")["bundles"] <= 2
 
 
-@pytest.mark.xfail(reason="BUG: the code cache's LRU clock only moves on install: running tasks with a bundle "
-                          "never marks it used, so eviction removes a bundle in active use before an older "
-                          "idle one", strict=True)
 def test_eviction_keeps_the_recently_used_bundle(small_cluster, tmp_path):
     a_dir, b_dir, c_dir = (_evict_pkg(tmp_path, t) for t in ("ua", "ub", "uc"))
     with ClusterExecutor(small_cluster.address, secret=small_cluster.secret) as ea, \

@@ -182,9 +182,6 @@ def test_exception_reraised_with_remote_traceback(executor):
     assert isinstance(f.exception(), ValueError)
 
 
-@pytest.mark.xfail(reason="BUG: an exception that cannot be rebuilt on the client (its __init__ takes two "
-                          "arguments) becomes a SerializationError with no __cause__: the remote traceback "
-                          "and the original message are lost", strict=True)
 def test_unrebuildable_exception_keeps_remote_traceback(executor):
     with pytest.raises(PydistError) as info:
         executor.submit(raise_custom).result(10)
@@ -398,10 +395,6 @@ def mark_and_sleep(directory, i, seconds):
     return i
 
 
-@pytest.mark.xfail(reason="BUG: cancel() (and shutdown(cancel_futures=True)) returns True for tasks the node has "
-                          "already handed to a worker when the client has not yet heard they started; the node "
-                          "only drops their results, the tasks still run.  After short tasks the node prefetches "
-                          "up to 256 tasks per worker, widening the window", strict=True)
 def test_cancelled_tasks_do_not_run_after_short_tasks(fresh_cluster, tmp_path):
     c = fresh_cluster(workers_per_node=2)
     ex = ClusterExecutor(c.address, secret=c.secret)
@@ -474,8 +467,6 @@ def test_no_reference_to_finished_results(executor):
     assert wr() is None, "the executor (or something) still holds the result"
 
 
-@pytest.mark.xfail(reason="BUG: map()'s result generator keeps the last result alive while suspended (locals "
-                          "r and f in result_iterator: CPython yields without keeping a reference)", strict=True)
 def test_free_reference_map(executor):
     for obj in executor.map(make_payload, [1000] * 10):
         wr = weakref.ref(obj)
@@ -544,9 +535,6 @@ def test_initializer_failure_breaks_executor(proc_guard):
         cl.stop()   # see test_broken_embedded_executor_stops_its_cluster
 
 
-@pytest.mark.xfail(reason="BUG: shutdown() of a broken executor returns early (_drain_and_close sees _closed "
-                          "set by _break) and never stops its embedded LocalCluster: the name server, the node "
-                          "and its workers stay alive", strict=True)
 def test_broken_embedded_executor_stops_its_cluster(proc_guard):
     ex = ClusterExecutor(max_workers=1, initializer=failing_init)
     cl = ex.cluster

@@ -158,10 +158,6 @@ def test_worker_killed_from_outside(fresh_cluster, gate):
         assert ex.submit(pid).result(10) != worker_pid
 
 
-@pytest.mark.xfail(reason="BUG: a worker buffers results for up to 2 ms before writing them; when it dies, the "
-                          "node blames the first unreported task of the batch (WorkerLost for tasks that had "
-                          "finished) and re-runs the rest, the killer included, which then kills more workers",
-                   strict=True)
 def test_worker_death_blames_only_the_killer(fresh_cluster, tmp_path):
     c = fresh_cluster(workers_per_node=1)
     count = tmp_path / "killer-runs"
