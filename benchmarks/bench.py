@@ -775,13 +775,20 @@ def cpu_snapshot():
 
 
 def wait_idle(max_wait):
-    """Wait (up to max_wait s) until the machine's other load is low: CPU < 15 % over 2 s."""
-    t_end = time.monotonic() + max_wait
+    """Wait (up to max_wait s) until the machine's other load is low: CPU < 15 % over 1 s.
+    Returns (last CPU %, seconds waited)."""
+    t0 = time.monotonic()
+    t_end = t0 + max_wait
+    said = False
     while True:
-        pct = psutil.cpu_percent(interval=2.0)
+        pct = psutil.cpu_percent(interval=1.0)
         if pct < 15.0 or time.monotonic() >= t_end:
-            return pct
-        log(f"  waiting for an idle machine: CPU {pct:.0f} % busy")
+            if said:
+                log(f"  ... waited {time.monotonic() - t0:.0f} s (CPU {pct:.0f} % busy)")
+            return pct, time.monotonic() - t0
+        if not said:
+            log(f"  waiting for an idle machine: CPU {pct:.0f} % busy")
+            said = True
 
 
 def log(msg):
@@ -811,6 +818,8 @@ class Orchestrator:
         self.versions = {}
         self.stray = []
         self.child_seq = 0
+        self.waited = 0.0
+        self.child_log = []
         self.timeouts = dict(life=120, main=1500, pending=600, cluster=900)
         if args.quick:
             self.timeouts = dict(life=60, main=240, pending=120, cluster=240)
@@ -832,6 +841,9 @@ class Orchestrator:
         params = dict(self.P, workloads=workloads)
         cmd = [sys.executable, os.path.abspath(__file__), "--_child", kind, "--system", system,
                "--params", json.dumps(params), "--out", out]
+        if self.args.wait_idle:
+            self.waited += wait_idle(min(self.args.wait_idle, 120.0))[1]
+        c0 = cpu_snapshot()
         t = time.perf_counter()
         with open(logf, "w") as lf:
             proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=self.env(marker),
@@ -858,6 +870,12 @@ class Orchestrator:
         except Exception:
             pass
         dt = time.perf_counter() - t
+        c1 = cpu_snapshot()
+        other = None
+        if c0[0] is not None and c1[0] is not None and dt > 0:
+            other = max(0.0, (c1[0] - c0[0]) - (c1[1] - c0[1])) / (dt * (os.cpu_count() or 1))
+            self.child_log.append({"kind": kind, "system": system, "wall_s": dt,
+                                   "other_cpu_share": other})
         if rc is None:
             data.setdefault("errors", {})["_child"] = (
                 f"timed out after {self.timeouts[kind]} s (killed); log {logf}")
@@ -866,7 +884,8 @@ class Orchestrator:
                 tail = f.read()[-1500:]
             data.setdefault("errors", {}).setdefault("_child", f"exit code {rc}: {tail}")
         self.stray += data.get("stray", [])
-        log(f"  {kind:<8} {system:<7} {dt:6.1f} s" + (f"  n/a: {data['na']}" if data.get("na") else "")
+        log(f"  {kind:<8} {system:<7} {dt:6.1f} s"
+            + (f"  (other load {100 * other:.0f} %)" if other is not None and other > 0.05 else "") + (f"  n/a: {data['na']}" if data.get("na") else "")
             + ("  errors: " + "; ".join(f"{k}: {v.splitlines()[0][:160]}"
                                         for k, v in data.get("errors", {}).items())
                if data.get("errors") else ""))
@@ -892,7 +911,7 @@ class Orchestrator:
         log(f"pydist benchmark: {'quick' if self.args.quick else 'full'} run, reps={P['reps']}, "
             f"systems={','.join(self.systems)}")
         if self.args.wait_idle:
-            wait_idle(self.args.wait_idle)
+            self.waited += wait_idle(self.args.wait_idle)[1]
         if "efficiency" in self.workloads:
             P["busy_loops"] = _tasks.calibrate_busy(P["busy_s"])
             samples = []
@@ -931,6 +950,14 @@ class Orchestrator:
             # CPU used on the machine by processes other than this run (tests of a colleague...)
             other = max(0.0, (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1]))
             self.other_cpu = {"cpu_s": other, "share": other / (wall * (os.cpu_count() or 1))}
+        if self.child_log:
+            # while measuring (waits excluded)
+            w = sum(c["wall_s"] for c in self.child_log)
+            self.other_cpu = {
+                "cpu_s": sum(c["wall_s"] * c["other_cpu_share"] for c in self.child_log)
+                * (os.cpu_count() or 1),
+                "share": sum(c["wall_s"] * c["other_cpu_share"] for c in self.child_log) / w,
+                "worst_child": max(self.child_log, key=lambda c: c["other_cpu_share"])}
 
     def run_system(self, s):
         wl = self.workloads
@@ -1040,8 +1067,11 @@ class Orchestrator:
         if oc is not None:
             warn = ("  WARNING: other work ran on this machine during the run; figures are "
                     "disturbed" if oc["share"] > 0.05 else "")
-            out.append(f"- CPU used by other processes during the run: {oc['cpu_s']:.1f} CPU-s "
-                       f"({100 * oc['share']:.1f} % of the machine); load average at start "
+            worst = oc.get("worst_child")
+            worst = (f"; worst: {worst['kind']}/{worst['system']} "
+                     f"{100 * worst['other_cpu_share']:.0f} %" if worst else "")
+            out.append(f"- CPU used by other processes while measuring: {oc['cpu_s']:.1f} CPU-s "
+                       f"({100 * oc['share']:.1f} % of the machine{worst}); load average at start "
                        f"{self.load_start[0]:.2f}, at end {self.load_end[0]:.2f}{warn}")
         if self.stray:
             out.append(f"- stray processes terminated: {len(self.stray)}")
@@ -1104,13 +1134,14 @@ def main(argv=None):
         print(f"versions: {vers}")
     for n in orch.notes():
         print(n)
-    print(f"total time: {orch.elapsed:.1f} s")
+    print(f"total time: {orch.elapsed:.1f} s" + (f" (of which {orch.waited:.0f} s waiting for an idle "
+                                                 "machine)" if orch.waited >= 1 else ""))
     if args.json:
         doc = {"machine": machine, "params": orch.P, "systems": orch.systems,
                "workloads": orch.workloads, "versions": orch.versions, "na": orch.na,
                "results": orch.results, "medians": orch.medians(), "errors": orch.errors,
                "targets": verdicts, "stray_processes": orch.stray,
-               "other_cpu": orch.other_cpu, "load_start": orch.load_start, "load_end": orch.load_end, "elapsed_s": orch.elapsed,
+               "other_cpu": orch.other_cpu, "children": orch.child_log, "waited_s": orch.waited, "load_start": orch.load_start, "load_end": orch.load_end, "elapsed_s": orch.elapsed,
                "table": table}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1, default=str)
