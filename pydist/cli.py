@@ -158,7 +158,7 @@ def format_status(nodes: List[dict]) -> str:
     rows = []
     for st in nodes:
         rows.append((st["name"], st["address"], st.get("parent") or "-", f"{st['busy']}/{st['workers']}",
-                     str(st["queued"]), str(st["running"] + st.get("forwarded", 0)), str(st["done"]),
+                     str(st["queued"]), str(st["running"]), str(st["done"]),
                      str(st["failed"]), f"{st['cpu_percent']:.0f}", f"{st['mem_percent']:.0f}"))
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]

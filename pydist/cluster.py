@@ -140,6 +140,7 @@ class LocalCluster:
             self.address = self.addresses[0]
             if self.n > 1:
                 self.wait_for_nodes(self.n, self.start_timeout)
+            self.wait_for_workers(self.start_timeout)
         except BaseException:
             self.stop()
             raise
@@ -197,6 +198,24 @@ class LocalCluster:
                 raise ClusterUnavailable(f"LocalCluster: the root reaches {seen} of {count} nodes after "
                                          f"{timeout:g} s")
             time.sleep(0.02)
+
+    def wait_for_workers(self, timeout: float = 30.0) -> None:
+        """Wait until every node's worker processes are up (so the first tasks spread evenly)."""
+        deadline = time.monotonic() + timeout
+        for addr in self.addresses:
+            p = security.connect(addr, secret=self.secret, timeout=max(1.0, deadline - time.monotonic()),
+                                 tls=self.tls)
+            try:
+                while True:
+                    st = p.status()
+                    if st["workers_up"] >= st["workers"]:
+                        break
+                    if time.monotonic() > deadline:
+                        raise ClusterUnavailable(f"LocalCluster: node {st['name']} has {st['workers_up']} of "
+                                                 f"{st['workers']} workers up after {timeout:g} s")
+                    time.sleep(0.01)
+            finally:
+                p._pyroRelease()
 
     def stop(self) -> None:
         """Stop every process this cluster started (nodes, then the name server) and remove its files."""

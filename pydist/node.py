@@ -416,10 +416,11 @@ class Node:
                 tid = t[wire.T_ID]
                 if tid in self.tasks:
                     continue
-                if self.name in t[wire.T_PATH] or t[wire.T_HOPS] > self.cfg.max_hops:
+                if self.name in t[wire.T_PATH]:
+                    # (a task past our own max_hops is fine: it runs here and goes no further)
                     rejected.append(self._error_result(tid, ProtocolError(
-                        f"task {tid} reached {self.name} against the hop rules "
-                        f"(hops {t[wire.T_HOPS]}, max {self.cfg.max_hops}, path {t[wire.T_PATH]})")))
+                        f"task {tid} reached {self.name} twice (path {t[wire.T_PATH]}): two nodes share "
+                        f"the name {self.name!r}?")))
                     self._unref_fn(t[wire.T_FN])
                     continue
                 self._new_task(t, ("l", sender))
@@ -478,7 +479,7 @@ class Node:
         import psutil
 
         with self.lock:
-            running = sum(len(q) for q in self.worker_inflight)
+            running = sum(len(q) for q in self.worker_inflight)   # on this node's workers
             busy = sum(1 for q in self.worker_inflight if q)
             links = [{"name": l.name, "uri": l.uri, "role": l.role, "alive": l.alive,
                       "inflight": len(l.inflight), "workers": l.workers} for l in self.links.values()]
@@ -1049,6 +1050,10 @@ class Node:
                     link.cond.wait(max(0.0, next_hb - time.monotonic()))
                 if link.stopping:
                     return
+                if not link.alive:
+                    # the janitor declared it lost (missed heartbeats) while we were busy: start over
+                    # (re-join if we opened it), so both sides re-place what the other dropped
+                    raise NodeLost(f"{link.name} was declared lost")
                 tasks, fns, inits = link.out_tasks, link.out_fns, link.out_inits
                 results, cancel, code = link.out_results, link.out_cancel, link.out_code
                 link.out_tasks, link.out_fns, link.out_inits = [], {}, {}

@@ -488,11 +488,6 @@ def gated(x, gate, timeout=60.0):
     return x * x, task_context().node
 
 
-@pytest.mark.xfail(reason="BUG: a child that declared its frozen parent lost keeps the parent link "
-                   "alive=False after the thaw when its in-flight heartbeat call then completes "
-                   "(Node._pump never sets link.alive again, only _join does); the child has dropped the "
-                   "parent's tasks, the parent still counts them in flight: their futures never resolve",
-                   strict=True)
 def test_frozen_parent_thawed_child_rejoins_and_tasks_finish(procs, tmp_path):
     ns = procs.ns()
     # the parent tolerates a long silence, the child does not: only the child declares a loss
