@@ -20,6 +20,8 @@ import socket
 import subprocess
 import sys
 import threading
+import tempfile
+import shutil
 import time
 
 import psutil
@@ -255,6 +257,22 @@ def where(x, sleep=0.0):
     return x * x, c.node, c.worker, c.hops, tuple(c.path), c.task_id, t0, _t.time()
 
 
+def meet(x, folder, n, deadline_s=30.0):
+    """Check in, then wait until ``n`` tasks have checked in: True only if all ``n`` ran at once."""
+    import os as _os
+    import time as _t
+    open(_os.path.join(folder, f"{x}.in"), "w").close()
+    end = _t.monotonic() + deadline_s
+    met = False
+    while _t.monotonic() < end:
+        if len([f for f in _os.listdir(folder) if f.endswith(".in")]) >= n:
+            met = True
+            break
+        _t.sleep(0.005)
+    c = task_context()
+    return x * x, c.node, c.worker, c.hops, tuple(c.path), met
+
+
 def max_overlap(intervals) -> int:
     events = sorted([(s, 1) for s, e in intervals] + [(e, -1) for s, e in intervals])
     cur = best = 0
@@ -274,7 +292,12 @@ def test_four_node_tree_depth_hops_and_concurrency():
         assert status(cl.addresses[3], cl.secret)["parent"] == "node1"
         assert status(cl.addresses[1], cl.secret)["parent"] == "node0"
         with executor(cl.address, secret=cl.secret) as ex:
-            res = list(ex.map(where, range(8), [0.5] * 8, timeout=60))
+            # 8 tasks that each wait until all 8 are running: they finish only if 8 run at once
+            gate = tempfile.mkdtemp(prefix="pydist-meet-")
+            try:
+                res = list(ex.map(meet, range(8), [gate] * 8, [8] * 8, timeout=60))
+            finally:
+                shutil.rmtree(gate, ignore_errors=True)
             assert [r[0] for r in res] == [x * x for x in range(8)]
             depth = {"node0": 0, "node1": 1, "node2": 1, "node3": 2}
             paths = {"node0": (), "node1": ("node0",), "node2": ("node0",), "node3": ("node0", "node1")}
@@ -282,8 +305,7 @@ def test_four_node_tree_depth_hops_and_concurrency():
             for r in res:
                 assert r[3] == depth[r[1]], f"task on {r[1]} has hops {r[3]}"
                 assert r[4] == paths[r[1]], f"task on {r[1]} has path {r[4]}"
-            overlap = max_overlap([(r[6], r[7]) for r in res])
-            assert overlap == 8, f"8 tasks of 0.5 s on 8 workers: only {overlap} ran at once"
+            assert all(r[5] for r in res), "8 tasks on 8 workers did not all run at once"
             assert len({(r[1], r[2]) for r in res}) == 8
             # many small tasks: every node still takes part, results intact
             res = list(ex.map(where, range(400), timeout=60))
