@@ -37,8 +37,8 @@ import cloudpickle
 
 from . import security, wire
 from .config import ClientConfig
-from .errors import BrokenCluster, ClusterUnavailable, SerializationError, WorkerLost
-from .scripts import ScriptResult, run_script
+from .errors import BrokenCluster, ClusterUnavailable, SerializationError
+from .scripts import run_script
 
 log = logging.getLogger(__name__)
 

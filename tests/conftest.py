@@ -27,16 +27,22 @@ os.environ.setdefault("PYDIST_POLL_INTERVAL", "0.2")
 from pydist import ClusterExecutor, LocalCluster  # noqa: E402
 
 
-def wait_for(cond, timeout=10.0, what="condition", interval=0.01):
-    """Poll ``cond()`` until it returns something truthy (returned), or fail after ``timeout`` s."""
+def wait_for(cond, timeout=20.0, what="condition", interval=0.01, retry_on=()):
+    """Poll ``cond()`` until it returns something truthy (returned), or fail after ``timeout`` s.
+    Exceptions of the types in ``retry_on`` (e.g. a node not answering yet) count as "not yet"."""
     deadline = time.monotonic() + timeout
     ev = threading.Event()
+    last_exc = None
     while True:
-        v = cond()
-        if v:
-            return v
+        try:
+            v = cond()
+            if v:
+                return v
+        except retry_on as exc:
+            last_exc = exc
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}"
+                                 + (f" (last error: {last_exc!r})" if last_exc else ""))
         ev.wait(interval)   # a poll interval, not a synchronisation sleep
 
 
@@ -75,7 +81,7 @@ def cluster_pids(cluster: LocalCluster) -> list:
     return pids
 
 
-def wait_gone(pids, timeout=15.0, what="processes"):
+def wait_gone(pids, timeout=20.0, what="processes"):
     pids = list(pids)
     wait_for(lambda: not [p for p in pids if _alive(p)], timeout,
              f"{what} to exit (still alive: {[p for p in pids if _alive(p)]})")

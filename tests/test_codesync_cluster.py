@@ -30,6 +30,8 @@ import pytest
 from pydist import ClusterExecutor, LocalCluster, security
 from pydist.codesync import CHUNK_SIZE, BundleInfo, build_bundle
 from pydist.errors import BundleNotFound, CodeSyncError
+from conftest import _alive, descendants, wait_for, wait_gone
+from conftest import cluster_pids as all_pids
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,44 +39,6 @@ os.environ.setdefault("PYDIST_POLL_INTERVAL", "0.2")   # shorter client long pol
 
 
 # ================================================================================================ helpers
-def wait_for(cond, timeout=15.0, what="condition", interval=0.01):
-    """Poll ``cond()`` until it returns something truthy (returned), or fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    ev = threading.Event()
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        ev.wait(interval)   # a poll interval, not a synchronisation sleep
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def descendants(pid: int) -> list:
-    try:
-        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def all_pids(cluster: LocalCluster) -> list:
-    pids = list(cluster.pids)
-    for p in cluster.procs:
-        pids += descendants(p.pid)
-    return pids
-
-
-def wait_gone(pids, timeout=20.0, what="processes"):
-    pids = list(pids)
-    wait_for(lambda: not [p for p in pids if _alive(p)], timeout,
-             f"{what} to exit (alive: {[p for p in pids if _alive(p)]})")
 
 
 def connect(address, secret):

@@ -9,7 +9,6 @@ Run with ``-s`` to see the counts of hostile inputs tried.
 """
 from __future__ import annotations
 
-import math
 import marshal
 import os
 import random
@@ -31,6 +30,7 @@ from Pyro5 import protocol
 import pydist
 from pydist import ClusterExecutor
 from pydist import security as S
+from conftest import _alive, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,22 +40,6 @@ MARSHAL = 2                           # Pyro5 serializer id of marshal
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        threading.Event().wait(0.01)    # poll interval, not a synchronisation sleep
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 class NodeProc:

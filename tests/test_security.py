@@ -25,6 +25,7 @@ from Pyro5 import protocol
 
 from pydist import security as S
 from pydist.errors import AuthenticationError, ClusterUnavailable, ConfigError, VersionMismatch
+from conftest import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,16 +37,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class Echo:
     def echo(self, x):
         return x
-
-
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        threading.Event().wait(0.01)      # a poll interval, not a synchronisation sleep
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(autouse=True)

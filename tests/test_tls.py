@@ -20,6 +20,7 @@ import time
 
 import psutil
 import pytest
+from conftest import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,15 +88,6 @@ CLUSTER = textwrap.dedent(r'''
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        threading.Event().wait(0.01)    # poll interval, not a synchronisation sleep
 
 
 def _env():

@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 from pydist import ClusterExecutor, LocalCluster, security, task_context
+from conftest import descendants, wait_for as _wait_for
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -39,21 +40,8 @@ HB_TIMEOUT = 1.5
 
 # ============================================================================================ helpers
 def wait_for(cond, timeout=20.0, what="condition", interval=0.02):
-    """Poll ``cond()`` until truthy (returned), or fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    ev = threading.Event()
-    last_exc = None
-    while True:
-        try:
-            v = cond()
-            if v:
-                return v
-        except Exception as exc:   # a node not answering yet counts as "not yet"
-            last_exc = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}"
-                                 + (f" (last error: {last_exc!r})" if last_exc else ""))
-        ev.wait(interval)   # poll interval, not synchronisation
+    """conftest's wait_for, counting any error (a node not answering yet) as "not yet"."""
+    return _wait_for(cond, timeout, what, interval, retry_on=(Exception,))
 
 
 def status(address, secret, timeout=2.0) -> dict:
@@ -73,13 +61,6 @@ def reachable(address, secret) -> list:
 
 def alive_links(address, secret) -> set:
     return {l["name"] for l in status(address, secret)["links"] if l["alive"]}
-
-
-def descendants(pid) -> list:
-    try:
-        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
 
 
 def pid_alive(pid) -> bool:
