@@ -45,6 +45,7 @@ MARK = "PYDIST_BENCH_RUN"
 SYSTEMS = ["pydist", "ppe", "loky", "dask", "ray"]
 WORKERS = 2
 MB = 1e6
+DISTURBED = 0.10   # other processes' share of the machine above which a figure is starred
 MIB = 1 << 20
 
 FULL = dict(reps=3, n_tasks=10_000, n_busy=40, busy_s=0.100, n_payload=20, payload_mib=16,
@@ -884,6 +885,7 @@ class Orchestrator:
                 tail = f.read()[-1500:]
             data.setdefault("errors", {}).setdefault("_child", f"exit code {rc}: {tail}")
         self.stray += data.get("stray", [])
+        data["_other_load"] = other
         log(f"  {kind:<8} {system:<7} {dt:6.1f} s"
             + (f"  (other load {100 * other:.0f} %)" if other is not None and other > 0.05 else "") + (f"  n/a: {data['na']}" if data.get("na") else "")
             + ("  errors: " + "; ".join(f"{k}: {v.splitlines()[0][:160]}"
@@ -898,9 +900,11 @@ class Orchestrator:
         if data.get("version"):
             self.versions[system] = data["version"]
         for w, r in data.get("results", {}).items():
-            dst = self.results[system].setdefault(w, {"reps": [], "extra": []})
+            dst = self.results[system].setdefault(w, {"reps": [], "extra": [], "other_load": []})
             dst["reps"] += r["reps"]
             dst["extra"] += r["extra"]
+            if data.get("_other_load") is not None:
+                dst["other_load"].append(data["_other_load"])
         for w, e in data.get("errors", {}).items():
             self.errors[system].setdefault(w, e)
         return True
@@ -989,6 +993,7 @@ class Orchestrator:
 
     def table(self):
         P = self.P
+        self.any_disturbed = False
         med = self.medians()
         cols = self.systems
         header = ["workload", "unit"] + cols + ["pydist/PPE", "target", "result"]
@@ -1016,7 +1021,10 @@ class Orchestrator:
                         row.append("err" if (key in self.errors[s] or "_child" in self.errors[s])
                                    else "-")
                     else:
-                        row.append(fmt(v, unit))
+                        ol = median(self.results[s][key].get("other_load", []))
+                        busy = ol is not None and ol > DISTURBED
+                        self.any_disturbed |= busy
+                        row.append(fmt(v, unit) + ("*" if busy else ""))
             pv = med.get("pydist", {}).get(key)
             qv = med.get("ppe", {}).get(key)
             ratio = pv / qv if (isinstance(pv, float) and isinstance(qv, float) and qv
@@ -1056,6 +1064,9 @@ class Orchestrator:
 
     def notes(self):
         out = []
+        if getattr(self, "any_disturbed", False):
+            out.append(f"- *: measured while other processes used more than {100 * DISTURBED:.0f} % "
+                       "of the machine's CPU (median over its repetitions)")
         for s in self.systems:
             if s in self.na:
                 out.append(f"- {s}: n/a ({self.na[s]})")
