@@ -43,6 +43,7 @@ from .scripts import run_script
 log = logging.getLogger(__name__)
 
 FN_CACHE = 256
+BATCH_BYTES = 4 << 20   # bytes of task arguments per submit call (more tasks wait for the next call)
 DIRECT_GAP = 0.002   # s: a submit this long after the previous one is sent from the caller's thread
 
 
@@ -473,8 +474,16 @@ class ClusterExecutor(Executor):
         proxy._pyroClaimOwnership()
         while True:
             with self._lock:
-                batch = self._outbox[:self._cfg.max_batch]
-                del self._outbox[:len(batch)]
+                # at most max_batch tasks and about BATCH_BYTES per call, so large arguments stream to
+                # the node (its workers start on the first while the next are on the wire)
+                n = size = 0
+                for rec, _ in self._outbox[:self._cfg.max_batch]:
+                    n += 1
+                    size += wire.payload_size(rec[2])
+                    if size >= BATCH_BYTES:
+                        break
+                batch = self._outbox[:n]
+                del self._outbox[:n]
             if not batch:
                 return
             fns = {}

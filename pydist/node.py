@@ -797,6 +797,7 @@ class Node:
     def _send_to_worker(self, index: int, ids: List[str]) -> None:
         fns: Dict[str, bytes] = {}
         recs = []
+        big = False
         gen = self.pool.handles[index].generation
         inflight = self.worker_inflight[index]
         for tid in ids:
@@ -807,9 +808,13 @@ class Node:
             key = rec.rec[wire.T_FN]
             if key not in fns:
                 fns[key] = self.fns[key][0]
-            recs.append(rec.rec)
+            r = rec.rec
+            if isinstance(r[wire.T_PAYLOAD], list) or len(r[wire.T_PAYLOAD]) >= wire.OOB_MIN:
+                big = True   # large arguments go to the worker out of band, not copied into the frame
+                r = r[:wire.T_PAYLOAD] + (wire.frame_payload(r[wire.T_PAYLOAD]),) + r[wire.T_PAYLOAD + 1:]
+            recs.append(r)
             self._note_started(rec, tid)
-        self.pool.send(index, ("run", fns, recs))
+        self.pool.send(index, ("run", fns, recs), big)
 
     def _send_to_link(self, link: Link, ids: List[str]) -> None:
         fns: Dict[str, bytes] = {}
@@ -1207,7 +1212,7 @@ def _check_fns(fns: Any) -> None:
 
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
-_TASK_TYPES = (str, str, bytes, (str, type(None)), int, (list, tuple), int, str)
+_TASK_TYPES = (str, str, (bytes, list), (str, type(None)), int, (list, tuple), int, str)
 
 
 def _check_tasks(tasks: Any) -> None:
@@ -1221,6 +1226,8 @@ def _check_tasks(tasks: Any) -> None:
                 raise TypeError(f"malformed task record field {v!r:.40}: expected {typ}")
         if not all(isinstance(p, str) for p in t[5]):
             raise TypeError("a task's path must be a list of node names")
+        if isinstance(t[2], list) and (not t[2] or not all(isinstance(b, bytes) for b in t[2])):
+            raise TypeError("a task's payload must be bytes or a non-empty list of bytes")
         if t[3] is not None and not _DIGEST.fullmatch(t[3]):
             raise TypeError("a task's bundle must be None or a sha256 hex digest")
 

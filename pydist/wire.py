@@ -6,7 +6,9 @@ serializer carries them natively (bytes stay bytes: no base64, see ``shared/note
 ``Task``   ``(task_id, fn_key, payload, bundle, hops, path, kind, client)``
     ``task_id``   str, unique in the cluster: ``"<client id>.<seq>"``
     ``fn_key``    str, names a function blob carried in the same batch (``fns`` dict: key -> cloudpickle)
-    ``payload``   bytes, the pickled ``(args, kwargs)`` (``KIND_CHUNK``: a pickled list of argument tuples)
+    ``payload``   bytes, the pickled ``(args, kwargs)`` (``KIND_CHUNK``: a pickled list of argument tuples);
+                  with large buffers (bytes over ``OOB_MIN``, numpy arrays) a list ``[pickle, buf, ...]``:
+                  pickle protocol 5 with the buffers out of band, so they are never copied into a pickle
     ``bundle``    str or None, the sha256 of the code bundle the task runs with
     ``hops``      int, node-to-node forwards so far; ``path`` list of node names it visited (cycle guard)
     ``kind``      ``KIND_CALL`` or ``KIND_CHUNK`` (a ``map`` chunk: one task, many calls, a list result)
@@ -17,12 +19,12 @@ serializer carries them natively (bytes stay bytes: no base64, see ``shared/note
                   ``INIT_FAILED`` (the client's initializer raised), ``CANCELLED``
     ``node``/``worker`` where it ran; ``runtime`` seconds spent in the function
 
-Between a node and its own worker processes, frames are ``4-byte length + pickle`` over a pipe
-(both ends are our own code: the payload bytes inside stay opaque to the node).
+Between a node and its own worker processes, frames are ``header + pickle + raw buffers`` over a pipe
+(both ends are our own code: the payload bytes inside stay opaque to the node); large buffers travel
+out of band (written with ``writev``, read into place), never copied into the pickle stream.
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import struct
@@ -78,14 +80,76 @@ def dumps(obj: Any, what: str = "object") -> bytes:
         raise SerializationError(f"cannot pickle {what} ({_short_repr(obj)}): {type(exc).__name__}: {exc}") from exc
 
 
-def dumps_call(args: tuple, kwargs: dict) -> bytes:
-    """Pickle the arguments of one call."""
-    if not kwargs and _is_plain(args):
-        try:
-            return pickle.dumps((args, None), PICKLE_PROTOCOL)
-        except Exception:
-            pass
-    return dumps((args, kwargs or None), "task arguments")
+OOB_MIN = 1 << 18   # bytes: buffers at least this big travel out of band (pickle protocol 5)
+
+
+class _OutOfBand:
+    """Stands in for a large ``bytes`` while pickling: it travels out of band and unpickles as bytes.
+    (Picklers never offer exact ``bytes`` to ``reducer_override``, hence the wrapper.)"""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def _wrap_big(v: Any, depth: int = 0) -> Any:
+    if type(v) is bytes and len(v) >= OOB_MIN:
+        return _OutOfBand(v)
+    if depth < 1 and type(v) in (list, tuple) and len(v) <= 1024:
+        return type(v)(_wrap_big(x, depth + 1) for x in v)
+    return v
+
+
+def _has_big(args: tuple, kwargs: Optional[dict]) -> bool:
+    for v in list(args) + (list(kwargs.values()) if kwargs else []):
+        if isinstance(v, (bytes, bytearray, memoryview)) and len(v) >= OOB_MIN:
+            return True
+        if hasattr(v, "__array_interface__"):
+            return True
+        if type(v) in (list, tuple) and len(v) <= 1024 and any(
+                type(x) is bytes and len(x) >= OOB_MIN or hasattr(x, "__array_interface__") for x in v):
+            return True
+    return False
+
+
+def dumps_call(args: tuple, kwargs: dict):
+    """Pickle the arguments of one call: bytes, or ``[pickle, buffer, ...]`` when large buffers (big
+    bytes, numpy arrays) go out of band (pickle protocol 5: no copy until the wire)."""
+    if not _has_big(args, kwargs):
+        if not kwargs and _is_plain(args):
+            try:
+                return pickle.dumps((args, None), PICKLE_PROTOCOL)
+            except Exception:
+                pass
+        return dumps((args, kwargs or None), "task arguments")
+    bufs: list = []
+    obj = (tuple(_wrap_big(a) for a in args), {k: _wrap_big(v) for k, v in kwargs.items()} if kwargs else None)
+    try:
+        data = cloudpickle.dumps(obj, 5, buffer_callback=bufs.append)
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle task arguments ({_short_repr(args)}): "
+                                 f"{type(exc).__name__}: {exc}") from exc
+    if not bufs:
+        return data
+    return [data] + [b.raw() for b in bufs]
+
+
+def loads_payload(payload) -> Any:
+    """Unpickle a task payload (bytes, or ``[pickle, buffer, ...]``)."""
+    if isinstance(payload, (bytes, bytearray)):
+        return pickle.loads(payload)
+    return pickle.loads(payload[0], buffers=payload[1:])
+
+
+def payload_size(payload) -> int:
+    """Bytes in a payload of either form."""
+    if isinstance(payload, (bytes, bytearray)):
+        return len(payload)
+    return sum(len(p) for p in payload)
 
 
 def loads(data: bytes) -> Any:
@@ -144,32 +208,75 @@ def loads_exception(data: bytes) -> BaseException:
 
 
 # -- frames over a pipe (node <-> its own workers) -----------------------------------------------------
-_LEN = struct.Struct("!I")
-MAX_FRAME = 2 ** 32 - 1
+# header: pickle length (4 bytes), number of out-of-band buffers (2), then each buffer's length (8)
+_HEAD = struct.Struct("!IH")
+_BUFLEN = struct.Struct("!Q")
 
 
-def frame(obj: Any) -> bytes:
-    """One length-prefixed pickle frame."""
-    data = pickle.dumps(obj, PICKLE_PROTOCOL)
-    return _LEN.pack(len(data)) + data
+class _RawOutOfBand(_OutOfBand):
+    """Like ``_OutOfBand`` but arrives as whatever buffer the reader filled (a bytearray): no copy."""
+
+    __slots__ = ()
+
+    def __reduce_ex__(self, protocol):
+        return _same, (pickle.PickleBuffer(self.data),)
+
+
+def _same(x):
+    return x
+
+
+def frame_payload(payload):
+    """A task payload prepared for a frame to a worker: its large parts go out of band."""
+    if isinstance(payload, list):
+        return [_RawOutOfBand(p) if len(p) >= OOB_MIN else p for p in payload]
+    return _RawOutOfBand(payload) if len(payload) >= OOB_MIN else payload
+
+
+def frame(obj: Any, big: bool = False) -> list:
+    """One frame as a list of buffers for ``writev`` (no concatenation).  ``big``: the object holds
+    ``frame_payload`` wrappers, whose buffers are sent out of band instead of copied into the pickle."""
+    bufs: list = []
+    if big:
+        data = pickle.dumps(obj, 5, buffer_callback=bufs.append)
+    else:
+        data = pickle.dumps(obj, PICKLE_PROTOCOL)
+    raws = [b.raw() for b in bufs]
+    head = _HEAD.pack(len(data), len(raws)) + b"".join(_BUFLEN.pack(len(r)) for r in raws)
+    return [head, data] + raws
+
+
+def skip(parts: list, n: int) -> list:
+    """``parts`` (a list of buffers) without its first ``n`` bytes, as memoryviews (no copy)."""
+    out = []
+    for p in parts:
+        if n >= len(p):
+            n -= len(p)
+            continue
+        out.append(memoryview(p)[n:])
+        n = 0
+    return out
 
 
 def write_frame(fd: int, obj: Any) -> None:
-    """Write one length-prefixed pickle frame to a file descriptor (blocking, complete)."""
-    buf = memoryview(frame(obj))
-    while buf:
-        n = os.write(fd, buf)
-        buf = buf[n:]
+    """Write one frame to a file descriptor (blocking, complete)."""
+    parts = frame(obj)
+    while parts:
+        parts = skip(parts, os.writev(fd, parts))
 
 
 def read_frame(fd: int) -> Any:
     """Read one frame; raises EOFError when the other end closed."""
-    header = _read_exact(fd, _LEN.size)
-    (n,) = _LEN.unpack(header)
-    return pickle.loads(_read_exact(fd, n))
+    n, nbufs = _HEAD.unpack(_read_exact(fd, _HEAD.size))
+    lens = [_BUFLEN.unpack(_read_exact(fd, _BUFLEN.size))[0] for _ in range(nbufs)]
+    data = _read_exact(fd, n)
+    if not nbufs:
+        return pickle.loads(data)
+    return pickle.loads(data, buffers=[_read_exact(fd, k) for k in lens])
 
 
-def _read_exact(fd: int, n: int) -> bytes:
+def _read_exact(fd: int, n: int):
+    """Exactly ``n`` bytes (bytes, or a bytearray filled in place for large frames: no extra copy)."""
     if n == 0:
         return b""
     first = os.read(fd, n)
@@ -177,13 +284,13 @@ def _read_exact(fd: int, n: int) -> bytes:
         raise EOFError("pipe closed")
     if len(first) == n:
         return first
-    buf = io.BytesIO()
-    buf.write(first)
+    buf = bytearray(n)
+    view = memoryview(buf)
+    view[:len(first)] = first
     got = len(first)
     while got < n:
-        chunk = os.read(fd, min(n - got, 1 << 20))
-        if not chunk:
+        k = os.readv(fd, [view[got:]])
+        if not k:
             raise EOFError("pipe closed mid-frame")
-        buf.write(chunk)
-        got += len(chunk)
-    return buf.getvalue()
+        got += k
+    return buf

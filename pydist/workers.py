@@ -15,6 +15,7 @@ Workers write task output (print) to the node's stderr, never to the pipe.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import collections
 import logging
 import os
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 0.002
 FN_CACHE = 256
+PIPE_SIZE = 1 << 20   # bytes of pipe buffer asked for (Linux caps it at /proc/sys/fs/pipe-max-size)
 SLOT_SIZE = 128   # bytes of the shared "task now running" slot of each worker
 
 
@@ -189,7 +191,7 @@ class _Worker:
             self.activate(bundle)
             fn = self.function(fns, key)
             try:
-                call = wire.loads(payload)
+                call = wire.loads_payload(payload)
             except Exception as exc:
                 raise SerializationError(f"cannot unpickle the arguments of task {tid}: "
                                          f"{type(exc).__name__}: {exc}") from exc
@@ -299,6 +301,11 @@ class WorkerPool:
             os.close(r_in)
             os.close(w_out)
         os.set_blocking(w_in, False)   # send() writes directly when it can, never blocking
+        for fd in (w_in, r_out):       # bigger pipes: fewer wake-ups for large payloads (Linux)
+            try:
+                fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+            except OSError:
+                pass
         h.generation += 1
         with h.wlock:
             h.proc, h.fd_w, h.fd_r = proc, w_in, r_out
@@ -311,10 +318,11 @@ class WorkerPool:
         threading.Thread(target=self._reader, args=(h, r_out, proc, gen), daemon=True,
                          name=f"pydist-worker{h.index}-r").start()
 
-    def send(self, index: int, msg: tuple) -> None:
+    def send(self, index: int, msg: tuple, big: bool = False) -> None:
         """Send a frame to worker ``index``: written at once if the pipe has room, else queued for the
-        worker's writer thread (never blocks; frames stay in order)."""
-        self._send(self.handles[index], wire.frame(msg))
+        worker's writer thread (never blocks; frames stay in order).  ``big``: it holds large buffers
+        (sent out of band)."""
+        self._send(self.handles[index], wire.frame(msg, big))
 
     def broadcast(self, msg: tuple) -> None:
         """Send a frame to every worker."""
@@ -322,34 +330,32 @@ class WorkerPool:
         for h in self.handles:
             self._send(h, data)
 
-    def _send(self, h: _Handle, data: bytes) -> None:
+    def _send(self, h: _Handle, parts: list) -> None:
         with h.wlock:
             if h.fd_w < 0:
                 return   # dead and not yet replaced
             if h.queued == 0:
                 try:
-                    n = os.write(h.fd_w, data)
+                    n = os.writev(h.fd_w, parts)
                 except BlockingIOError:
                     n = 0
                 except OSError:
                     return   # the worker is dead: its reader reports it
-                if n == len(data):
+                parts = wire.skip(parts, n)
+                if not parts:
                     return
-                data = data[n:]
             h.queued += 1
-            h.outbox.put(data)
+            h.outbox.put(parts)
 
     def _writer(self, h: _Handle, fd: int, outbox: "queue.SimpleQueue") -> None:
         ok = True
         while True:
-            data = outbox.get()
-            if data is None:
+            parts = outbox.get()
+            if parts is None:
                 break
-            view = memoryview(data)
-            while ok and view:
+            while ok and parts:
                 try:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                    parts = wire.skip(parts, os.writev(fd, parts))
                 except BlockingIOError:
                     select.select([], [fd], [], 1.0)
                 except OSError:

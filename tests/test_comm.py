@@ -71,3 +71,19 @@ def test_recv_timeout_is_a_clear_error(ex):
 def test_group_larger_than_the_cluster_is_refused(ex):
     with pytest.raises(ValueError, match="must run at once"):
         ex.spawn_group(_ring, 99)
+
+
+def _digest(b):
+    import hashlib
+
+    return len(b), hashlib.sha256(b).hexdigest(), pydist.task_context().node
+
+
+def test_large_arguments_cross_nodes_intact(ex):
+    """16 MiB arguments, sent out of band, through the root and over a link to the child."""
+    import hashlib
+    import os
+
+    blobs = [os.urandom(16 << 20) for _ in range(2)]
+    out = list(ex.map(_digest, blobs * 4))
+    assert [(n, h) for n, h, _ in out] == [(len(b), hashlib.sha256(b).hexdigest()) for b in blobs * 4]
