@@ -21,6 +21,13 @@ def busy(loops):
     return acc
 
 
+def busy_timed(loops):
+    """``busy`` that also reports how long it ran inside the worker (perf_counter seconds)."""
+    t = time.perf_counter()
+    busy(loops)
+    return time.perf_counter() - t
+
+
 def payload_len(data):
     """Receives a large bytes argument; returns its length (a tiny result)."""
     return len(data)

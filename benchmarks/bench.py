@@ -56,7 +56,7 @@ QUICK = dict(reps=1, n_tasks=1_000, n_busy=8, busy_s=0.100, n_payload=4, payload
 # workload groups: which kind of child process measures them
 GROUPS = {
     "life": ["startup", "idle_rss", "shutdown"],
-    "main": ["mainfn", "latency", "submit", "map", "efficiency", "payload"],
+    "main": ["mainfn", "latency", "submit", "map", "efficiency", "payload"],  # + utilisation
     "pending": ["pending"],
     "cluster": ["tree", "chain"],          # pydist only
 }
@@ -128,6 +128,28 @@ def reap(procs, timeout=3.0):
             pass
     psutil.wait_procs(alive, timeout=timeout)
     return desc
+
+
+def become_subreaper():
+    """Linux: orphaned descendants are re-parented to this process instead of init, so they are
+    swept by ``children(recursive=True)`` and, once reaped here, their CPU time counts as this run's
+    own (not as "other load")."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER
+    except Exception:
+        pass
+
+
+def reap_zombies():
+    """Collect exited children that nobody waits for (orphans handed to us as subreaper)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def rss_of(procs):
@@ -386,6 +408,7 @@ class Child:
 
     def run(self):
         P = self.params
+        become_subreaper()
         t0 = time.perf_counter()
         sysobj = ADAPTERS[self.system_name]()
         try:
@@ -410,6 +433,7 @@ class Child:
                 _, alive = psutil.wait_procs(left, timeout=5.0)
                 if alive:
                     self.data["stray"] = reap(alive)
+            reap_zombies()
             self.save()
 
     # -- start-up, idle memory, shutdown: one fresh interpreter per repetition
@@ -517,22 +541,30 @@ class Child:
 
     def w_efficiency(self, s, P, n, loops, payloads, to):
         k = P["n_busy"]
-        # single-task duration, measured serially in this process right before the parallel run
-        # (this VM's speed drifts by +-20 % over seconds, so a stale figure would skew the ratio)
-        samples = []
-        for _ in range(P["t1_samples"]):
-            t = time.perf_counter()
-            _tasks.busy(loops)
-            samples.append(time.perf_counter() - t)
-        t1 = statistics.median(samples)
+
+        def serial():
+            out = []
+            for _ in range(P["t1_samples"]):
+                t = time.perf_counter()
+                _tasks.busy(loops)
+                out.append(time.perf_counter() - t)
+            return out
+        # T1, the single-task duration, measured serially in this process just before and just
+        # after the parallel run (this VM's speed drifts by up to +-30 % within seconds)
+        before = serial()
         t = time.perf_counter()
-        futs = [s.submit(_tasks.busy, loops) for _ in range(k)]
-        for f in futs:
-            s.wait(f, timeout=to)
+        futs = [s.submit(_tasks.busy_timed, loops) for _ in range(k)]
+        inside = [s.wait(f, timeout=to) for f in futs]
         dt = time.perf_counter() - t
+        after = serial()
+        t1 = statistics.median(before + after)
         eff = k * t1 / (s.workers * dt)
-        self.record("efficiency", eff, {"wall_s": dt, "t1_s": t1, "t1_samples_s": samples,
-                                        "ideal_s": k * t1 / s.workers})
+        # drift-free companion: share of the wall time the workers spent inside the tasks
+        util = sum(inside) / (s.workers * dt)
+        self.record("efficiency", eff, {"wall_s": dt, "t1_s": t1, "t1_before_s": before,
+                                        "t1_after_s": after, "ideal_s": k * t1 / s.workers,
+                                        "task_s_in_worker": inside, "utilisation": util})
+        self.record("utilisation", util, {"wall_s": dt})
 
     def w_payload(self, s, P, n, loops, payloads, to):
         t = time.perf_counter()
@@ -712,6 +744,8 @@ ROWS = [
      ("ratio", ">=", 1.0)),
     ("efficiency", lambda P: f"{P['n_busy']} x {int(P['busy_s'] * 1000)} ms busy: parallel efficiency",
      "", "higher", ("abs", ">=", 0.95)),
+    ("utilisation", lambda P: "  same: worker busy share (in-task time / wall)", "", "higher",
+     None),
     ("payload", lambda P: f"{P['n_payload']} x {P['payload_mib']} MiB bytes argument", "MB/s",
      "higher", ("ratio", ">=", 1.0)),
     ("tree", lambda P: f"4-node tree / 1 node x 4 workers ({P['n_tasks']:,} map)", "x", "higher",
@@ -758,21 +792,63 @@ def git_dirty():
         return None
 
 
-def cpu_snapshot():
-    """(machine busy CPU-seconds from /proc/stat, CPU-seconds of this process + reaped children)."""
-    busy = None
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        tick = os.sysconf("SC_CLK_TCK")
-        idle = v[3] + (v[4] if len(v) > 4 else 0)
-        busy = (sum(v[:8]) - idle) / tick          # user..steal, without guest (counted in user)
-    except (OSError, ValueError, IndexError):
-        pass
-    import resource
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return busy, me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
+class OtherLoad:
+    """CPU time used by processes that are not this run's, sampled once a second.
+
+    A process is "ours" if it carries the run marker in its environment (every child and all it
+    starts) or is this process. Machine-wide counters minus our own rusage would be simpler but
+    misattribute the CPU of descendants that are never reaped by us (ray's daemons). Processes
+    that live less than a sampling interval are missed, so this slightly under-reports."""
+
+    def __init__(self, run_id, interval=1.0):
+        import threading
+        self.run_id = run_id
+        self.interval = interval
+        self.t_start = time.time()
+        self.seen = {}            # (pid, create_time) -> [cpu at first sight, last cpu, ours]
+        self.lock = threading.Lock()
+        self.stop_ev = threading.Event()
+        self.sample()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stop_ev.wait(self.interval):
+            try:
+                self.sample()
+            except Exception:
+                pass
+
+    def sample(self):
+        me = os.getpid()
+        with self.lock:
+            for p in psutil.process_iter(["create_time", "cpu_times"]):
+                ct, cpu = p.info["create_time"], p.info["cpu_times"]
+                if cpu is None or ct is None:
+                    continue
+                used = cpu.user + cpu.system
+                key = (p.pid, ct)
+                rec = self.seen.get(key)
+                if rec is None:
+                    ours = p.pid == me
+                    if not ours:
+                        try:
+                            ours = (p.environ().get(MARK) or "").startswith(self.run_id)
+                        except (psutil.Error, OSError):
+                            ours = False
+                    first = used if ct < self.t_start else 0.0
+                    self.seen[key] = [first, used, ours]
+                else:
+                    rec[1] = used
+
+    def total(self):
+        """CPU-seconds used by other processes since this object was made."""
+        self.sample()
+        with self.lock:
+            return sum(r[1] - r[0] for r in self.seen.values() if not r[2])
+
+    def stop(self):
+        self.stop_ev.set()
 
 
 def wait_idle(max_wait):
@@ -844,7 +920,7 @@ class Orchestrator:
                "--params", json.dumps(params), "--out", out]
         if self.args.wait_idle:
             self.waited += wait_idle(min(self.args.wait_idle, 120.0))[1]
-        c0 = cpu_snapshot()
+        c0 = self.load.total()
         t = time.perf_counter()
         with open(logf, "w") as lf:
             proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=self.env(marker),
@@ -858,12 +934,13 @@ class Orchestrator:
             except BaseException:          # Ctrl-C / SIGTERM: take the child down with us
                 reap(descendants_of(proc.pid) + [psutil.Process(proc.pid)])
                 raise
-        # sweep anything the child left behind
+        # sweep anything the child left behind (re-parented to us: we are a subreaper)
         left = marked_processes(marker)
         if left:
             _, alive = psutil.wait_procs(left, timeout=5.0)
             if alive:
                 self.stray += [f"after {kind}/{system}: {d}" for d in reap(alive)]
+        reap_zombies()
         data = {}
         try:
             with open(out) as f:
@@ -871,10 +948,8 @@ class Orchestrator:
         except Exception:
             pass
         dt = time.perf_counter() - t
-        c1 = cpu_snapshot()
-        other = None
-        if c0[0] is not None and c1[0] is not None and dt > 0:
-            other = max(0.0, (c1[0] - c0[0]) - (c1[1] - c0[1])) / (dt * (os.cpu_count() or 1))
+        other = max(0.0, self.load.total() - c0) / (dt * (os.cpu_count() or 1)) if dt > 0 else None
+        if other is not None:
             self.child_log.append({"kind": kind, "system": system, "wall_s": dt,
                                    "other_cpu_share": other})
         if rc is None:
@@ -914,6 +989,7 @@ class Orchestrator:
         P = self.P
         log(f"pydist benchmark: {'quick' if self.args.quick else 'full'} run, reps={P['reps']}, "
             f"systems={','.join(self.systems)}")
+        become_subreaper()
         if self.args.wait_idle:
             self.waited += wait_idle(self.args.wait_idle)[1]
         if "efficiency" in self.workloads:
@@ -928,7 +1004,8 @@ class Orchestrator:
         else:
             P["busy_loops"], P["busy_t1_s"] = 0, 0.0
         self.load_start = os.getloadavg()
-        cpu0 = cpu_snapshot()
+        self.load = OtherLoad(self.run_id)
+        cpu0 = self.load.total()
         w0 = time.perf_counter()
         try:
             for s in self.systems:
@@ -946,14 +1023,11 @@ class Orchestrator:
             if kids:
                 self.stray += [f"child at exit: {d}" for d in reap(kids)]
         self.elapsed = time.perf_counter() - t_run
-        cpu1 = cpu_snapshot()
+        cpu1 = self.load.total()
+        self.load.stop()
         wall = time.perf_counter() - w0
         self.load_end = os.getloadavg()
-        self.other_cpu = None
-        if cpu0[0] is not None and cpu1[0] is not None:
-            # CPU used on the machine by processes other than this run (tests of a colleague...)
-            other = max(0.0, (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1]))
-            self.other_cpu = {"cpu_s": other, "share": other / (wall * (os.cpu_count() or 1))}
+        self.other_cpu = {"cpu_s": cpu1 - cpu0, "share": (cpu1 - cpu0) / (wall * (os.cpu_count() or 1))}
         if self.child_log:
             # while measuring (waits excluded)
             w = sum(c["wall_s"] for c in self.child_log)
@@ -1000,7 +1074,7 @@ class Orchestrator:
         rows = []
         verdicts = []
         for key, label, unit, better, target in ROWS:
-            if key not in self.workloads:
+            if (key if key != "utilisation" else "efficiency") not in self.workloads:
                 continue
             row = [label(P), unit]
             for s in cols:
