@@ -96,25 +96,56 @@ def eligible(slot: Slot, hops: int, path: Sequence[str], max_hops: int) -> bool:
 def place(tasks: Sequence[Tuple[int, Sequence[str]]], slots: List[Slot], max_hops: int) -> Dict[Tuple, List[int]]:
     """Assign tasks (given as ``(hops, path)`` in queue order) to slots.
 
-    Returns ``{slot.key: [task indexes]}``; tasks not in the answer stay queued.  Each task goes to the
-    eligible slot with the largest share of free credit (ties: local workers first, then list order), so
-    a big queue spreads over workers and links in proportion to their capacity while a lone task runs
-    locally.  Never exceeds any slot's credit; never violates hops or path.
+    Returns ``{slot.key: [task indexes]}``; tasks not in the answer stay queued.  A run of tasks that
+    may go to the same slots (same hops and path: typically a whole client batch) is shared out in one
+    step, in proportion to each eligible slot's free credit; what is left over after the proportional
+    shares goes one task at a time to the slot with the largest share of free credit (ties: local
+    workers first, then list order), so a lone task runs locally.  Never exceeds any slot's credit;
+    never violates hops or path; leaves a task queued only if no eligible slot has credit left.
     """
     free = {s.key: s.credit for s in slots if s.credit > 0}
     out: Dict[Tuple, List[int]] = {}
     if not free:
         return out
     live = [s for s in slots if s.credit > 0]
-    remaining = sum(free.values())
-    for i, (hops, path) in enumerate(tasks):
-        if remaining <= 0:
-            break
-        best = None
-        best_score = -1.0
-        for s in live:
+    n = len(tasks)
+    i = 0
+    while i < n and any(free.values()):
+        hops, path = tasks[i]
+        j = i + 1
+        while j < n and tasks[j][0] == hops and tasks[j][1] == path:
+            j += 1
+        ok = [s for s in live if free[s.key] > 0 and eligible(s, hops, path, max_hops)]
+        if ok:
+            _share(list(range(i, j)), ok, free, out)
+        i = j
+    return out
+
+
+def _share(idxs: List[int], ok: List[Slot], free: Dict[Tuple, int], out: Dict[Tuple, List[int]]) -> None:
+    """Give the tasks ``idxs`` to the eligible slots ``ok``: proportional shares, then the remainder by
+    the largest free fraction."""
+    k = len(idxs)
+    total = sum(free[s.key] for s in ok)
+    pos = 0
+    if k >= total:   # enough work for every free credit
+        for s in ok:
             c = free[s.key]
-            if c <= 0 or not eligible(s, hops, path, max_hops):
+            out.setdefault(s.key, []).extend(idxs[pos:pos + c])
+            pos += c
+            free[s.key] = 0
+        return
+    for s in ok:
+        c = k * free[s.key] // total
+        if c:
+            out.setdefault(s.key, []).extend(idxs[pos:pos + c])
+            pos += c
+            free[s.key] -= c
+    while pos < k:
+        best, best_score = None, -1.0
+        for s in ok:
+            c = free[s.key]
+            if c <= 0:
                 continue
             score = c / s.capacity if s.capacity > 0 else 0.0
             if s.node is None:
@@ -122,11 +153,10 @@ def place(tasks: Sequence[Tuple[int, Sequence[str]]], slots: List[Slot], max_hop
             if score > best_score:
                 best, best_score = s, score
         if best is None:
-            continue
+            return
+        out.setdefault(best.key, []).append(idxs[pos])
         free[best.key] -= 1
-        remaining -= 1
-        out.setdefault(best.key, []).append(i)
-    return out
+        pos += 1
 
 
 def forward_path(path: Iterable[str], hops: int, here: str) -> Tuple[int, list]:

@@ -249,6 +249,31 @@ def _register_errors() -> None:
 _register_errors()
 
 
+class _FlatMarshalSerializer(serializers.MarshalSerializer):
+    """Pyro5's marshal serializer without the deep walk over every received message.
+
+    Pyro5 rebuilds objects from ``{"__class__": ...}`` dicts by walking the whole received structure
+    in Python, element by element: a 10,000-task batch costs ~100,000 calls on every hop.  pydist's wire
+    messages are plain data (tuples, lists, dicts, str, bytes, numbers); the only class dicts that cross
+    are exceptions, and Pyro5 sends those as the whole reply.  So only the top level is looked at.
+    (A nested ``__class__`` dict from a hostile peer simply stays a dict: strictly less is rebuilt.)
+    """
+
+    def recreate_classes(self, literal):
+        if type(literal) is dict and "__class__" in literal:
+            return self.dict_to_class(literal)
+        return literal
+
+
+def _install_flat_marshal() -> None:
+    flat = _FlatMarshalSerializer()
+    serializers.serializers["marshal"] = flat
+    serializers.serializers_by_id[flat.serializer_id] = flat
+
+
+_install_flat_marshal()
+
+
 def configure_pyro(*, max_message_size: Optional[int] = None, threadpool: Optional[int] = None,
                    tls: Optional[TLSSettings] = None, server: bool = False) -> None:
     """Set Pyro5's process-global config.  Call it before creating any daemon or proxy.
