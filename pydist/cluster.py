@@ -52,7 +52,8 @@ def parent_index(k: int, topology: str) -> Optional[int]:
 
 
 class LocalCluster:
-    """A name server plus ``nodes`` pydist nodes (``workers_per_node`` workers each) on loopback.
+    """A name server plus ``nodes`` pydist nodes (``workers_per_node`` workers each, or a list with one
+    count per node; None: the CPU count) on loopback.
 
     Use as a context manager; ``.address`` is the root node's ``host:port``, ``.ns_address`` the name
     server's, ``.secret`` the cluster secret (random unless given), ``.pids`` every process started.
@@ -68,7 +69,10 @@ class LocalCluster:
             raise ValueError("a LocalCluster needs at least one node")
         if topology not in TOPOLOGIES:
             raise ValueError(f"topology must be one of {TOPOLOGIES}, got {topology!r}")
-        if workers_per_node is not None and workers_per_node < 0:
+        per_node = list(workers_per_node) if isinstance(workers_per_node, (list, tuple)) else None
+        if per_node is not None and (len(per_node) != nodes or any(w is not None and w < 0 for w in per_node)):
+            raise ValueError(f"workers_per_node as a list needs {nodes} counts >= 0, got {per_node}")
+        if per_node is None and workers_per_node is not None and workers_per_node < 0:
             raise ValueError("workers_per_node must be >= 0")
         self.n = nodes
         self.workers_per_node = workers_per_node
@@ -151,8 +155,11 @@ class LocalCluster:
                "--name", self.names[k], "--ns", self.ns_address, "--watch-stdin",
                "--code-cache", os.path.join(self._tmp or ".", self.names[k], "code"),
                "--log-level", self.log_level]
-        if self.workers_per_node is not None:
-            cmd += ["--workers", str(self.workers_per_node)]
+        w = self.workers_per_node
+        if isinstance(w, (list, tuple)):
+            w = w[k]
+        if w is not None:
+            cmd += ["--workers", str(w)]
         parent = parent_index(k, self.topology)
         if parent is not None:
             cmd += ["--parent", self.names[parent]]

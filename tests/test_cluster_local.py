@@ -121,3 +121,18 @@ def test_three_nodes_share_the_work(proc_guard, tmp_path):
         assert all((hops == 0) == (n == "node0") for n, hops in out)
         pids = cluster_pids(c)
     wait_gone(pids, 15, "the cluster's processes")
+
+
+def _hops():
+    from pydist import task_context
+
+    c = task_context()
+    return c.node, c.hops
+
+
+def test_per_node_worker_counts_make_tasks_travel(proc_guard):
+    with pytest.raises(ValueError, match="2 counts"):
+        LocalCluster(nodes=2, workers_per_node=[1])
+    with LocalCluster(nodes=2, workers_per_node=[0, 1], topology="chain") as c:
+        with ClusterExecutor(c.address, secret=c.secret) as ex:
+            assert set(ex.map(lambda _: _hops(), range(10))) == {("node1", 1)}
