@@ -684,8 +684,8 @@ class Child:
             per_k = {}
             for k in P["chains"]:
                 try:
-                    per_k[k] = with_cluster(dict(nodes=k, workers_per_node=1, topology="chain"),
-                                            lat, chain_cluster_class())
+                    cls, kw = chain_cluster(k)
+                    per_k[k] = with_cluster(kw, lat, cls)
                 except Exception as e:
                     self.record("chain", error=f"chain of {k}: {err_text(e)}")
                     break
@@ -697,24 +697,31 @@ class Child:
                                 {f"chain{k}_ms": per_k[k][r] for k in ks})
 
 
-def chain_cluster_class():
-    """A LocalCluster whose chain has workers only on its last node, so every task travels all
-    k-1 hops (with workers everywhere the root would run a lone task itself: no hop at all).
-    LocalCluster has no per-node worker count, so this overrides its ``_start_node`` (benchmark
-    only); without that hook, fall back to the plain chain (latency then measures the root)."""
+def chain_cluster(k):
+    """(LocalCluster class, kwargs) for a chain of k nodes with workers on its last node only, so
+    every task travels all k-1 hops (with workers everywhere the root would run a lone task itself:
+    no hop at all). Uses ``workers_per_node=[0, ..., 0, 1]`` where LocalCluster accepts a list;
+    older LocalClusters get a subclass that overrides ``_start_node`` (benchmark only)."""
     base = pydist.LocalCluster
+    per_node = [0] * (k - 1) + [1]
+    try:
+        base(nodes=k, workers_per_node=per_node, topology="chain")   # validates, starts nothing
+        return base, dict(nodes=k, workers_per_node=per_node, topology="chain")
+    except (TypeError, ValueError):
+        pass
+    kw = dict(nodes=k, workers_per_node=1, topology="chain")
     if not hasattr(base, "_start_node"):
-        return base
+        return base, kw          # plain chain: latency then measures the root only
 
     class LeafWorkersChain(base):
-        def _start_node(self, k, env):
+        def _start_node(self, i, env):
             saved = self.workers_per_node
-            self.workers_per_node = 1 if k == self.n - 1 else 0
+            self.workers_per_node = 1 if i == self.n - 1 else 0
             try:
-                return super()._start_node(k, env)
+                return super()._start_node(i, env)
             finally:
                 self.workers_per_node = saved
-    return LeafWorkersChain
+    return LeafWorkersChain, kw
 
 
 def slope(xs, ys):
@@ -888,6 +895,9 @@ class Orchestrator:
             if w not in WORKLOAD_NAMES:
                 sys.exit(f"unknown workload {w!r}; choose from {','.join(WORKLOAD_NAMES)}")
         self.run_id = f"bench-{uuid.uuid4().hex[:12]}"
+        self.commit_start = git_commit()          # pydist is measured first: this is its commit
+        self.dirty_start = git_dirty()
+        self.date_start = time.strftime("%Y-%m-%d %H:%M:%S %z")
         self.tmp = tempfile.mkdtemp(prefix="pydist-bench-")
         self.results = {s: {} for s in self.systems}   # system -> workload -> {reps, extra}
         self.errors = {s: {} for s in self.systems}
@@ -1170,7 +1180,8 @@ class Orchestrator:
             "python": platform.python_version(), "implementation": platform.python_implementation(),
             "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "git_commit": git_commit(), "pydist_uncommitted": git_dirty(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "git_commit": self.commit_start, "git_commit_at_end": git_commit(),
+            "pydist_uncommitted": self.dirty_start, "date": self.date_start,
             "argv": sys.argv[1:],
         }
 
@@ -1214,6 +1225,10 @@ def main(argv=None):
           f"median) - commit {(machine['git_commit'] or '?')[:12]}{dirty}, python {machine['python']}, "
           f"{machine['cpu_count']} cpus, {machine['date']}")
     print(table)
+    if machine["git_commit_at_end"] != machine["git_commit"]:
+        print(f"note: the repo moved to {(machine['git_commit_at_end'] or '?')[:12]} during the run "
+              "(figures are for the commit above: each system's children import the work tree "
+              "when they start, pydist first)")
     vers = ", ".join(f"{k} {v}" for k, v in orch.versions.items())
     if vers:
         print(f"versions: {vers}")
