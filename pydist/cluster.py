@@ -28,6 +28,26 @@ log = logging.getLogger(__name__)
 TOPOLOGIES = ("tree", "chain", "star")
 
 
+class _Running:
+    """The process-wide state pydist keeps, in one place: the LocalClusters this process runs.
+
+    ``secrets`` maps every node and name-server address of a running LocalCluster to its secret, so
+    ``ClusterExecutor(cluster.address)`` needs no ``secret=``.  While any LocalCluster runs, its secret
+    is also exported as ``PYDIST_SECRET`` (unless that was already set) so that tools this process
+    starts (``pydist status``, scripts) reach it too; it is removed when the last one stops.
+    """
+
+    lock = threading.Lock()
+    secrets: dict = {}
+    exported_by: list = []
+
+
+def local_secret(address: str) -> Optional[bytes]:
+    """The secret of a LocalCluster running in this process at ``address`` (node or name server)."""
+    with _Running.lock:
+        return _Running.secrets.get(address)
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -57,7 +77,8 @@ class LocalCluster:
 
     Use as a context manager; ``.address`` is the root node's ``host:port``, ``.ns_address`` the name
     server's, ``.secret`` the cluster secret (random unless given), ``.pids`` every process started.
-    ``topology``: ``"tree"`` (binary), ``"chain"`` or ``"star"``.  ``tls_cert``/``tls_key``/``tls_ca``
+    ``topology``: ``"tree"`` (binary), ``"chain"`` or ``"star"``.  The secret is ``PYDIST_SECRET`` if set,
+    else random; clients in this process find it by address (``ClusterExecutor(cluster.address)``).  ``tls_cert``/``tls_key``/``tls_ca``
     turn TLS on for the nodes, the name server and this process (see ``pydist make-certs``).
     """
 
@@ -77,7 +98,10 @@ class LocalCluster:
         self.n = nodes
         self.workers_per_node = workers_per_node
         self.topology = topology
-        self.secret = secret if secret is not None else security.new_secret()
+        if secret is None:
+            env_secret = os.environ.get("PYDIST_SECRET")
+            secret = env_secret.encode() if env_secret else security.new_secret()
+        self.secret = secret.encode() if isinstance(secret, str) else secret
         self.log_level = log_level
         self.start_timeout = start_timeout
         self.node_args = list(node_args or [])
@@ -148,7 +172,27 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
+        self._register()
         return self
+
+    def _register(self) -> None:
+        with _Running.lock:
+            for a in self.addresses + [self.ns_address]:
+                _Running.secrets[a] = self.secret
+            if "PYDIST_SECRET" not in os.environ:
+                os.environ["PYDIST_SECRET"] = self.secret.decode()
+            if os.environ.get("PYDIST_SECRET") == self.secret.decode():
+                _Running.exported_by.append(self)
+
+    def _unregister(self) -> None:
+        with _Running.lock:
+            for a in self.addresses + [self.ns_address]:
+                if _Running.secrets.get(a) == self.secret:
+                    del _Running.secrets[a]
+            if self in _Running.exported_by:
+                _Running.exported_by.remove(self)
+                if not _Running.exported_by and os.environ.get("PYDIST_SECRET") == self.secret.decode():
+                    del os.environ["PYDIST_SECRET"]
 
     def _start_node(self, k: int, env: dict) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "pydist.cli", "node", "--host", _node_host(k), "--port", "0",
@@ -226,6 +270,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop every process this cluster started (nodes, then the name server) and remove its files."""
+        self._unregister()
         procs = self.procs + ([self.ns_proc] if self.ns_proc is not None else [])
         for p in procs:
             _terminate(p)

@@ -140,6 +140,11 @@ class ClusterExecutor(Executor):
             self._cluster.start()
             address = self._cluster.address
             self._cfg.secret = self._cluster.secret
+        if self._cfg.secret is None:   # a LocalCluster of this process? it knows its secret
+            from .cluster import local_secret
+
+            key = _parse_address(ns) if ns is not None else (_parse_address(str(address)) if address else "")
+            self._cfg.secret = local_secret(key)
         try:
             if ns is not None:
                 self._uri = self._find_root(ns)

@@ -254,7 +254,10 @@ def test_junk_closes_only_that_connection(node, junk):
     host, port = d.locationStr.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(junk)
-        s.shutdown(socket.SHUT_WR)
+        try:
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass   # the node was quicker: it already closed the connection
         assert closed_by_server(s, timeout=3)
     assert S.connect(d.locationStr, secret=SECRET).echo("fine") == "fine"
 
