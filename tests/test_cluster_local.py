@@ -136,3 +136,19 @@ def test_per_node_worker_counts_make_tasks_travel(proc_guard):
     with LocalCluster(nodes=2, workers_per_node=[0, 1], topology="chain") as c:
         with ClusterExecutor(c.address, secret=c.secret) as ex:
             assert set(ex.map(lambda _: _hops(), range(10))) == {("node1", 1)}
+
+
+def test_clients_and_tools_of_this_process_need_no_secret(proc_guard, monkeypatch):
+    """A LocalCluster's own process reaches it without secret=: by address, by name server, and from
+    tools it starts (the secret is exported as PYDIST_SECRET while the cluster runs)."""
+    monkeypatch.delenv("PYDIST_SECRET", raising=False)
+    with LocalCluster(nodes=2, workers_per_node=1) as c:
+        with ClusterExecutor(c.address) as ex:
+            assert list(ex.map(abs, [-1, -2])) == [1, 2]
+        with ClusterExecutor(ns=c.ns_address) as ex:
+            assert ex.submit(abs, -3).result(timeout=30) == 3
+        out = subprocess.run([sys.executable, "-m", "pydist.cli", "status", "--node", c.address, "--json"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert {n["name"] for n in json.loads(out.stdout)["nodes"]} == {"node0", "node1"}
+    assert "PYDIST_SECRET" not in os.environ      # removed with the cluster
