@@ -191,7 +191,8 @@ class LocalCluster:
                     del _Running.secrets[a]
             if self in _Running.exported_by:
                 _Running.exported_by.remove(self)
-                if not _Running.exported_by and os.environ.get("PYDIST_SECRET") == self.secret.decode():
+                still = any(c.secret == self.secret for c in _Running.exported_by)
+                if not still and os.environ.get("PYDIST_SECRET") == self.secret.decode():
                     del os.environ["PYDIST_SECRET"]
 
     def _start_node(self, k: int, env: dict) -> subprocess.Popen:
