@@ -54,6 +54,25 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def read_ready(proc: subprocess.Popen, timeout: float) -> Optional[str]:
+    """Wait for a ``pydist-node`` started with ``stdout=PIPE`` to print ``READY <name> <host>:<port>``;
+    returns ``host:port``, or None if it did not within ``timeout`` s (or exited)."""
+    box: List[str] = []
+
+    def read():
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").strip() if isinstance(raw, bytes) else raw.strip()
+            if line.startswith("READY "):
+                box.append(line.split()[2])
+                return
+
+    t = threading.Thread(target=read, daemon=True, name="pydist-ready-reader")
+    t.start()
+    t.join(timeout)
+    return box[0] if box else None
+
+
 def _node_host(k: int) -> str:
     if sys.platform.startswith("linux"):
         return f"127.0.0.{k + 2}"
@@ -212,24 +231,11 @@ class LocalCluster:
         return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
 
     def _read_ready(self, k: int, p: subprocess.Popen) -> str:
-        box: List[str] = []
-
-        def read():
-            assert p.stdout is not None
-            for raw in p.stdout:
-                line = raw.decode(errors="replace").strip()
-                if line.startswith("READY "):
-                    box.append(line.split()[2])
-                    return
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        t.join(self.start_timeout)
-        if not box:
-            rc = p.poll()
+        address = read_ready(p, self.start_timeout)
+        if address is None:
             raise ClusterUnavailable(f"LocalCluster node {self.names[k]} did not start within "
-                                     f"{self.start_timeout:g} s (exit code {rc}); see its log above")
-        return box[0]
+                                     f"{self.start_timeout:g} s (exit code {p.poll()}); see its log above")
+        return address
 
     def wait_for_nodes(self, count: int, timeout: float = 30.0) -> None:
         """Wait until the root node reaches ``count`` nodes through its links."""

@@ -17,7 +17,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from collections import Counter
@@ -30,6 +29,7 @@ from Pyro5 import protocol
 import pydist
 from pydist import ClusterExecutor
 from pydist import security as S
+from pydist.cluster import read_ready
 from conftest import _alive, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,22 +54,11 @@ class NodeProc:
         self.pid = self.proc.pid
         self.address = None
         if expect_ready:
-            box = []
-
-            def read():
-                for raw in self.proc.stdout:
-                    line = raw.decode(errors="replace").strip()
-                    if line.startswith("READY "):
-                        box.append(line.split()[2])
-                        return
-
-            t = threading.Thread(target=read, daemon=True)
-            t.start()
-            t.join(ready_timeout)
-            if not box:
+            address = read_ready(self.proc, ready_timeout)
+            if not address:
                 self.stop()
                 raise AssertionError(f"node did not print READY within {ready_timeout} s; log:\n{self.log()}")
-            self.address = box[0]
+            self.address = address
 
     def log(self) -> str:
         with open(self.log_path, "rb") as f:

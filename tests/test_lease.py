@@ -13,12 +13,12 @@ from pydist import ClusterExecutor, LocalCluster, security
 pytestmark = pytest.mark.timeout(90)
 
 CLIENT = textwrap.dedent("""
-    import sys, time
+    import sys, threading, time
     from pydist import ClusterExecutor
     ex = ClusterExecutor(sys.argv[1], secret=sys.argv[2].encode())
     fs = [ex.submit(time.sleep, 0.2) for _ in range(200)]
     print("SUBMITTED", flush=True)
-    time.sleep(600)
+    threading.Event().wait(600)   # until the test kills us
 """)
 
 

@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 from pydist import ClusterExecutor, LocalCluster, security, task_context
+from pydist.cluster import read_ready
 from conftest import descendants, wait_for as _wait_for
 
 pytestmark = pytest.mark.timeout(150)
@@ -143,19 +144,9 @@ class Procs:
         return p
 
     def ready(self, p, timeout=20.0) -> str:
-        box = []
-
-        def read():
-            for raw in p.stdout:
-                line = raw.decode(errors="replace").strip()
-                if line.startswith("READY "):
-                    box.append(line.split()[2])
-                    return
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        t.join(timeout)
-        assert box, f"node {p.args} did not print READY within {timeout} s (exit code {p.poll()})"
-        return box[0]
+        address = read_ready(p, timeout)
+        assert address, f"node {p.args} did not print READY within {timeout} s (exit code {p.poll()})"
+        return address
 
     def kill(self, p, sig=signal.SIGKILL):
         """Kill a node by pid; its workers are remembered so that they are waited for at the end."""
