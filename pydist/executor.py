@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 FN_CACHE = 256
 BATCH_BYTES = 4 << 20   # bytes of task arguments per submit call (more tasks wait for the next call)
-DIRECT_GAP = 0.002   # s: a submit this long after the previous one is sent from the caller's thread
 
 
 class PydistFuture(Future):
@@ -164,7 +163,6 @@ class ClusterExecutor(Executor):
             raise
         self._wref = weakref.ref(self)
         self._send_lock = threading.Lock()
-        self._last_submit = 0.0
         self._submit_proxy = self._connect()
         for target, name in ((self._sender, "sender"), (self._collector, "collector")):
             t = threading.Thread(target=target, name=f"pydist-client-{name}", daemon=True)
@@ -228,11 +226,10 @@ class ClusterExecutor(Executor):
             fut._pydist_exec = self._wref
             self._pending[tid] = fut
             self._outbox.append(((tid, key, payload, self._bundle, 0, [], kind, self._cid), blob))
-            now = time.monotonic()
-            # A lone submit (nothing else submitted for a while) is sent from this thread: no hand-off
-            # to the sender thread.  Submits in quick succession go through the sender, which batches.
-            direct = len(self._outbox) == 1 and now - self._last_submit > DIRECT_GAP
-            self._last_submit = now
+            # A lone submit (no other task of this executor outstanding) is sent from this thread: no
+            # hand-off to the sender thread.  Submits while others are in flight go through the sender,
+            # which batches everything queued meanwhile into one call.
+            direct = len(self._pending) == 1 and len(self._outbox) == 1
             if len(self._outbox) == 1 and not direct:
                 self._cond.notify_all()
         if direct and self._send_lock.acquire(blocking=False):
