@@ -96,8 +96,7 @@ class NodeConfig:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if self.max_hops < 1:
             raise ConfigError(f"max_hops must be >= 1, got {self.max_hops}")
-        if isinstance(self.secret, str):
-            self.secret = self.secret.encode()
+        self.secret = normalize_secret(self.secret)
         if self.secret is None and self.secret_file:
             self.secret = read_secret_file(self.secret_file)
         self.code_cache_max = parse_size(self.code_cache_max)
@@ -126,13 +125,24 @@ class ClientConfig:
                                                              "seconds a result long-poll waits at most"))
 
     def __post_init__(self) -> None:
-        if isinstance(self.secret, str):
-            self.secret = self.secret.encode()
+        self.secret = normalize_secret(self.secret)
 
     @classmethod
     def from_env(cls, environ: Optional[dict] = None, **overrides: Any) -> "ClientConfig":
         """Defaults, then ``PYDIST_*`` variables, then ``overrides`` (those not None)."""
         return cls(**_values_from_env(cls, environ, overrides))
+
+
+def normalize_secret(secret) -> Optional[bytes]:
+    """A secret as bytes without surrounding white space (a file read with ``open().read()`` keeps
+    its newline; ``--secret-file`` strips it: both must give the same secret)."""
+    if secret is None:
+        return None
+    b = secret.encode() if isinstance(secret, str) else bytes(secret)
+    b = b.strip()
+    if not b:
+        raise ConfigError("the cluster secret is empty: use a long random string")
+    return b
 
 
 def read_secret_file(path: str) -> bytes:

@@ -777,7 +777,7 @@ def load_secret(value: str | bytes | None = None, secret_file: Optional[str] = N
                 env: Mapping = os.environ) -> Optional[bytes]:
     """The cluster secret: explicit value > secret_file > env PYDIST_SECRET > None.  Empty is an error."""
     if value is not None:
-        b = value.encode() if isinstance(value, str) else bytes(value)
+        b = (value.encode() if isinstance(value, str) else bytes(value)).strip()
         if not b:
             raise ConfigError("the cluster secret given is empty")
         return b
@@ -787,7 +787,7 @@ def load_secret(value: str | bytes | None = None, secret_file: Optional[str] = N
     if v is not None:
         if not v.strip():
             raise ConfigError("PYDIST_SECRET is set but empty: unset it or put a long random string in it")
-        return v.encode()
+        return v.strip().encode()
     return None
 
 
