@@ -118,6 +118,16 @@ class BundleInfo:
     def __str__(self) -> str:
         return f"bundle {self.digest[:8]} ({self.files} files, {human_size(self.size)})"
 
+    @property
+    def sha256(self) -> str:
+        """The content hash (same as ``digest``)."""
+        return self.digest
+
+    @property
+    def file_count(self) -> int:
+        """Number of files (same as ``files``)."""
+        return self.files
+
 
 # ---------------------------------------------------------------------------------------------- build
 
