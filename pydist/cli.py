@@ -172,7 +172,7 @@ def _cmd_status(a) -> int:
     secret, tls = _secret_tls(a)
     uri = _root_uri(a, secret, tls)
     while True:
-        nodes = _walk_nodes(uri if ":" not in uri or uri.startswith("PYRO") else uri, secret, tls)
+        nodes = _walk_nodes(uri, secret, tls)
         if not nodes:
             print(f"pydist status: no node answers at {uri}", file=sys.stderr)
             return 1

@@ -328,10 +328,10 @@ def _reap(p: subprocess.Popen) -> None:
 def watch_stdin() -> None:
     """Exit this process as soon as its stdin pipe closes (the parent died or stopped us)."""
     def watch():
-        try:
-            while sys.stdin.buffer.read(1 << 12):
+        try:   # the raw fd, not sys.stdin: a daemon thread inside a buffered read aborts interpreter exit
+            while os.read(0, 1 << 12):
                 pass
-        except Exception:
+        except OSError:
             pass
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(3)

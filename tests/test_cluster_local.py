@@ -152,3 +152,18 @@ def test_clients_and_tools_of_this_process_need_no_secret(proc_guard, monkeypatc
         assert out.returncode == 0, out.stderr
         assert {n["name"] for n in json.loads(out.stdout)["nodes"]} == {"node0", "node1"}
     assert "PYDIST_SECRET" not in os.environ      # removed with the cluster
+
+
+def test_cli_run_and_stop(proc_guard, tmp_path):
+    """`pydist run` ships a script and passes its output and exit code through; `pydist stop` stops a
+    node cleanly (exit code 0)."""
+    script = tmp_path / "hello.py"
+    script.write_text("import sys\nprint('hello', sys.argv[1:])\nsys.exit(3)\n")
+    with LocalCluster(nodes=1, workers_per_node=1) as c:
+        r = subprocess.run([sys.executable, "-m", "pydist.cli", "run", "--node", c.address, str(script), "a", "b"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 3 and "hello ['a', 'b']" in r.stdout, r.stderr
+        r = subprocess.run([sys.executable, "-m", "pydist.cli", "stop", "--node", c.address],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "node0" in r.stdout
+        assert c.procs[0].wait(15) == 0
