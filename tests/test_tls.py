@@ -28,7 +28,7 @@ SECRET = "tls-test-secret-0123456789abcdef0123456789"
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 
 CLIENT = textwrap.dedent(r'''
-    import json, sys, time, traceback
+    import json, sys, threading, time, traceback
     import pydist
     from pydist import ClusterExecutor, task_context
 
@@ -36,7 +36,7 @@ CLIENT = textwrap.dedent(r'''
     want = int(sys.argv[5]) if len(sys.argv) > 5 else 1
 
     def where(i):
-        time.sleep(0.02)          # task workload, so that tasks spread over both nodes' single workers
+        threading.Event().wait(0.02)   # task workload, so that tasks spread over both nodes' single workers
         return task_context().node, i * i
 
     tls = {"run": dict(tls_cert=d + "/client.pem", tls_key=d + "/client.key", tls_ca=d + "/ca.pem"),
@@ -64,14 +64,14 @@ CLIENT = textwrap.dedent(r'''
 ''')
 
 CLUSTER = textwrap.dedent(r'''
-    import json, sys, time
+    import json, sys, threading, time
     from pydist import LocalCluster, ClusterExecutor, task_context, security
     d, secret = sys.argv[1], sys.argv[2].encode()
     tls = security.TLSSettings(cert=d + "/client.pem", key=d + "/client.key", ca=d + "/ca.pem")
     security.configure_pyro(tls=tls)      # LocalCluster.wait_for_nodes connects from this process
 
     def where(i):
-        time.sleep(0.02)
+        threading.Event().wait(0.02)   # task workload
         return task_context().node
 
     out = {}
