@@ -531,11 +531,7 @@ class ClusterExecutor(Executor):
             if not self._closed.is_set():
                 self._break(exc)
         finally:
-            if proxy is not None:
-                try:
-                    proxy._pyroRelease()
-                except Exception:
-                    pass
+            security.release(proxy)
 
     def _mark_started(self, ids: List[str]) -> None:
         pending = self._pending

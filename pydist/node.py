@@ -150,7 +150,6 @@ class Link:
         self.out_cancel: List[str] = []
         self.out_code: List[str] = []
         self.stopping = False
-        self.thread: Optional[threading.Thread] = None
 
     @property
     def workers(self) -> int:
@@ -951,16 +950,12 @@ class Node:
         return out
 
     def _open_link(self, target: str, role: str) -> None:
-        link = Link(self, name=f"?{target}", uri="", may_send=(role == "peer"), initiated=True,
-                    join_target=target, role=role)
-        t = threading.Thread(target=self._link_loop, args=(link,), daemon=True, name=f"pydist-link-{target}")
-        link.thread = t
-        t.start()
+        self._start_link(Link(self, name=f"?{target}", uri="", may_send=(role == "peer"), initiated=True,
+                              join_target=target, role=role))
 
     def _start_link(self, link: Link) -> None:
-        t = threading.Thread(target=self._link_loop, args=(link,), daemon=True, name=f"pydist-link-{link.name}")
-        link.thread = t
-        t.start()
+        threading.Thread(target=self._link_loop, args=(link,), daemon=True,
+                         name=f"pydist-link-{link.join_target or link.name}").start()
 
     def _resolve(self, target: str) -> str:
         if target.startswith("PYRO:") or target.startswith("PYRONAME:"):
@@ -1038,11 +1033,7 @@ class Node:
                 # a parent that is starting too: retry briskly for a few seconds, then back off
                 delay = 0.1 if time.monotonic() - first_try < 5 else min(delay * 2, 2.0)
             finally:
-                if proxy is not None:
-                    try:
-                        proxy._pyroRelease()
-                    except Exception:
-                        pass
+                security.release(proxy)
 
     def _pump(self, link: Link, proxy) -> None:
         """Send what is queued for ``link``, heartbeat, until the link fails or stops."""
@@ -1116,15 +1107,14 @@ class Node:
             proxy._pyroTimeout = old_timeout
         has.add(digest)
 
-    def _lose_link(self, link: Link, why: str, requeue: bool = True) -> None:
+    def _lose_link(self, link: Link, why: str) -> None:
         """A link failed: re-place tasks we had sent it, drop tasks it had sent us.  Holds ``lock``."""
         was_alive = link.alive
         link.alive = False
         if self.links.get(link.name) is link:
             if not link.initiated:
                 del self.links[link.name]
-        with link.cond:
-            unsent = link.out_tasks
+        with link.cond:   # what was not sent yet: tasks are re-placed below (they are in inflight)
             link.out_tasks, link.out_fns, link.out_inits, link.out_results = [], {}, {}, []
         ids = list(link.inflight)
         link.inflight.clear()
@@ -1153,7 +1143,6 @@ class Node:
         if was_alive and (n or dropped):
             log.warning("link %s lost (%s): %d tasks placed again, %d of its tasks dropped",
                         link.name, why, n, dropped)
-        del unsent
         self._schedule()
 
     def _janitor(self) -> None:

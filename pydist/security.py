@@ -773,6 +773,16 @@ def connect(uri_or_address: str, *, secret: Optional[bytes], timeout: float = 5.
 # secrets and certificates
 # ---------------------------------------------------------------------------------------------------------
 
+def release(proxy) -> None:
+    """Close a proxy's connection, if any, ignoring errors (the peer may be gone already)."""
+    if proxy is None:
+        return
+    try:
+        proxy._pyroRelease()
+    except Exception:
+        pass
+
+
 def load_secret(value: str | bytes | None = None, secret_file: Optional[str] = None,
                 env: Mapping = os.environ) -> Optional[bytes]:
     """The cluster secret: explicit value > secret_file > env PYDIST_SECRET > None.  Empty is an error."""
