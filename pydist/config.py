@@ -81,6 +81,10 @@ class NodeConfig:
                                                                 "bundle cache size limit, bytes (e.g. 2G)"))
     client_lease: float = field(default=60.0, metadata=_meta("CLIENT_LEASE", "--client-lease",
                                                              "drop a silent client's tasks after this many s"))
+    memory_limit: int = field(default=0, metadata=_meta("MEMORY_LIMIT", "--memory-limit",
+                                                        "restart a worker whose resident memory exceeds this "
+                                                        "(e.g. 2G; its task fails with MemoryLimitExceeded); "
+                                                        "0: no limit"))
     threadpool: int = field(default=256, metadata=_meta("THREADPOOL", "--threadpool",
                                                         "Pyro5 server threads (one per open connection)"))
     log_level: str = field(default="INFO", metadata=_meta("LOG_LEVEL", "--log-level", "logging level"))
@@ -101,6 +105,13 @@ class NodeConfig:
             self.secret = read_secret_file(self.secret_file)
         self.code_cache_max = parse_size(self.code_cache_max)
         self.max_message_size = parse_size(self.max_message_size)
+        self.memory_limit = parse_size(self.memory_limit or 0)
+        if self.memory_limit < 0:
+            raise ConfigError(f"memory_limit must be >= 0 bytes, got {self.memory_limit}")
+        for what in ("heartbeat", "heartbeat_timeout", "client_lease"):
+            v = getattr(self, what)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+                raise ConfigError(f"{what} must be a finite number of seconds > 0, got {v!r}")
         if not self.name:
             self.name = f"{self.host}-{self.port}" if self.port else f"{self.host}-{os.getpid()}"
 
@@ -123,9 +134,17 @@ class ClientConfig:
     max_batch: int = field(default=2000, metadata=_meta("MAX_BATCH", None, "most tasks in one submit call"))
     poll_interval: float = field(default=1.0, metadata=_meta("POLL_INTERVAL", None,
                                                              "seconds a result long-poll waits at most"))
+    node_timeout: float = field(default=8.0, metadata=_meta("NODE_TIMEOUT", None,
+                                                            "seconds the entry node may stay silent before its "
+                                                            "futures fail with BrokenCluster (or the client "
+                                                            "fails over); a few s over the nodes' heartbeat "
+                                                            "timeout (5 s)"))
 
     def __post_init__(self) -> None:
         self.secret = normalize_secret(self.secret)
+        v = self.node_timeout
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+            raise ConfigError(f"node_timeout must be a finite number of seconds > 0, got {v!r}")
 
     @classmethod
     def from_env(cls, environ: Optional[dict] = None, **overrides: Any) -> "ClientConfig":
@@ -164,7 +183,7 @@ def _convert(value: str, f: dataclasses.Field) -> Any:
         return value.strip().lower() in ("1", "true", "yes", "on")
     if typ.startswith("list"):
         return [v for v in (s.strip() for s in value.split(",")) if v]
-    if "int" in typ and f.name not in ("code_cache_max", "max_message_size"):
+    if "int" in typ and f.name not in ("code_cache_max", "max_message_size", "memory_limit"):
         try:
             return int(value)
         except ValueError:

@@ -11,6 +11,7 @@
      ├── TaskError                 a task could not be run as asked
      │    ├── SerializationError   the function, an argument or a result cannot be pickled
      │    ├── WorkerLost           the worker process running the task died
+     │    │    └── MemoryLimitExceeded  ... restarted by its node: over ``--memory-limit``
      │    ├── NodeLost             the node holding the task went away and it could not be re-placed
      │    └── RemoteError          carrier of a remote traceback (set as ``__cause__``)
      ├── CodeSyncError             uploading or installing a code bundle failed
@@ -60,6 +61,11 @@ class SerializationError(TaskError):
 
 class WorkerLost(TaskError):
     """The worker process that ran the task died (segfault, ``os._exit``, killed)."""
+
+
+class MemoryLimitExceeded(WorkerLost):
+    """The task's worker went over the node's per-worker memory limit (``--memory-limit``) and was
+    restarted (instead of the OOM killer taking the node)."""
 
 
 class NodeLost(TaskError):

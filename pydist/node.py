@@ -2,185 +2,71 @@
 
 ::
 
-    clients ──submit(batch)──▶ ┌──────────────────────── Node ────────────────────────┐
-            ◀─collect (long poll)│ tasks{id: TaskRec}   queue[ids]   clients{id: inbox}  │
-                                │        │ schedule(): scheduler.place over slots       │
-    parent ──run_task(batch)──▶ │        ├──▶ WorkerPool.send(i, batch) ─▶ worker procs ─┼─┐
-            ◀─receive_results── │        └──▶ Link(child).outbox ─▶ link thread ─────────┼─┼─▶ child.run_task
-                                │  results ◀── reader threads ◀── worker procs ◀──────────┘ │
-                                │  results ◀── child.receive_results ◀──────────────────────┘
-                                └───────────────────────────────────────────────────────┘
+    clients ──submit(batch)──▶ ┌─────────────────────────── Node ────────────────────────────┐
+            ◀─collect (poll)── │ sessions.py: inbox per client   ledger.py: every task, one     │
+                               │                                 record: state, origin, location│
+    parent ──run_task(batch)─▶ │        │ schedule(): scheduler.place over slots (credit =       │
+           ◀─receive_results─  │        │   capacity - ledger.count_at(slot location))           │
+                               │        ├──▶ WorkerPool.send(i, batch) ──▶ worker procs ─────────┼─┐
+                               │        └──▶ Link(child).post ──▶ links.py pump ─────────────────┼─┼─▶ child.run_task
+                               │  ledger.finish(result, source) ◀── reader threads ◀─────────────┘ │
+                               │  ledger.finish(result, source) ◀── child.receive_results ◀────────┘
+                               └────────────────────────────────────────────────────────────────┘
 
-What arrives: task batches from clients (``submit``) and from other nodes (``run_task``); result
-batches from linked nodes (``receive_results``) and from the node's own workers (reader threads).
-Where it waits: ``queue`` (task ids in arrival order), under ``lock``.  Where it goes: ``schedule``
-asks the pure ``scheduler.place`` for placements over *slots* (local workers and links with credit)
-and hands batches to the worker pool or to a link's outbox; nothing here blocks on I/O while holding
-``lock``.  What comes back: each result goes to the task's origin — a client's inbox (drained by its
-``collect`` long poll) or the link it came from — exactly once: results from anywhere but a task's
-current target are dropped.
+What arrives: task batches from clients (``submit``) and from other nodes (``run_task``, with the
+link's epoch); result batches from linked nodes (``receive_results``) and from the node's own workers
+(reader threads).  Each task gets one record in the ``Ledger`` (``ledger.py``, pure): a re-sent id is
+recognised there (revived, adopted, reused or refused as a collision), never skipped.  Where it waits:
+the ledger's queue, under ``lock``.  Where it goes: ``schedule`` asks the pure ``scheduler.place`` for
+placements over *slots* (local workers, links with credit) and records each placement as the task's
+location (``("w", i, generation)`` or ``("l", name, epoch)``); credit is derived from those locations,
+so it cannot leak.  What comes back: a result is accepted only from its task's current location
+(``Ledger.finish``) and goes to the task's origin: a client's inbox (``sessions.py``, drained by its
+``collect`` long poll) or the link it came from.
 
-A ``Link`` is another node this one talks to: a child (we send it tasks), a parent (we send it
-results), or a peer (both).  Each link has one thread that owns its Pyro5 proxy (proxies belong to a
-thread: notes/pyro5.md §2), coalesces everything queued into one call per kind, heartbeats, and on
-failure re-places the link's tasks.  The link we opened ourselves (to a parent or a peer) re-joins
-with backoff; a link opened by the other side is dropped and waits for it to re-join.
-
-No exposed method holds a server thread for the length of a task: ``submit``/``run_task`` queue and
-return; ``collect`` waits at most ``timeout`` (a few seconds).
+Links (``links.py``) carry tasks, results, cancels, code and heartbeats; heartbeats carry a count and
+digest of the ids each side believes are at the child, and a mismatch is reconciled id by id
+(``reconcile``).  Task-group mailboxes (``mailbox.py``) and code-store endpoints (``codeserve.py``) sit
+beside.  No exposed method holds a server thread for the length of a task: ``submit``/``run_task``
+queue and return; ``collect`` waits at most ``timeout`` (a few seconds).  This module validates at the
+boundary (``checks.py``) and dispatches; it keeps no task state of its own.
 """
 from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
-import re
 import socket
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import Pyro5.api
-import Pyro5.errors
 
-from . import scheduler, security, wire
+from . import security
+from .checks import (check_fns, check_ids, check_int, check_map, check_recon, check_results, check_str,
+                     check_tasks, check_timeout)
+from .codeserve import CodeEndpoints
 from .config import NodeConfig
-from .errors import BundleNotFound, NodeLost, ProtocolError, WorkerLost
-from .scheduler import TaskState, advance
+from .dispatch import Dispatch
+from .errors import NodeLost, ProtocolError
+from .ledger import State, id_hash
+from .links import Link, LinkManager
+from .mailbox import Mailboxes
+from .sessions import Sessions
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
 NODE_OBJECT_ID = security.NODE_OBJECT_ID
 NS_PREFIX = "pydist.node."
-COLLECT_MAX_WAIT = 5.0
-STARTED_DELAY = 0.01   # s a collect waits for a result before answering with "started" notes alone
 
-
-class TaskRec:
-    """A task held by this node: its record, state, where it came from and where it went."""
-
-    __slots__ = ("rec", "state", "origin", "target", "cancelled")
-
-    def __init__(self, rec: tuple, origin: Tuple[str, str]):
-        self.rec = rec
-        self.state = TaskState.QUEUED
-        self.origin = origin          # ("c", client_id) or ("l", link name)
-        self.target: Optional[tuple] = None   # ("w", index, generation) or ("l", link name)
-        self.cancelled = False
-
-    def move(self, new: TaskState) -> None:
-        """Change state through the one transition table."""
-        self.state = advance(self.state, new)
-
-
-class ClientRec:
-    """A connected client: its inbox of finished results and started task ids."""
-
-    def __init__(self, cid: str, lock: threading.RLock):
-        self.id = cid
-        self.results: List[tuple] = []
-        self.started: List[str] = []
-        self.cond = threading.Condition(lock)
-        self.last_seen = time.monotonic()
-        self.init_blob: Optional[bytes] = None
-        self.closed = False
-        self.started_due = False   # set by the StartedTimer: answer the long poll with "started" notes
-
-
-class StartedTimer:
-    """Wakes a client's long poll STARTED_DELAY after a task of it started if no result came first, so
-    ``Future.running()`` is timely for long tasks while a short task costs no extra wake-up."""
-
-    def __init__(self, lock: threading.RLock, stopping: threading.Event):
-        self.lock = lock
-        self.stopping = stopping
-        self.due: "collections.deque[tuple]" = collections.deque()
-        self.cond = threading.Condition(threading.Lock())
-        threading.Thread(target=self._run, daemon=True, name="pydist-started").start()
-
-    def add(self, client: "ClientRec") -> None:
-        with self.cond:
-            self.due.append((time.monotonic() + STARTED_DELAY, client))
-            if len(self.due) == 1:
-                self.cond.notify()
-
-    def _run(self) -> None:
-        while not self.stopping.is_set():
-            with self.cond:
-                while not self.due and not self.stopping.is_set():
-                    self.cond.wait(1.0)
-                if not self.due:
-                    continue
-                when, client = self.due[0]
-                left = when - time.monotonic()
-                if left > 0:
-                    self.cond.wait(left)
-                    continue
-                self.due.popleft()
-            with self.lock:
-                if client.started and not client.results:
-                    client.started_due = True
-                    client.cond.notify()
-
-
-class Link:
-    """Another node: its proxy lives in this link's own thread."""
-
-    def __init__(self, node: "Node", name: str, uri: str, may_send: bool, initiated: bool,
-                 join_target: Optional[str] = None, role: str = "child"):
-        self.node = node
-        self.name = name
-        self.uri = uri
-        self.may_send = may_send        # we may send it tasks
-        self.initiated = initiated      # we opened it (re-join on failure)
-        self.join_target = join_target  # what to resolve when re-joining
-        self.role = role                # "child" (we are its parent), "parent", "peer"
-        self.inflight: "collections.OrderedDict[str, None]" = collections.OrderedDict()
-        self.remote_map: Dict[str, list] = {}
-        self.known_clients: set = set()
-        self.alive = False
-        self.last_heard = time.monotonic()
-        self.cond = threading.Condition()
-        self.out_tasks: List[tuple] = []
-        self.out_fns: Dict[str, bytes] = {}
-        self.out_inits: Dict[str, bytes] = {}
-        self.out_results: List[tuple] = []
-        self.out_cancel: List[str] = []
-        self.out_code: List[str] = []
-        self.stopping = False
-
-    @property
-    def workers(self) -> int:
-        return sum(v[0] for v in self.remote_map.values())
-
-    def post(self, *, tasks=(), fns=None, inits=None, results=(), cancel=(), code=()) -> None:
-        """Queue messages for the link thread (never blocks on the network)."""
-        with self.cond:
-            if tasks:
-                self.out_tasks.extend(tasks)
-            if fns:
-                self.out_fns.update(fns)
-            if inits:
-                self.out_inits.update(inits)
-            if results:
-                self.out_results.extend(results)
-            if cancel:
-                self.out_cancel.extend(cancel)
-            if code:
-                self.out_code.extend(code)
-            self.cond.notify()
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopping = True
-            self.cond.notify()
+__all__ = ["Node", "serve", "check_map", "NS_PREFIX", "NODE_OBJECT_ID"]
 
 
 @Pyro5.api.expose
 @Pyro5.api.behavior(instance_mode="single")
-class Node:
+class Node(Dispatch, CodeEndpoints):
     """A pydist node (see the module docstring).  Methods exposed to Pyro5 take and return batches."""
 
     def __init__(self, config: NodeConfig):
@@ -189,22 +75,13 @@ class Node:
         self.uri = ""
         self.address = ""
         self.lock = threading.RLock()
-        self.tasks: Dict[str, TaskRec] = {}
-        self.queue: "collections.deque[str]" = collections.deque()
-        self.fns: Dict[str, list] = {}            # key -> [blob, refcount]
-        self.clients: Dict[str, ClientRec] = {}
-        self.links: Dict[str, Link] = {}
-        self.avg = scheduler.RuntimeAverage()
-        self.counts = collections.Counter()
         self.stopping = threading.Event()
-        self._started_timer = StartedTimer(self.lock, self.stopping)
         self.started_at = time.time()
-        self.worker_inflight: List["collections.OrderedDict[str, int]"] = [
-            collections.OrderedDict() for _ in range(config.workers or 0)]
-        self.worker_up = [False] * (config.workers or 0)
+        self.counts: "collections.Counter[str]" = collections.Counter()
+        self.sessions = Sessions(self.lock, self.stopping, config.client_lease)
+        self.links = LinkManager(self)
         self.waiting_code: Dict[str, List[str]] = {}   # bundle digest -> task ids waiting for it
         self.fetching: set = set()
-        self._last_touched: Optional[str] = None
         from .codesync import CodeStore
 
         self.store = CodeStore(config.code_cache, config.code_cache_max)
@@ -213,10 +90,9 @@ class Node:
             env["PYDIST_SECRET"] = config.secret.decode() if isinstance(config.secret, bytes) else config.secret
         self.pool = WorkerPool(config.workers or 0, self.name, config.code_cache,
                                self._on_worker_results, self._on_worker_exit, env=env)
+        self.init_dispatch()
+        self.mailboxes = Mailboxes(config.max_message_size * 4, self.stopping)
         self.daemon: Optional[Pyro5.api.Daemon] = None
-        self.mail: Dict[str, List[tuple]] = {}       # task-group mailboxes: group -> [(dst, src, tag, blob)]
-        self.mail_cond = threading.Condition(threading.Lock())
-        self.mail_bytes = 0
 
     # ======================================================================================== lifecycle
     def start(self, daemon: Pyro5.api.Daemon) -> None:
@@ -231,9 +107,9 @@ class Node:
         if self.cfg.ns:
             threading.Thread(target=self._register_ns, daemon=True, name="pydist-ns").start()
         if self.cfg.parent:
-            self._open_link(self.cfg.parent, role="parent")
+            self.links.open(self.cfg.parent, role="parent")
         for peer in self.cfg.peers:
-            self._open_link(peer, role="peer")
+            self.links.open(peer, role="peer")
 
     def stop(self) -> None:
         """Stop links, workers and the name-server entry (the daemon is stopped by the caller)."""
@@ -241,11 +117,8 @@ class Node:
             return
         self.stopping.set()
         with self.lock:
-            links = list(self.links.values())
-            for c in self.clients.values():
-                c.cond.notify_all()
-        for l in links:
-            l.stop()
+            self.sessions.wake_all()
+        self.links.stop_all()
         self.pool.stop()
         if self.cfg.ns:
             try:
@@ -253,16 +126,6 @@ class Node:
                     ns.remove(NS_PREFIX + self.name)
             except Exception as exc:  # the name server may be gone already
                 log.info("could not remove %s from the name server: %s", NS_PREFIX + self.name, exc)
-
-    def _watch_workers_ready(self) -> None:
-        pending = set(range(len(self.pool.handles)))
-        while pending and not self.stopping.is_set():
-            for i in list(pending):
-                if self.pool.handles[i].ready.wait(0.01):
-                    pending.discard(i)
-                    with self.lock:
-                        self.worker_up[i] = True
-                        self._schedule()
 
     def _register_ns(self) -> None:
         delay = 0.05
@@ -278,222 +141,234 @@ class Node:
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 2.0)
 
+    def resolve(self, target: str) -> str:
+        """A node's URI from a name, ``host:port`` or URI (names through the name server)."""
+        if target.startswith("PYRO:") or target.startswith("PYRONAME:"):
+            return target
+        if ":" in target and not target.startswith(NS_PREFIX):
+            return f"PYRO:{NODE_OBJECT_ID}@{target}"
+        if not self.cfg.ns:
+            raise ValueError(f"cannot resolve node name {target!r} without --ns")
+        name = target if target.startswith(NS_PREFIX) else NS_PREFIX + target
+        with _ns_proxy(self.cfg.ns) as ns:
+            return str(ns.lookup(name))
+
     # ======================================================================================== clients
     def submit(self, client_id: str, fns: dict, tasks: list) -> int:
-        """Accept a batch of tasks from a client; returns how many were queued."""
-        _check_str(client_id, "client_id")
-        _check_fns(fns)
-        _check_tasks(tasks)
+        """Accept a batch of tasks from a client; returns how many were accepted.  A task whose id
+        collides with another task held here fails at once (its error comes back through ``collect``)."""
+        check_str(client_id, "client_id")
+        check_fns(fns)
+        check_tasks(tasks, allow_retries=True)
         with self.lock:
-            client = self._client(client_id)
-            client.last_seen = time.monotonic()
-            self._add_fns(fns, tasks)
-            origin = ("c", client_id)
-            for t in tasks:
-                if t[wire.T_ID] in self.tasks:
-                    continue   # a resend of a task we already hold
-                self._new_task(t, origin)
+            self.check_fns_known(fns, tasks)
+            self.sessions.touch(client_id)
+            n = self.accept_tasks(fns, tasks, ("c", client_id))
             self.counts["submitted"] += len(tasks)
-            self._schedule()
-        return len(tasks)
+            self.schedule()
+        return n
 
     def open_client(self, client_id: str, init_blob: Optional[bytes] = None) -> dict:
         """Register a client (and its worker initializer); returns this node's description."""
-        _check_str(client_id, "client_id")
+        check_str(client_id, "client_id")
         if init_blob is not None and not isinstance(init_blob, bytes):
             raise TypeError("init_blob must be bytes or None")
         with self.lock:
-            c = self._client(client_id)
+            c = self.sessions.touch(client_id)
             c.init_blob = init_blob
             if init_blob is not None:
                 self.pool.broadcast(("init", client_id, init_blob))
         return self.describe()
 
-    def collect(self, client_id: str, timeout: float) -> tuple:
-        """Long poll: wait up to ``timeout`` s for finished results; returns ``(results, started_ids)``."""
-        _check_str(client_id, "client_id")
-        deadline = time.monotonic() + _check_timeout(timeout)
+    def collect(self, client_id: str, timeout: float, recon: Optional[dict] = None) -> tuple:
+        """Long poll: wait up to ``timeout`` s for finished results; returns ``(results, started_ids)``.
+        With ``recon`` (``{"n": count, "d": digest}`` of the ids the client waits for and has sent) the
+        answer has a third item: this node's count and digest of the same, ``{"n", "d"}``."""
+        check_str(client_id, "client_id")
+        deadline = time.monotonic() + check_timeout(timeout)
+        if recon is not None and not (isinstance(recon, dict) and set(recon) == {"n", "d"} and all(
+                isinstance(recon[k], int) and not isinstance(recon[k], bool) for k in "nd")):
+            raise TypeError('recon must be {"n": count, "d": digest} of ints')
         with self.lock:
-            c = self._client(client_id)
+            c = self.sessions.touch(client_id)
+            mine = self.client_digest(client_id) if recon is not None else None   # as the call arrived
             # "started" notes ride along with results; alone they wait STARTED_DELAY (waking the client
             # for each would cost a lone short task a second round trip)
-            while not c.results and not c.started_due and not self.stopping.is_set() and not c.closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                c.cond.wait(left)
-            c.started_due = False
-            res, started = c.results, c.started
-            c.results, c.started = [], []
-            c.last_seen = time.monotonic()
-        return res, started
+            res, started = c.wait(deadline, self.stopping)
+            if mine is None:
+                return res, started
+            return res, started, {"n": mine[0], "d": mine[1]}
+
+    def client_tasks(self, client_id: str, task_ids: list) -> list:
+        """Reconciliation with a client: ``task_ids`` are the ids it waits for; returns those of them
+        this node holds.  Tasks held here for the client that it no longer waits for are dropped."""
+        check_str(client_id, "client_id")
+        check_ids(task_ids)
+        with self.lock:
+            return self.reconcile_client(client_id, task_ids)
 
     def cancel(self, client_id: str, task_ids: list) -> list:
         """Withdraw a client's tasks that are still queued here (not yet given to a worker or another
         node); returns the ids withdrawn.  Tasks already sent run to the end."""
-        _check_str(client_id, "client_id")
-        if not isinstance(task_ids, (list, tuple)) or not all(isinstance(t, str) for t in task_ids):
-            raise TypeError("task_ids must be a list of str")
+        check_str(client_id, "client_id")
+        check_ids(task_ids)
         out = []
         with self.lock:
             for tid in task_ids:
-                rec = self.tasks.get(tid)
-                if rec is not None and rec.origin == ("c", client_id) and rec.state is TaskState.QUEUED:
-                    self._cancel_rec(tid, rec, {})
+                t = self.ledger.tasks.get(tid)
+                if t is not None and t.origin == ("c", client_id) and t.state is State.QUEUED:
+                    self.cancel_tasks([t])
                     out.append(tid)
         return out
 
     def close_client(self, client_id: str) -> None:
         """Forget a client: its queued tasks are dropped, its initializer forgotten."""
-        _check_str(client_id, "client_id")
+        check_str(client_id, "client_id")
         with self.lock:
-            self._drop_client(client_id)
+            self.drop_client(client_id)
 
     def describe(self) -> dict:
         """Name, address, versions and worker count of this node."""
         return {"name": self.name, "address": self.address, "uri": self.uri,
-                "workers": len(self.worker_up), "versions": security.local_versions(),
+                "workers": self.worker_count, "versions": security.local_versions(),
                 "max_hops": self.cfg.max_hops}
 
     # ======================================================================================== nodes
     def join(self, info: dict) -> dict:
-        """A node links to this one: as our child (``role="child"``) or as a peer.  Returns our map."""
+        """A node links to this one: as our child (``role="child"``) or as a peer.  Returns our map and
+        the link's epoch."""
         if not isinstance(info, dict):
             raise TypeError("join info must be a dict")
         name, uri, role = info.get("name"), info.get("uri"), info.get("role", "child")
-        _check_str(name, "name")
-        _check_str(uri, "uri")
+        check_str(name, "name")
+        check_str(uri, "uri")
         if role not in ("child", "peer"):
             raise ValueError(f"join role must be 'child' or 'peer', got {role!r}")
         if name == self.name:
             raise ValueError(f"a node named {name!r} cannot join itself (two nodes with one name?)")
-        remote_map = _check_map(info.get("map", {}))
+        remote_map = check_map(info.get("map", {}))
         with self.lock:
-            old = self.links.get(name)
-            if old is not None and old.initiated:
-                # we also opened a link to it (mutual parents / peers): keep ours, allow sending
-                old.may_send = True
-                old.role = "peer"
-                old.remote_map = remote_map
-                old.last_heard = time.monotonic()
-                old.alive = True
-                self._schedule()
-                return {"name": self.name, "uri": self.uri, "map": self._report_for(name)}
-            if old is not None:
-                self._lose_link(old, "it joined again")
-            link = Link(self, name, uri, may_send=True, initiated=False,
-                        role="child" if role == "child" else "peer")
-            link.remote_map = remote_map
-            link.alive = True
-            self.links[name] = link
-            log.info("node %s joined as %s (%d workers)", name, link.role, link.workers)
-            self._start_link(link)
-            self._schedule()
-            return {"name": self.name, "uri": self.uri, "map": self._report_for(name)}
+            link = self.links.accept(name, uri, role, remote_map)
+            self.schedule()
+            return {"name": self.name, "uri": self.uri, "map": self.links.report_for(name), "epoch": link.epoch}
 
-    def run_task(self, sender: str, fns: dict, tasks: list, inits: Optional[dict] = None) -> int:
-        """Accept a batch of tasks forwarded by a linked node (the design card's ``run_task``)."""
-        _check_str(sender, "sender")
-        _check_fns(fns)
-        _check_tasks(tasks)
+    def _link_of(self, sender: str, epoch) -> Link:
+        """The live link ``sender`` talks to us over, at ``epoch`` (None: any); else NodeLost."""
+        link = self.links.links.get(sender)
+        if link is None:
+            raise ProtocolError(f"node {sender!r} sent a message to {self.name} without joining first")
+        if epoch is not None:
+            check_int(epoch, "epoch")
+            if epoch != link.epoch or not link.alive:
+                raise NodeLost(f"node {sender!r} used epoch {epoch:x} of its link to {self.name}, which is at "
+                               f"{link.epoch:x}: re-join")
+        link.last_heard = time.monotonic()
+        return link
+
+    def run_task(self, sender: str, fns: dict, tasks: list, inits: Optional[dict] = None,
+                 epoch: Optional[int] = None) -> int:
+        """Accept a batch of tasks forwarded by a linked node over epoch ``epoch`` of its link."""
+        check_str(sender, "sender")
+        check_fns(fns)
+        check_tasks(tasks)
         if inits is not None and not (isinstance(inits, dict) and all(
                 isinstance(k, str) and isinstance(v, bytes) for k, v in inits.items())):
             raise TypeError("inits must map client ids to bytes")
-        rejected = []
         with self.lock:
-            link = self.links.get(sender)
-            if link is None:
-                raise ProtocolError(f"node {sender!r} sent tasks to {self.name} without joining first")
-            link.last_heard = time.monotonic()
+            link = self._link_of(sender, epoch)
+            self.check_fns_known(fns, tasks)
             for cid, blob in (inits or {}).items():
-                c = self._client(cid)
+                c = self.sessions.get(cid)
                 if c.init_blob is None:
                     c.init_blob = blob
                     self.pool.broadcast(("init", cid, blob))
-            self._add_fns(fns, tasks)
-            for t in tasks:
-                tid = t[wire.T_ID]
-                if tid in self.tasks:
-                    continue
-                if self.name in t[wire.T_PATH]:
-                    # (a task past our own max_hops is fine: it runs here and goes no further)
-                    rejected.append(self._error_result(tid, ProtocolError(
-                        f"task {tid} reached {self.name} twice (path {t[wire.T_PATH]}): two nodes share "
-                        f"the name {self.name!r}?")))
-                    self._unref_fn(t[wire.T_FN])
-                    continue
-                self._new_task(t, ("l", sender))
+            n = self.accept_tasks(fns, tasks, ("l", sender, link.epoch), link)
             self.counts["forwarded_in"] += len(tasks)
-            if rejected:
-                link.post(results=rejected)
-            self._schedule()
-        return len(tasks) - len(rejected)
-
-    def receive_results(self, sender: str, results: list) -> int:
-        """Results coming back from a linked node we had sent tasks to."""
-        _check_str(sender, "sender")
-        _check_results(results)
-        with self.lock:
-            link = self.links.get(sender)
-            if link is not None:
-                link.last_heard = time.monotonic()
-            n = self._finish_results(results, ("l", sender))
-            self._schedule()
+            self.schedule()
         return n
 
-    def heartbeat(self, sender: str, remote_map: dict) -> dict:
-        """A linked node says it is alive and how many workers are behind it; we answer the same."""
-        _check_str(sender, "sender")
-        remote_map = _check_map(remote_map)
+    def receive_results(self, sender: str, results: list, epoch: Optional[int] = None) -> int:
+        """Results coming back from a linked node we had sent tasks to (over epoch ``epoch``)."""
+        check_str(sender, "sender")
+        check_results(results)
         with self.lock:
-            link = self.links.get(sender)
-            if link is None:
+            link = self.links.links.get(sender)
+            if link is not None:
+                link.last_heard = time.monotonic()
+            if epoch is None:
+                epoch = link.epoch if link is not None else -1
+            check_int(epoch, "epoch")
+            n = self.finish_results(results, ("l", sender, epoch))
+            self.schedule()
+        return n
+
+    def heartbeat(self, sender: str, remote_map: dict, recon: Optional[dict] = None) -> dict:
+        """A linked node says it is alive and how many workers are behind it; we answer the same.
+        ``recon``: count and digest of the task ids it believes it gave us; we answer ours."""
+        check_str(sender, "sender")
+        remote_map = check_map(remote_map)
+        check_recon(recon)
+        with self.lock:
+            link = self.links.links.get(sender)
+            if link is None or recon is not None and recon["e"] != link.epoch:
                 return {"unknown": True}
             link.last_heard = time.monotonic()
             changed = link.remote_map != remote_map
             link.remote_map = remote_map
             if changed:
-                self._schedule()
-            return {"map": self._report_for(sender)}
+                self.schedule()
+            reply = {"map": self.links.report_for(sender)}
+            if recon is not None:
+                n, d = self.ledger.digest_from(("l", sender, link.epoch))
+                for tid in link.pending_result_ids():
+                    n, d = n + 1, d ^ id_hash(tid)
+                reply["n"], reply["d"] = n, d
+            return reply
+
+    def reconcile(self, sender: str, epoch: int, task_ids: list) -> list:
+        """Reconciliation: ``task_ids`` are the ids ``sender`` believes it gave us over ``epoch``;
+        returns the ids we hold from it (results not yet delivered included).  What we hold and it
+        does not know is dropped once seen twice in a row."""
+        check_str(sender, "sender")
+        check_ids(task_ids)
+        with self.lock:
+            link = self._link_of(sender, epoch)
+            return self.reconcile_received(link, set(task_ids))
 
     def cancel_forwarded(self, sender: str, task_ids: list) -> int:
         """A linked node cancels tasks it had forwarded to us."""
-        _check_str(sender, "sender")
-        if not isinstance(task_ids, (list, tuple)):
-            raise TypeError("task_ids must be a list")
-        n = 0
+        check_str(sender, "sender")
+        check_ids(task_ids)
         with self.lock:
-            by_link: Dict[str, List[str]] = {}
-            for tid in task_ids:
-                rec = self.tasks.get(tid)
-                if rec is not None and rec.origin == ("l", sender):
-                    n += self._cancel_rec(tid, rec, by_link)
-            for name, ids in by_link.items():
-                if name in self.links:
-                    self.links[name].post(cancel=ids)
-        return n
+            ts = [t for t in (self.ledger.tasks.get(tid) for tid in task_ids)
+                  if t is not None and t.origin[0] == "l" and t.origin[1] == sender]
+            return self.cancel_tasks(ts)
 
     def status(self) -> dict:
         """This node's figures and its links, for ``pydist status``."""
         import psutil
 
         with self.lock:
-            running = sum(len(q) for q in self.worker_inflight)   # on this node's workers
-            busy = sum(1 for q in self.worker_inflight if q)
+            lg = self.ledger
+            at_workers = [sum(lg.count_at(k) for k in lg.locations() if k[0] == "w" and k[1] == i)
+                          for i in range(self.worker_count)]
             links = [{"name": l.name, "uri": l.uri, "role": l.role, "alive": l.alive,
-                      "inflight": len(l.inflight), "workers": l.workers} for l in self.links.values()]
-            parent = next((l.name for l in self.links.values() if l.role == "parent"), None)
+                      "inflight": sum(lg.count_at(k) for k in lg.links_of(l.name)), "workers": l.workers,
+                      "epoch": l.epoch} for l in self.links.links.values()]
+            parent = next((l.name for l in self.links.links.values() if l.role == "parent"), None)
             st = {
                 "name": self.name, "address": self.address, "uri": self.uri, "parent": parent,
-                "workers": len(self.worker_up), "workers_up": sum(self.worker_up), "busy": busy,
-                "queued": len(self.queue), "running": running,
-                "forwarded": sum(len(l.inflight) for l in self.links.values()),
+                "workers": self.worker_count, "workers_up": sum(self.worker_up),
+                "busy": sum(1 for n in at_workers if n), "running": sum(at_workers),
+                "queued": sum(1 for t in lg.tasks.values() if t.state is State.QUEUED),
+                "forwarded": sum(l["inflight"] for l in links),
+                "held": len(lg), "stale_results": lg.stale, "ledger": dict(lg.counts),
                 "done": self.counts["done"], "failed": self.counts["failed"],
                 "submitted": self.counts["submitted"], "worker_restarts": self.pool.restarts,
-                "clients": len(self.clients), "links": links, "max_hops": self.cfg.max_hops,
+                "clients": len(self.sessions), "links": links, "max_hops": self.cfg.max_hops,
                 "uptime": time.time() - self.started_at, "pid": os.getpid(),
                 "avg_task_s": self.avg.value, "bundles": len(self.store.list()),
-                "reachable": sorted({self.name}.union(*(l.remote_map for l in self.links.values()
+                "reachable": sorted({self.name}.union(*(l.remote_map for l in self.links.links.values()
                                                        if l.may_send and l.alive))),
             }
         st["cpu_percent"] = psutil.cpu_percent(interval=None)
@@ -514,640 +389,41 @@ class Node:
     # ======================================================================================== messages
     def comm_send(self, group: str, src: int, dst: int, tag: int, blob: bytes) -> None:
         """A rank of a task group posts a message (this node is the group's home)."""
-        _check_str(group, "group")
+        check_str(group, "group")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (src, dst, tag)) \
                 or not isinstance(blob, bytes):
             raise TypeError("comm_send(group, src:int, dst:int, tag:int, blob:bytes)")
-        with self.mail_cond:
-            if self.mail_bytes + len(blob) > self.cfg.max_message_size * 4:
-                raise MemoryError(f"node {self.name} holds {self.mail_bytes} bytes of undelivered group "
-                                  "messages; receive some before sending more")
-            self.mail.setdefault(group, []).append((dst, src, tag, blob))
-            self.mail_bytes += len(blob)
-            self.mail_cond.notify_all()
+        self.mailboxes.send(group, src, dst, tag, blob, self.name)
 
     def comm_recv(self, group: str, dst: int, src: int, tag: int, timeout: float):
         """Take the first message for rank ``dst`` matching ``src``/``tag`` (-1: any), waiting up to
         ``timeout`` s (at most 5); returns ``(src, tag, blob)`` or None."""
-        _check_str(group, "group")
+        check_str(group, "group")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (src, dst, tag)):
             raise TypeError("comm_recv(group, dst:int, src:int, tag:int, timeout)")
-        deadline = time.monotonic() + _check_timeout(timeout)
-        with self.mail_cond:
-            while True:
-                box = self.mail.get(group, ())
-                for i, (d, s_, t, b) in enumerate(box):
-                    if d == dst and (src == -1 or s_ == src) and (t == tag or (tag == -1 and t > -1000)):
-                        del box[i]
-                        self.mail_bytes -= len(b)
-                        return (s_, t, b)
-                left = deadline - time.monotonic()
-                if left <= 0 or self.stopping.is_set():
-                    return None
-                self.mail_cond.wait(left)
+        return self.mailboxes.recv(group, dst, src, tag, check_timeout(timeout))
 
     def comm_close(self, group: str) -> None:
         """Drop a finished group's mailbox."""
-        _check_str(group, "group")
-        with self.mail_cond:
-            for _, _, _, b in self.mail.pop(group, ()):
-                self.mail_bytes -= len(b)
+        check_str(group, "group")
+        self.mailboxes.close(group)
 
-    # ======================================================================================== code
-    def code_has(self, digests: list) -> list:
-        """Which of these bundle digests this node holds."""
-        if not isinstance(digests, (list, tuple)) or not all(isinstance(d, str) for d in digests):
-            raise TypeError("digests must be a list of str")
-        return [d for d in digests if self.store.has(d)]
-
-    def code_begin(self, digest: str, size: int) -> None:
-        """Start receiving a bundle in chunks."""
-        _check_str(digest, "digest")
-        if not isinstance(size, int) or size < 0:
-            raise TypeError("size must be a non-negative int")
-        if size > self.cfg.code_cache_max:
-            from .errors import BundleTooLarge
-
-            raise BundleTooLarge(f"bundle {digest[:12]} is {size} bytes, over node {self.name}'s cache "
-                                 f"limit of {self.cfg.code_cache_max} bytes (--code-cache-max)")
-        self.store.begin(digest, size)
-
-    def code_chunk(self, digest: str, offset: int, data: bytes) -> None:
-        """One chunk of a bundle being received."""
-        _check_str(digest, "digest")
-        if not isinstance(offset, int) or not isinstance(data, bytes):
-            raise TypeError("offset must be int and data bytes")
-        self.store.write_chunk(digest, offset, data)
-
-    def code_finish(self, digest: str, push: bool = True) -> int:
-        """Verify and install a received bundle; with ``push`` send it on to every child.  Returns the
-        number of links it is being pushed to."""
-        _check_str(digest, "digest")
-        self.store.finish(digest)
-        return self._code_installed(digest, push)
-
-    def code_read(self, digest: str, offset: int, size: int) -> bytes:
-        """Part of a bundle's archive (a child fetching a bundle it lacks)."""
-        _check_str(digest, "digest")
-        if not isinstance(offset, int) or not isinstance(size, int) or size < 0 or offset < 0:
-            raise TypeError("offset and size must be non-negative ints")
-        data = self.store.read(digest)
-        return data[offset:offset + min(size, 16 << 20)]
-
-    def code_size(self, digest: str) -> int:
-        """Size of a bundle's archive, or -1 if absent."""
-        _check_str(digest, "digest")
-        return len(self.store.read(digest)) if self.store.has(digest) else -1
-
-    def _code_installed(self, digest: str, push: bool) -> int:
-        with self.lock:
-            waiting = self.waiting_code.pop(digest, [])
-            self.fetching.discard(digest)
-            for tid in waiting:
-                rec = self.tasks.get(tid)
-                if rec is not None and rec.state is TaskState.QUEUED and not rec.cancelled:
-                    self.queue.append(tid)
-            targets = [l for l in self.links.values() if l.may_send] if push else []
-            for l in targets:
-                l.post(code=[digest])
-            self._schedule()
-        return len(targets)
-
-    # ======================================================================================== internals
-    def _client(self, cid: str) -> ClientRec:
-        c = self.clients.get(cid)
-        if c is None:
-            c = self.clients[cid] = ClientRec(cid, self.lock)
-        return c
-
-    def _drop_client(self, cid: str) -> None:
-        c = self.clients.pop(cid, None)
-        if c is None:
-            return
-        c.closed = True
-        c.cond.notify_all()
-        by_link: Dict[str, List[str]] = {}
-        for tid, rec in list(self.tasks.items()):
-            if rec.origin == ("c", cid):
-                self._cancel_rec(tid, rec, by_link)
-        for name, ids in by_link.items():
-            if name in self.links:
-                self.links[name].post(cancel=ids)
-        self.pool.broadcast(("forget", [cid]))
-        with self.mail_cond:
-            for g in [g for g in self.mail if g.startswith(cid + ".")]:
-                for _, _, _, b in self.mail.pop(g):
-                    self.mail_bytes -= len(b)
-
-    def _add_fns(self, fns: dict, tasks: list) -> None:
-        for k, blob in fns.items():
-            if k not in self.fns:
-                self.fns[k] = [blob, 0]
-        for t in tasks:
-            entry = self.fns.get(t[wire.T_FN])
-            if entry is None:
-                raise ProtocolError(f"task {t[wire.T_ID]} names function {t[wire.T_FN]} that was not sent")
-            entry[1] += 1
-
-    def _unref_fn(self, key: str) -> None:
-        entry = self.fns.get(key)
-        if entry is not None:
-            entry[1] -= 1
-            if entry[1] <= 0:
-                del self.fns[key]
-
-    def _new_task(self, t: tuple, origin: Tuple[str, str]) -> None:
-        tid = t[wire.T_ID]
-        rec = self.tasks[tid] = TaskRec(tuple(t[:5]) + (list(t[5]),) + tuple(t[6:8]), origin)
-        if rec.rec[wire.T_BUNDLE] is not None:
-            self.store.pin(rec.rec[wire.T_BUNDLE])   # never evicted while a task needs it
-        self._enqueue_new(tid)
-
-    def _forget(self, tid: str, rec: TaskRec) -> None:
-        """The task leaves this node: drop its record, its function reference and its bundle pin."""
-        self.tasks.pop(tid, None)
-        self._unref_fn(rec.rec[wire.T_FN])
-        if rec.rec[wire.T_BUNDLE] is not None:
-            self.store.unpin(rec.rec[wire.T_BUNDLE])
-
-    def _enqueue_new(self, tid: str) -> None:
-        rec = self.tasks[tid]
-        bundle = rec.rec[wire.T_BUNDLE]
-        if bundle is not None:
-            if not self.store.has(bundle):
-                self.waiting_code.setdefault(bundle, []).append(tid)
-                self._fetch_code(bundle, rec.origin)
-                return
-            if bundle != self._last_touched:
-                self.store.path(bundle)          # marks it recently used (LRU eviction)
-                self._last_touched = bundle
-        self.queue.append(tid)
-
-    def _fetch_code(self, digest: str, origin: Tuple[str, str]) -> None:
-        if digest in self.fetching:
-            return
-        if origin[0] == "l" and origin[1] in self.links:
-            self.fetching.add(digest)
-            threading.Thread(target=self._fetch_code_from, args=(digest, self.links[origin[1]].uri),
-                             daemon=True, name="pydist-fetch").start()
-        else:
-            self._fail_waiting(digest, BundleNotFound(
-                f"code bundle {digest[:12]} is not on node {self.name}: upload it first "
-                f"(ClusterExecutor.upload_code)"))
-
-    def _fetch_code_from(self, digest: str, uri: str) -> None:
-        try:
-            proxy = security.connect(uri, secret=self.cfg.secret, timeout=self.cfg.heartbeat_timeout)
-            with proxy:
-                size = proxy.code_size(digest)
-                if size < 0:
-                    raise BundleNotFound(f"code bundle {digest[:12]} is on neither node {self.name} nor "
-                                         f"its sender: upload it first (ClusterExecutor.upload_code)")
-                self.store.begin(digest, size)
-                off = 0
-                from .codesync import CHUNK_SIZE
-
-                while off < size:
-                    data = proxy.code_read(digest, off, CHUNK_SIZE)
-                    if not data:
-                        raise BundleNotFound(f"code bundle {digest[:12]} vanished while being fetched")
-                    self.store.write_chunk(digest, off, data)
-                    off += len(data)
-                self.store.finish(digest)
-            self._code_installed(digest, push=False)
-        except Exception as exc:
-            log.warning("fetching code bundle %s failed: %s", digest[:12], exc)
-            try:
-                self.store.abort(digest)
-            except Exception:
-                pass
-            with self.lock:
-                self.fetching.discard(digest)
-                err = exc if isinstance(exc, BundleNotFound) else BundleNotFound(
-                    f"code bundle {digest[:12]} could not be fetched by node {self.name}: {exc}")
-                self._fail_waiting(digest, err)
-
-    def _fail_waiting(self, digest: str, exc: Exception) -> None:
-        for tid in self.waiting_code.pop(digest, []):
-            rec = self.tasks.get(tid)
-            if rec is not None:
-                self._finish_results([self._error_result(tid, exc)], None)
-
-    def _error_result(self, tid: str, exc: BaseException) -> tuple:
-        return (tid, wire.ERROR, wire.dumps_exception(exc), self.name, -1, 0.0)
-
-    def _cancel_rec(self, tid: str, rec: TaskRec, by_link: Dict[str, List[str]]) -> int:
-        if rec.cancelled or rec.state in (TaskState.DONE, TaskState.CANCELLED):
-            return 0
-        rec.cancelled = True
-        if rec.state is TaskState.QUEUED:
-            rec.move(TaskState.CANCELLED)
-            self._forget(tid, rec)
-            # lazily skipped in the queue
-            return 1
-        if rec.target is not None and rec.target[0] == "l":
-            by_link.setdefault(rec.target[1], []).append(tid)
-        return 1
-
-    # ---------------------------------------------------------------------------------- scheduling
-    def _slots(self) -> List[scheduler.Slot]:
-        win = scheduler.window(self.avg.value)
-        slots = []
-        for i, q in enumerate(self.worker_inflight):
-            if self.worker_up[i]:
-                slots.append(scheduler.Slot(("w", i), win - len(q), win))
-        for l in self.links.values():
-            if l.may_send and l.alive:
-                cap = scheduler.link_capacity(l.workers, win, self.avg.value)
-                if cap > 0:
-                    slots.append(scheduler.Slot(("l", l.name), cap - len(l.inflight), cap, l.name))
-        return slots
-
-    def _schedule(self) -> None:
-        """Place queued tasks on slots with credit.  Caller holds ``lock``."""
-        if not self.queue or self.stopping.is_set():
-            return
-        slots = self._slots()
-        credit = sum(max(0, s.credit) for s in slots)
-        if credit <= 0:
-            return
-        examined: List[str] = []
-        views = []
-        limit = credit + 64
-        while self.queue and len(examined) < limit:
-            tid = self.queue.popleft()
-            rec = self.tasks.get(tid)
-            if rec is None or rec.state is not TaskState.QUEUED:
-                continue   # cancelled while queued
-            examined.append(tid)
-            views.append((rec.rec[wire.T_HOPS], rec.rec[wire.T_PATH]))
-        placement = scheduler.place(views, slots, self.cfg.max_hops)
-        placed = set()
-        for key, idxs in placement.items():
-            ids = [examined[i] for i in idxs]
-            placed.update(idxs)
-            if key[0] == "w":
-                self._send_to_worker(key[1], ids)
-            else:
-                self._send_to_link(self.links[key[1]], ids)
-        leftover = [examined[i] for i in range(len(examined)) if i not in placed]
-        self.queue.extendleft(reversed(leftover))
-
-    def _send_to_worker(self, index: int, ids: List[str]) -> None:
-        fns: Dict[str, bytes] = {}
-        recs = []
-        big = False
-        gen = self.pool.handles[index].generation
-        inflight = self.worker_inflight[index]
-        for tid in ids:
-            rec = self.tasks[tid]
-            rec.move(TaskState.SENT)
-            rec.target = ("w", index, gen)
-            inflight[tid] = gen
-            key = rec.rec[wire.T_FN]
-            if key not in fns:
-                fns[key] = self.fns[key][0]
-            r = rec.rec
-            if isinstance(r[wire.T_PAYLOAD], list) or len(r[wire.T_PAYLOAD]) >= wire.OOB_MIN:
-                big = True   # large arguments go to the worker out of band, not copied into the frame
-                r = r[:wire.T_PAYLOAD] + (wire.frame_payload(r[wire.T_PAYLOAD]),) + r[wire.T_PAYLOAD + 1:]
-            recs.append(r)
-            self._note_started(rec, tid)
-        self.pool.send(index, ("run", fns, recs), big)
-
-    def _send_to_link(self, link: Link, ids: List[str]) -> None:
-        fns: Dict[str, bytes] = {}
-        inits: Dict[str, bytes] = {}
-        recs = []
-        for tid in ids:
-            rec = self.tasks[tid]
-            rec.move(TaskState.SENT)
-            rec.target = ("l", link.name)
-            link.inflight[tid] = None
-            r = rec.rec
-            key = r[wire.T_FN]
-            if key not in fns:
-                fns[key] = self.fns[key][0]
-            cid = r[wire.T_CLIENT]
-            if cid and cid not in link.known_clients:
-                c = self.clients.get(cid)
-                if c is not None and c.init_blob is not None:
-                    inits[cid] = c.init_blob
-                link.known_clients.add(cid)
-            hops, path = scheduler.forward_path(r[wire.T_PATH], r[wire.T_HOPS], self.name)
-            recs.append((r[0], r[1], r[2], r[3], hops, path, r[6], r[7]))
-            self._note_started(rec, tid)
-        self.counts["forwarded_out"] += len(recs)
-        link.post(tasks=recs, fns=fns, inits=inits)
-
-    def _note_started(self, rec: TaskRec, tid: str) -> None:
-        if rec.origin[0] == "c":
-            c = self.clients.get(rec.origin[1])
-            if c is not None:
-                c.started.append(tid)
-                if len(c.started) == 1:
-                    self._started_timer.add(c)
-
-    # ---------------------------------------------------------------------------------- results
-    def _finish_results(self, results: list, source: Optional[tuple]) -> int:
-        """Deliver results to their origins.  ``source``: ("w", index) / ("l", name) / None (local
-        failure).  Caller holds ``lock``."""
-        n = 0
-        notify: Dict[str, ClientRec] = {}
-        to_links: Dict[str, List[tuple]] = {}
-        for r in results:
-            tid = r[wire.R_ID]
-            rec = self.tasks.get(tid)
-            if rec is None:
-                continue
-            if source is not None:
-                t = rec.target
-                if t is None or t[0] != source[0] or t[1] != source[1]:
-                    continue   # a late result from a target we gave up on: already re-placed
-            if source is not None and source[0] == "l":
-                self.links[source[1]].inflight.pop(tid, None) if source[1] in self.links else None
-            if r[wire.R_RUNTIME] and r[wire.R_STATUS] == wire.OK:
-                self.avg.add(r[wire.R_RUNTIME])
-            rec.state = TaskState.DONE
-            self._forget(tid, rec)
-            if source is None or source[0] == "w":
-                self.counts["done" if r[wire.R_STATUS] == wire.OK else "failed"] += 1
-            n += 1
-            if rec.cancelled:
-                continue
-            kind, who = rec.origin
-            if kind == "c":
-                c = self.clients.get(who)
-                if c is not None:
-                    c.results.append(tuple(r))
-                    notify[who] = c
-            else:
-                to_links.setdefault(who, []).append(tuple(r))
-        for c in notify.values():
-            c.cond.notify()
-        for name, rs in to_links.items():
-            link = self.links.get(name)
-            if link is not None:
-                link.post(results=rs)
-        return n
-
-    def _on_worker_results(self, index: int, results: list) -> None:
-        with self.lock:
-            q = self.worker_inflight[index]
-            for r in results:
-                q.pop(r[wire.R_ID], None)
-            self._finish_results(results, ("w", index))
-            self._schedule()
-
-    def _on_worker_exit(self, index: int, returncode: Optional[int], culprit: Optional[str]) -> None:
-        """A worker died: the task it was running fails with WorkerLost; the others it held (queued
-        in it, or finished but not yet reported) are placed again."""
-        with self.lock:
-            q = self.worker_inflight[index]
-            dead_gen = self.pool.handles[index].generation - 1
-            dead = [tid for tid, gen in q.items() if gen == dead_gen]
-            for tid in dead:
-                del q[tid]
-            self.worker_up[index] = False
-            if culprit in dead:
-                err = WorkerLost(f"the worker process running task {culprit} on node {self.name} died "
-                                 f"(exit code {returncode}); the node replaced it")
-                rec = self.tasks.get(culprit)
-                if rec is not None:
-                    rec.target = None
-                    self._finish_results([(culprit, wire.LOST, wire.dumps_exception(err), self.name,
-                                           index, 0.0)], None)
-            for tid in reversed(dead):
-                rec = self.tasks.get(tid)
-                if tid != culprit and rec is not None and rec.state is TaskState.SENT:
-                    rec.move(TaskState.LOST)
-                    rec.move(TaskState.QUEUED)
-                    rec.target = None
-                    self.queue.appendleft(tid)
-        threading.Thread(target=self._wait_ready, args=(index,), daemon=True).start()
-
-    def _wait_ready(self, index: int) -> None:
-        h = self.pool.handles[index]
-        while not self.stopping.is_set():
-            if h.ready.wait(0.1):
-                with self.lock:
-                    self.worker_up[index] = True
-                    self._schedule()
-                return
-
-    # ---------------------------------------------------------------------------------- links
-    def _report_for(self, link_name: str) -> Dict[str, list]:
-        """Workers reachable through us, as seen by ``link_name`` (split horizon, bounded distance)."""
-        out: Dict[str, list] = {self.name: [len(self.worker_up), 0]}
-        for l in self.links.values():
-            if l.name == link_name or not l.may_send or not l.alive:
-                continue
-            for n, (w, d) in l.remote_map.items():
-                if n == link_name or d + 1 >= self.cfg.max_hops:
-                    continue
-                if n not in out or out[n][1] > d + 1:
-                    out[n] = [w, d + 1]
-        return out
-
-    def _open_link(self, target: str, role: str) -> None:
-        self._start_link(Link(self, name=f"?{target}", uri="", may_send=(role == "peer"), initiated=True,
-                              join_target=target, role=role))
-
-    def _start_link(self, link: Link) -> None:
-        threading.Thread(target=self._link_loop, args=(link,), daemon=True,
-                         name=f"pydist-link-{link.join_target or link.name}").start()
-
-    def _resolve(self, target: str) -> str:
-        if target.startswith("PYRO:") or target.startswith("PYRONAME:"):
-            return target
-        if ":" in target and not target.startswith(NS_PREFIX):
-            return f"PYRO:{NODE_OBJECT_ID}@{target}"
-        if not self.cfg.ns:
-            raise ValueError(f"cannot resolve node name {target!r} without --ns")
-        name = target if target.startswith(NS_PREFIX) else NS_PREFIX + target
-        with _ns_proxy(self.cfg.ns) as ns:
-            return str(ns.lookup(name))
-
-    def _join(self, link: Link):
-        """Connect to the node a link we initiated points to, and join it.  Returns the proxy."""
-        uri = self._resolve(link.join_target)  # type: ignore[arg-type]
-        proxy = security.connect(uri, secret=self.cfg.secret, timeout=self.cfg.heartbeat_timeout,
-                                 call_timeout=self.cfg.heartbeat_timeout)
-        name = proxy.pydist_peer_name
-        role = "peer" if link.role == "peer" else "child"
-        with self.lock:
-            if name == self.name:
-                raise ValueError(f"--{link.role} {link.join_target} is this node itself")
-            old = self.links.get(name)
-            if old is not None and old is not link:
-                if old.initiated:
-                    raise ValueError(f"already linked to {name} (listed twice?)")
-                # it had joined us first (mutual links): take its place, keep sending rights
-                self._lose_link(old, "replaced by our own link")
-                old.stop()
-                link.may_send = True
-                link.role = "peer"
-            # known under its name before we join, so its first heartbeat to us finds the link
-            link.name = name
-            link.uri = str(proxy._pyroUri)
-            link.last_heard = time.monotonic()
-            self.links[name] = link
-            report = self._report_for(name)
-        reply = proxy.join({"name": self.name, "uri": self.uri, "role": role, "map": report})
-        with self.lock:
-            link.uri = reply["uri"]
-            link.remote_map = _check_map(reply.get("map", {}))
-            link.alive = True
-            link.last_heard = time.monotonic()
-            log.info("linked to %s %s at %s", link.role, name, link.uri)
-            self._schedule()
-        return proxy
-
-    def _link_loop(self, link: Link) -> None:
-        delay = 0.05
-        first_try = time.monotonic()
-        while not self.stopping.is_set() and not link.stopping:
-            proxy = None
-            try:
-                if link.initiated:
-                    proxy = self._join(link)
-                else:
-                    proxy = security.connect(link.uri, secret=self.cfg.secret,
-                                             timeout=self.cfg.heartbeat_timeout,
-                                             call_timeout=self.cfg.heartbeat_timeout)
-                delay = 0.05
-                first_try = time.monotonic()
-                self._pump(link, proxy)
-            except Exception as exc:
-                if self.stopping.is_set() or link.stopping:
-                    break
-                if link.alive or not link.initiated:
-                    log.warning("link to %s %s lost: %s", link.role, link.name, _short(exc))
-                else:
-                    log.debug("joining %s failed: %s", link.join_target, _short(exc))
-                with self.lock:
-                    self._lose_link(link, _short(exc))
-                if not link.initiated:
-                    break
-                self.stopping.wait(delay)
-                # a parent that is starting too: retry briskly for a few seconds, then back off
-                delay = 0.1 if time.monotonic() - first_try < 5 else min(delay * 2, 2.0)
-            finally:
-                security.release(proxy)
-
-    def _pump(self, link: Link, proxy) -> None:
-        """Send what is queued for ``link``, heartbeat, until the link fails or stops."""
-        hb = self.cfg.heartbeat
-        next_hb = 0.0
-        while True:
-            with link.cond:
-                while not (link.out_tasks or link.out_results or link.out_cancel or link.out_code
-                           or link.stopping) and time.monotonic() < next_hb:
-                    link.cond.wait(max(0.0, next_hb - time.monotonic()))
-                if link.stopping:
-                    return
-                if not link.alive:
-                    # the janitor declared it lost (missed heartbeats) while we were busy: start over
-                    # (re-join if we opened it), so both sides re-place what the other dropped
-                    raise NodeLost(f"{link.name} was declared lost")
-                tasks, fns, inits = link.out_tasks, link.out_fns, link.out_inits
-                results, cancel, code = link.out_results, link.out_cancel, link.out_code
-                link.out_tasks, link.out_fns, link.out_inits = [], {}, {}
-                link.out_results, link.out_cancel, link.out_code = [], [], []
-            if self.stopping.is_set():
-                return
-            if results:
-                proxy.receive_results(self.name, results)
-            if tasks:
-                try:
-                    proxy.run_task(self.name, fns, tasks, inits)
-                except Exception:
-                    with link.cond:   # not delivered: keep them for the failure handler
-                        link.out_tasks[:0] = tasks
-                    raise
-            if cancel:
-                proxy.cancel_forwarded(self.name, cancel)
-            for digest in code:
-                self._push_code(proxy, link, digest)
-            now = time.monotonic()
-            if now >= next_hb:
-                with self.lock:
-                    report = self._report_for(link.name)
-                reply = proxy.heartbeat(self.name, report)
-                if reply.get("unknown"):
-                    raise NodeLost(f"{link.name} no longer knows us (it restarted)")
-                with self.lock:
-                    new_map = _check_map(reply.get("map", {}))
-                    link.last_heard = time.monotonic()
-                    if new_map != link.remote_map:
-                        link.remote_map = new_map
-                        self._schedule()
-                next_hb = now + hb
-
-    def _push_code(self, proxy, link: Link, digest: str) -> None:
-        from .codesync import CHUNK_SIZE
-
-        has = getattr(link, "has_code", None)
-        if has is None:
-            has = link.has_code = set()   # type: ignore[attr-defined]
-        if digest in has:
-            return
-        if proxy.code_has([digest]):
-            has.add(digest)
-            return
-        data = self.store.read(digest)
-        old_timeout = proxy._pyroTimeout
-        proxy._pyroTimeout = max(old_timeout or 0, 60.0)
-        try:
-            proxy.code_begin(digest, len(data))
-            for off in range(0, len(data), CHUNK_SIZE):
-                proxy.code_chunk(digest, off, data[off:off + CHUNK_SIZE])
-            proxy.code_finish(digest, True)
-        finally:
-            proxy._pyroTimeout = old_timeout
-        has.add(digest)
-
-    def _lose_link(self, link: Link, why: str) -> None:
-        """A link failed: re-place tasks we had sent it, drop tasks it had sent us.  Holds ``lock``."""
-        was_alive = link.alive
-        link.alive = False
-        if self.links.get(link.name) is link:
-            if not link.initiated:
-                del self.links[link.name]
-        with link.cond:   # what was not sent yet: tasks are re-placed below (they are in inflight)
-            link.out_tasks, link.out_fns, link.out_inits, link.out_results = [], {}, {}, []
-        ids = list(link.inflight)
-        link.inflight.clear()
-        link.known_clients.clear()
-        if hasattr(link, "has_code"):
-            link.has_code = set()   # type: ignore[attr-defined]
-        n = 0
-        for tid in reversed(ids):
-            rec = self.tasks.get(tid)
-            if rec is None or rec.target != ("l", link.name):
-                continue
-            rec.target = None
-            if rec.cancelled:
-                rec.move(TaskState.CANCELLED)
-                self._forget(tid, rec)
-                continue
-            rec.move(TaskState.LOST)
-            rec.move(TaskState.QUEUED)
-            self.queue.appendleft(tid)
-            n += 1
-        # tasks that link had sent us: their results have nowhere to go; its sender re-places them
-        dropped = 0
-        for tid, rec in list(self.tasks.items()):
-            if rec.origin == ("l", link.name):
-                dropped += self._cancel_rec(tid, rec, {})
-        if was_alive and (n or dropped):
-            log.warning("link %s lost (%s): %d tasks placed again, %d of its tasks dropped",
-                        link.name, why, n, dropped)
-        self._schedule()
+    # ======================================================================================== threads
+    def _watch_workers_ready(self) -> None:
+        pending = set(range(len(self.pool.handles)))
+        while pending and not self.stopping.is_set():
+            for i in list(pending):
+                if self.pool.handles[i].ready.wait(0.01):
+                    pending.discard(i)
+                    with self.lock:
+                        self.worker_up[i] = True
+                        self.schedule()
 
     def _janitor(self) -> None:
-        """Drop silent links (missed heartbeats) and clients (expired lease)."""
+        """Drop silent links (missed heartbeats) and clients (expired lease); watch worker memory."""
         period = min(1.0, self.cfg.heartbeat)
+        if self.cfg.memory_limit:
+            period = min(period, 0.25)
         next_stale_check = time.monotonic() + 60
         while not self.stopping.wait(period):
             now = time.monotonic()
@@ -1158,88 +434,20 @@ class Node:
                         log.info("dropped a code upload that stalled: %s", d[:12])
                 except Exception as exc:   # never let housekeeping kill the janitor
                     log.warning("code cache housekeeping failed: %s", exc)
+            if self.cfg.memory_limit:
+                self.check_memory()
             with self.lock:
-                for link in list(self.links.values()):
-                    if link.alive and now - link.last_heard > self.cfg.heartbeat_timeout:
-                        log.warning("no heartbeat from %s for %.1f s: declaring it lost",
-                                    link.name, now - link.last_heard)
-                        self._lose_link(link, "missed heartbeats")
-                        if not link.initiated:
-                            link.stop()
-                for cid, c in list(self.clients.items()):
-                    if now - c.last_seen > self.cfg.client_lease and not c.cond._waiters:  # type: ignore
-                        log.info("client %s silent for %.0f s: dropping its tasks", cid, now - c.last_seen)
-                        self._drop_client(cid)
+                self.links.check_silent(now)
+                for cid in self.sessions.expired(now):
+                    log.info("client %s silent for %.0f s: dropping its tasks", cid,
+                             now - self.sessions.clients[cid].last_seen)
+                    self.drop_client(cid)
 
 
 # ============================================================================================ helpers
-def _short(exc: BaseException) -> str:
-    s = f"{type(exc).__name__}: {exc}"
-    return s if len(s) < 300 else s[:297] + "..."
-
-
 def _ns_proxy(ns: str):
     host, _, port = ns.rpartition(":")
     return Pyro5.api.locate_ns(host or ns, int(port) if port else None)
-
-
-def _check_str(v: Any, what: str) -> None:
-    if not isinstance(v, str) or not v or len(v) > 4096:
-        raise TypeError(f"{what} must be a non-empty str, got {type(v).__name__}")
-
-
-def _check_timeout(t: Any) -> float:
-    """A wait in seconds: a finite number, clamped to [0, COLLECT_MAX_WAIT]."""
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-        raise TypeError(f"timeout must be a finite number of seconds, got {t!r:.40}")
-    return min(max(float(t), 0.0), COLLECT_MAX_WAIT)
-
-
-def _check_fns(fns: Any) -> None:
-    if not isinstance(fns, dict) or not all(isinstance(k, str) and isinstance(v, bytes) for k, v in fns.items()):
-        raise TypeError("fns must map str keys to bytes")
-
-
-_DIGEST = re.compile(r"[0-9a-f]{64}")
-_TASK_TYPES = (str, str, (bytes, list), (str, type(None)), int, (list, tuple), int, str)
-
-
-def _check_tasks(tasks: Any) -> None:
-    if not isinstance(tasks, (list, tuple)):
-        raise TypeError("tasks must be a list of task records")
-    for t in tasks:
-        if not isinstance(t, (list, tuple)) or len(t) != 8:
-            raise TypeError("a task record must be a tuple of 8 fields (see pydist.wire)")
-        for v, typ in zip(t, _TASK_TYPES):
-            if not isinstance(v, typ) or isinstance(v, bool) and typ is int:
-                raise TypeError(f"malformed task record field {v!r:.40}: expected {typ}")
-        if not all(isinstance(p, str) for p in t[5]):
-            raise TypeError("a task's path must be a list of node names")
-        if isinstance(t[2], list) and (not t[2] or not all(isinstance(b, bytes) for b in t[2])):
-            raise TypeError("a task's payload must be bytes or a non-empty list of bytes")
-        if t[3] is not None and not _DIGEST.fullmatch(t[3]):
-            raise TypeError("a task's bundle must be None or a sha256 hex digest")
-
-
-def _check_results(results: Any) -> None:
-    if not isinstance(results, (list, tuple)):
-        raise TypeError("results must be a list")
-    for r in results:
-        if not isinstance(r, (list, tuple)) or len(r) != 6 or not isinstance(r[0], str) \
-                or not isinstance(r[1], int) or not isinstance(r[2], bytes):
-            raise TypeError("a result record must be (id, status, blob, node, worker, runtime)")
-
-
-def _check_map(m: Any) -> Dict[str, list]:
-    if not isinstance(m, dict):
-        raise TypeError("a capacity map must be a dict")
-    out = {}
-    for k, v in m.items():
-        if not isinstance(k, str) or not isinstance(v, (list, tuple)) or len(v) != 2 \
-                or not all(isinstance(x, int) for x in v):
-            raise TypeError("a capacity map maps node names to [workers, distance]")
-        out[k] = [int(v[0]), int(v[1])]
-    return out
 
 
 def advertised_host(host: str) -> str:
@@ -1271,3 +479,4 @@ def serve(config: NodeConfig, on_ready=None) -> None:
     finally:
         node.stop()
         daemon.close()
+

@@ -61,7 +61,7 @@ MAX_WINDOW = 256
 
 def window(avg_runtime: Optional[float]) -> int:
     """Tasks to keep in flight per worker, from the mean measured runtime (None: not yet known)."""
-    if avg_runtime is None or avg_runtime >= LONG_TASK:
+    if avg_runtime is None or not math.isfinite(avg_runtime) or avg_runtime >= LONG_TASK:
         return 1
     return max(2, min(MAX_WINDOW, math.ceil(BATCH_TIME / max(avg_runtime, 1e-6))))
 
@@ -175,5 +175,8 @@ class RuntimeAverage:
         self.value: Optional[float] = None
 
     def add(self, x: float) -> None:
-        """Fold one measurement in."""
+        """Fold one measurement in (a runtime that is not a finite number >= 0 is refused: one NaN would
+        poison every later placement)."""
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            raise ValueError(f"a runtime must be a finite number of seconds >= 0, got {x!r}")
         self.value = x if self.value is None else (1 - self.alpha) * self.value + self.alpha * x

@@ -21,7 +21,6 @@ import logging
 import os
 import queue
 import select
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,8 +80,13 @@ class _Worker:
         if slot_path:
             import mmap
 
-            with open(slot_path, "r+b") as f:
-                self.slot = mmap.mmap(f.fileno(), SLOT_SIZE)
+            if slot_path.startswith("fd:"):   # an unlinked file the node passed down (nothing on disk)
+                fd = int(slot_path[3:])
+                self.slot = mmap.mmap(fd, SLOT_SIZE)
+                os.close(fd)
+            else:
+                with open(slot_path, "r+b") as f:
+                    self.slot = mmap.mmap(f.fileno(), SLOT_SIZE)
         self.index, self.node, self.code_cache = index, node, code_cache
         self.fns: "collections.OrderedDict[str, object]" = collections.OrderedDict()
         self.init_blobs: Dict[str, bytes] = {}
@@ -275,7 +279,9 @@ class WorkerPool:
         self.handles = [_Handle(i) for i in range(size)]
         self._stopping = threading.Event()
         self.restarts = 0
-        self.slot_dir = tempfile.mkdtemp(prefix="pydist-slots-")
+        # each worker's "task now running" slot is an unlinked temporary file (an fd, no name): a node
+        # killed with SIGKILL leaves nothing behind in the temp directory
+        self._slots: Dict[tuple, int] = {}   # (index, generation) -> fd
 
     def start(self) -> None:
         """Start every worker (returns at once; each becomes ready on its own)."""
@@ -290,13 +296,15 @@ class WorkerPool:
         r_in, w_in = os.pipe()     # node -> worker
         r_out, w_out = os.pipe()   # worker -> node
         # -c, not -m: the worker must run *the* pydist.workers module (task_context reads its state)
-        slot = os.path.join(self.slot_dir, f"w{h.index}.{h.generation + 1}")
-        with open(slot, "wb") as f:
+        with tempfile.TemporaryFile(prefix="pydist-slot-") as f:   # unlinked at once
             f.write(b"\0" * SLOT_SIZE)
+            f.flush()
+            slot_fd = os.dup(f.fileno())
+        self._slots[(h.index, h.generation + 1)] = slot_fd
         cmd = [sys.executable, "-c", "from pydist.workers import worker_main; worker_main()", str(r_in),
-               str(w_out), str(h.index), self.node_name, self.code_cache, slot]
+               str(w_out), str(h.index), self.node_name, self.code_cache, f"fd:{slot_fd}"]
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(r_in, w_out), stdin=subprocess.DEVNULL, env=self.env)
+            proc = subprocess.Popen(cmd, pass_fds=(r_in, w_out, slot_fd), stdin=subprocess.DEVNULL, env=self.env)
         finally:
             os.close(r_in)
             os.close(w_out)
@@ -407,13 +415,15 @@ class WorkerPool:
 
     def _read_slot(self, index: int, gen: int) -> Optional[str]:
         """The task a dead worker was running (None: it was between tasks)."""
-        path = os.path.join(self.slot_dir, f"w{index}.{gen}")
+        fd = self._slots.pop((index, gen), None)
+        if fd is None:
+            return None
         try:
-            with open(path, "rb") as f:
-                raw = f.read(SLOT_SIZE)
-            os.unlink(path)
+            raw = os.pread(fd, SLOT_SIZE, 0)
         except OSError:
             return None
+        finally:
+            os.close(fd)
         tid = raw.split(b"\0", 1)[0]
         return tid.decode(errors="replace") or None
 
@@ -436,7 +446,13 @@ class WorkerPool:
                 except subprocess.TimeoutExpired:
                     h.proc.kill()
                     h.proc.wait()
-        shutil.rmtree(self.slot_dir, ignore_errors=True)
+        for key in list(self._slots):
+            fd = self._slots.pop(key, None)
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 if __name__ == "__main__":

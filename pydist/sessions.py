@@ -1,0 +1,144 @@
+"""Client sessions of a node: each client's inbox of results, its long poll, its lease.
+
+::
+
+    submit ──▶ Node ──▶ ledger (origin ("c", client id))
+    results for the client ──▶ Session.results ──▶ collect (long poll, ≤ COLLECT_MAX_WAIT s) ──▶ client
+    "started" notes ──▶ Session.started ── StartedTimer wakes the poll STARTED_DELAY later ──┘
+
+A client that neither polls nor submits for ``client_lease`` seconds is dropped (``Sessions.expired``):
+the node cancels its tasks.  Everything here runs under the node's lock (the condition variables share
+it); the only thread of its own is the ``StartedTimer``.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Dict, List, Optional
+
+COLLECT_MAX_WAIT = 5.0
+STARTED_DELAY = 0.01   # s a collect waits for a result before answering with "started" notes alone
+
+
+class Session:
+    """A connected client: its inbox of finished results and started task ids."""
+
+    def __init__(self, cid: str, lock: threading.RLock):
+        self.id = cid
+        self.results: List[tuple] = []
+        self.started: List[str] = []
+        self.cond = threading.Condition(lock)
+        self.last_seen = time.monotonic()
+        self.init_blob: Optional[bytes] = None
+        self.closed = False
+        self.started_due = False   # set by the StartedTimer: answer the long poll with "started" notes
+        self.polling = 0           # collect calls waiting right now (a waiting client is alive)
+        self.suspects: Dict[str, int] = {}   # reconciliation: ids only this node held, and since which round
+        self.rounds = 0
+
+    def post(self, result: tuple) -> None:
+        """Queue a result for the client's next collect (caller holds the node lock and notifies)."""
+        self.results.append(result)
+
+    def wait(self, deadline: float, stopping: threading.Event) -> tuple:
+        """The long poll (caller holds the node lock): until a result, a "started" note due, the
+        deadline, the session closing or the node stopping.  Returns ``(results, started_ids)``."""
+        self.polling += 1
+        try:
+            while not self.results and not self.started_due and not stopping.is_set() and not self.closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+        finally:
+            self.polling -= 1
+        self.started_due = False
+        res, started = self.results, self.started
+        self.results, self.started = [], []
+        self.last_seen = time.monotonic()
+        return res, started
+
+
+class StartedTimer:
+    """Wakes a client's long poll STARTED_DELAY after a task of it started if no result came first, so
+    ``Future.running()`` is timely for long tasks while a short task costs no extra wake-up."""
+
+    def __init__(self, lock: threading.RLock, stopping: threading.Event):
+        self.lock = lock
+        self.stopping = stopping
+        self.due: "collections.deque[tuple]" = collections.deque()
+        self.cond = threading.Condition(threading.Lock())
+        threading.Thread(target=self._run, daemon=True, name="pydist-started").start()
+
+    def add(self, client: Session) -> None:
+        with self.cond:
+            self.due.append((time.monotonic() + STARTED_DELAY, client))
+            if len(self.due) == 1:
+                self.cond.notify()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            with self.cond:
+                while not self.due and not self.stopping.is_set():
+                    self.cond.wait(1.0)
+                if not self.due:
+                    continue
+                when, client = self.due[0]
+                left = when - time.monotonic()
+                if left > 0:
+                    self.cond.wait(left)
+                    continue
+                self.due.popleft()
+            with self.lock:
+                if client.started and not client.results:
+                    client.started_due = True
+                    client.cond.notify()
+
+
+class Sessions:
+    """Every client session of a node (under the node's lock)."""
+
+    def __init__(self, lock: threading.RLock, stopping: threading.Event, lease: float):
+        self.lock = lock
+        self.lease = lease
+        self.clients: Dict[str, Session] = {}
+        self.timer = StartedTimer(lock, stopping)
+
+    def get(self, cid: str) -> Session:
+        """The session of ``cid``, created on first use."""
+        c = self.clients.get(cid)
+        if c is None:
+            c = self.clients[cid] = Session(cid, self.lock)
+        return c
+
+    def touch(self, cid: str) -> Session:
+        c = self.get(cid)
+        c.last_seen = time.monotonic()
+        return c
+
+    def note_started(self, cid: str, tid: str) -> None:
+        c = self.clients.get(cid)
+        if c is not None:
+            c.started.append(tid)
+            if len(c.started) == 1:
+                self.timer.add(c)
+
+    def pop(self, cid: str) -> Optional[Session]:
+        """Forget a session; wakes its long poll."""
+        c = self.clients.pop(cid, None)
+        if c is not None:
+            c.closed = True
+            c.cond.notify_all()
+        return c
+
+    def expired(self, now: float) -> List[str]:
+        """Clients silent for longer than the lease, and not waiting in a long poll right now."""
+        return [cid for cid, c in self.clients.items() if now - c.last_seen > self.lease and not c.polling]
+
+    def wake_all(self) -> None:
+        for c in self.clients.values():
+            c.cond.notify_all()
+
+    def __len__(self) -> int:
+        return len(self.clients)
