@@ -85,6 +85,10 @@ class Node(Dispatch, CodeEndpoints):
         from .codesync import CodeStore
 
         self.store = CodeStore(config.code_cache, config.code_cache_max)
+        self.pinned: List[str] = []          # bundles on every task's sys.path (pydist sync-code --pin)
+        from .codesync import write_pins
+
+        write_pins(config.code_cache, self.name, ())
         env = dict(os.environ)
         if config.secret:   # ranks of a task group talk to their home node (pydist.comm)
             env["PYDIST_SECRET"] = config.secret.decode() if isinstance(config.secret, bytes) else config.secret
