@@ -142,14 +142,10 @@ def _root_uri(a, secret, tls) -> str:
         return a.node
     if not a.ns:
         raise ConfigError("say where the cluster is: --ns HOST:PORT or --node HOST:PORT")
-    from .executor import ClusterExecutor
-
-    finder = ClusterExecutor.__new__(ClusterExecutor)
+    from .client import Entries
     from .config import ClientConfig
 
-    finder._cfg = ClientConfig(secret=secret, connect_timeout=a.timeout)
-    finder._tls = tls
-    return finder._find_root(a.ns)
+    return Entries(ClientConfig(secret=secret, connect_timeout=a.timeout), tls, ns=a.ns).find_first()
 
 
 def format_status(nodes: List[dict]) -> str:

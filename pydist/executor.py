@@ -31,11 +31,12 @@ import uuid
 import weakref
 from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures._base import PENDING as _PENDING
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import cloudpickle
 
 from . import security, wire
+from .client import Entries, Reconciler
 from .config import ClientConfig
 from .errors import BrokenCluster, ClusterUnavailable, SerializationError
 from .scripts import run_script
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FN_CACHE = 256
+RECONCILE_EVERY = 2.0   # s between comparisons of our unfinished task ids with the entry node's
 BATCH_BYTES = 4 << 20   # bytes of task arguments per submit call (more tasks wait for the next call)
 
 
@@ -97,13 +99,21 @@ class ClusterExecutor(Executor):
     ``initializer``, ``initargs``, ``max_tasks_per_child`` (ignored)), plus ``secret`` (else
     ``PYDIST_SECRET``), ``code`` (paths uploaded at start, see ``upload_code``), TLS files and
     ``connect_timeout`` (seconds before ``ClusterUnavailable``).
+
+    Liveness (``pydist.client``): every call to the entry node has a deadline; a node silent for
+    ``node_timeout`` s (default ``ClientConfig.node_timeout``) fails the pending futures with
+    ``BrokenCluster`` naming it and how long it was silent, or, with ``failover=True`` (the default
+    with ``ns=`` or a list of addresses), the client moves to another node and resubmits what had not
+    finished; each future still resolves once.  ``retries``: default re-runs of a task whose worker
+    died (``submit(..., retries=N)`` per task).
     """
 
-    def __init__(self, address: Optional[str] = None, max_workers: Optional[int] = None, mp_context: Any = None,
+    def __init__(self, address: Union[None, str, Sequence[str]] = None, max_workers: Optional[int] = None, mp_context: Any = None,
                  initializer: Optional[Callable] = None, initargs: tuple = (), *, ns: Optional[str] = None,
                  secret: Optional[bytes] = None, code: Optional[Sequence[str]] = None,
                  max_tasks_per_child: Optional[int] = None, connect_timeout: Optional[float] = None,
-                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None):
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None,
+                 failover: Optional[bool] = None, node_timeout: Optional[float] = None, retries: int = 0):
         if isinstance(address, int) and not isinstance(address, bool):
             # ProcessPoolExecutor's positional order: (max_workers, mp_context, initializer, initargs)
             address, max_workers, mp_context, initializer, initargs = (
@@ -112,8 +122,13 @@ class ClusterExecutor(Executor):
             raise ValueError("max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
+        self._retries = _check_retries(retries)
         self._cfg = ClientConfig.from_env(secret=secret, connect_timeout=connect_timeout,
-                                          tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
+                                          tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
+                                          node_timeout=node_timeout)
+        self._pid = os.getpid()
+        self._records: Dict[str, tuple] = {}   # unfinished tasks, for a resubmission after failover
+        self._recon = Reconciler()
         self._cluster = None
         # on a running cluster max_workers caps this client's tasks sent and unfinished (so running at
         # once); the rest wait in the outbox, where cancel() withdraws them at no cost
@@ -150,20 +165,18 @@ class ClusterExecutor(Executor):
         if self._cfg.secret is None:   # a LocalCluster of this process? it knows its secret
             from .cluster import local_secret
 
-            key = _parse_address(ns) if ns is not None else (_parse_address(str(address)) if address else "")
+            first = address[0] if isinstance(address, (list, tuple)) and address else address
+            key = _parse_address(ns) if ns is not None else (_parse_address(str(first)) if first else "")
             self._cfg.secret = local_secret(key)
         try:
-            if ns is not None:
-                self._uri = self._find_root(ns)
-            else:
-                self._uri = _parse_address(str(address))
-            self._address = self._uri
+            self._entry = Entries(self._cfg, tls, address, ns, failover)
+            self._entry.find_first()
             proxy = self._connect()
-            init_blob = None
+            self._init_blob = None
             if initializer is not None:
-                init_blob = wire.dumps((initializer, tuple(initargs)), "the initializer")
-            self._node_info = proxy.open_client(self._cid, init_blob)
-            self._node_name = self._node_info["name"]
+                self._init_blob = wire.dumps((initializer, tuple(initargs)), "the initializer")
+            self._node_info = proxy.open_client(self._cid, self._init_blob)
+            self._entry.name = self._node_name = self._node_info["name"]
             proxy._pyroRelease()
         except BaseException:
             if self._cluster is not None:
@@ -171,6 +184,7 @@ class ClusterExecutor(Executor):
             raise
         self._wref = weakref.ref(self)
         self._send_lock = threading.Lock()
+        self._submit_gen = self._entry.gen
         self._submit_proxy = self._connect()
         for target, name in ((self._sender, "sender"), (self._collector, "collector")):
             t = threading.Thread(target=target, name=f"pydist-client-{name}", daemon=True)
@@ -185,47 +199,33 @@ class ClusterExecutor(Executor):
                 raise
 
     # ------------------------------------------------------------------------------------ connecting
-    def _connect(self, timeout: Optional[float] = None):
-        return security.connect(self._uri, secret=self._cfg.secret,
-                                timeout=self._cfg.connect_timeout if timeout is None else timeout, tls=self._tls)
+    def _connect(self, timeout: Optional[float] = None, call_timeout: Optional[float] = None):
+        """A proxy to the entry node; each of its calls has a deadline (``node_timeout``)."""
+        return self._entry.connect(timeout, call_timeout)
 
-    def _find_root(self, ns: str) -> str:
-        import Pyro5.api
-        import Pyro5.errors
+    @property
+    def _uri(self) -> str:
+        return self._entry.uri
 
-        host, _, port = _parse_address(ns).rpartition(":")
-        deadline = time.monotonic() + self._cfg.connect_timeout
-        last: Optional[BaseException] = None
-        while True:
-            try:
-                with Pyro5.api.locate_ns(host, int(port)) as nsp:
-                    entries = nsp.list(prefix="pydist.node.", return_metadata=True)
-                roots = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" in meta]
-                others = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" not in meta]
-                for uri in roots + others:
-                    try:
-                        security.connect(uri, secret=self._cfg.secret, timeout=0.5, tls=self._tls)._pyroRelease()
-                        return uri
-                    except ClusterUnavailable as exc:
-                        last = exc   # a stale entry
-                last = last or ClusterUnavailable(f"name server {ns} lists no pydist node yet")
-            except (Pyro5.errors.NamingError, Pyro5.errors.CommunicationError, OSError) as exc:
-                last = exc
-            if time.monotonic() > deadline:
-                raise ClusterUnavailable(f"no pydist node found through name server {ns} within "
-                                         f"{self._cfg.connect_timeout:g} s: {last}") from None
-            time.sleep(0.1)
+    @property
+    def _address(self) -> str:
+        return self._entry.address
 
     # ------------------------------------------------------------------------------------ Executor API
-    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> PydistFuture:
-        """Schedule ``fn(*args, **kwargs)`` on the cluster; returns a Future."""
+    def submit(self, fn: Callable, /, *args: Any, retries: Optional[int] = None, **kwargs: Any) -> PydistFuture:
+        """Schedule ``fn(*args, **kwargs)`` on the cluster; returns a Future.  ``retries``: re-runs if
+        its worker dies (default: the executor's ``retries``); when every attempt lost its worker the
+        future fails with ``WorkerLost`` naming each attempt's node and exit code.  (To pass a keyword
+        argument named ``retries`` to ``fn`` use ``functools.partial``.)"""
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
+        r = self._retries if retries is None else _check_retries(retries)
         key, blob = self._fn_key(fn)
         payload = wire.dumps_call(args, kwargs)
-        return self._enqueue(key, blob, payload, wire.KIND_CALL)
+        return self._enqueue(key, blob, payload, wire.KIND_CALL, retries=r)
 
-    def _enqueue(self, key: str, blob: bytes, payload: bytes, kind: int, bundle: Any = False) -> PydistFuture:
+    def _enqueue(self, key: str, blob: bytes, payload: bytes, kind: int, bundle: Any = False,
+                 retries: Optional[int] = None) -> PydistFuture:
         fut = PydistFuture()
         with self._lock:
             self._check_open()
@@ -234,7 +234,10 @@ class ClusterExecutor(Executor):
             fut._pydist_exec = self._wref
             self._pending[tid] = fut
             code = self._bundle if bundle is False else bundle
-            self._outbox.append(((tid, key, payload, code, 0, [], kind, self._cid), blob))
+            r = self._retries if retries is None else retries
+            rec = (tid, key, payload, code, 0, [], kind, self._cid) + ((r,) if r else ())
+            self._records[tid] = (rec, blob)
+            self._outbox.append((rec, blob))
             # A lone submit (no other task of this executor outstanding) is sent from this thread: no
             # hand-off to the sender thread.  Submits while others are in flight go through the sender,
             # which batches everything queued meanwhile into one call.
@@ -243,7 +246,11 @@ class ClusterExecutor(Executor):
                 self._cond.notify_all()
         if direct and self._send_lock.acquire(blocking=False):
             try:
-                self._send_outbox()
+                gen = self._entry.gen
+                try:
+                    self._send_outbox()
+                except Exception as exc:
+                    self._node_failed(exc, gen)
             except BaseException as exc:
                 self._break(exc)
             finally:
@@ -260,6 +267,11 @@ class ClusterExecutor(Executor):
         return self._max_inflight - (len(self._pending) - len(self._outbox))
 
     def _check_open(self) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(f"this ClusterExecutor was created in process {self._pid}; a forked child "
+                               f"(process {os.getpid()}) cannot use it (its threads and connections did not "
+                               "survive the fork, and its task ids would collide): create a new "
+                               "ClusterExecutor in the child")
         if self._broken is not None:
             raise BrokenCluster(str(self._broken))
         if self._shutdown:
@@ -493,22 +505,65 @@ class ClusterExecutor(Executor):
             gone.update(t for t in tids if t not in self._pending)
         if ask:
             with self._send_lock:
+                gen = self._entry.gen
                 try:
-                    self._submit_proxy._pyroClaimOwnership()
-                    gone.update(self._submit_proxy.cancel(self._cid, ask))
-                except Exception as exc:   # the node is gone: nothing will run
-                    self._break(exc)
-                    return set(tids)
+                    gone.update(self._submit_proxy_now().cancel(self._cid, ask))
+                except Exception as exc:   # the node is gone: fail over (the tasks run there) or break
+                    if not self._node_failed(exc, gen):
+                        return set(tids)
         with self._lock:
             for t in gone:
                 self._pending.pop(t, None)
+                self._records.pop(t, None)
+                self._recon.discard(t)
         return gone
+
+    def _submit_proxy_now(self):
+        """The submit proxy (caller holds ``_send_lock``), reconnected after a failover; each use claims
+        it (Pyro5 proxies belong to a thread, and this one moves between the sender and callers)."""
+        if self._submit_gen != self._entry.gen:
+            security.release(self._submit_proxy)
+            self._submit_gen = self._entry.gen
+            self._submit_proxy = self._connect()
+        self._submit_proxy._pyroClaimOwnership()
+        return self._submit_proxy
+
+    def _node_failed(self, exc: BaseException, gen: int) -> bool:
+        """A call to the entry node of generation ``gen`` failed or timed out.  Fail over (True: carry
+        on, unfinished tasks are queued again) or fail every pending future (False)."""
+        if self._closed.is_set():
+            return False
+        if self._entry.fail_over(gen, self._open_here):
+            self._requeue_unfinished()
+            return True
+        self._break(self._entry.broken(exc), already=True)
+        return False
+
+    def _open_here(self, proxy) -> dict:
+        info = proxy.open_client(self._cid, self._init_blob)
+        with self._lock:
+            self._node_name = info["name"]
+            self._requeue = True
+        return info
+
+    def _requeue_unfinished(self) -> None:
+        """After a failover: every task sent and not finished goes to the new entry node again (same
+        ids: a node that holds a copy adopts it)."""
+        with self._lock:
+            if not getattr(self, "_requeue", False):
+                return
+            self._requeue = False
+            queued = {rec[0] for rec, _ in self._outbox}
+            again = [self._records[t] for t in self._pending if t not in queued and t in self._records]
+            self._outbox[:0] = again
+            self._recon.clear()
+            self._cond.notify_all()
+        log.info("resubmitting %d unfinished tasks to node %s", len(again), self._node_name)
 
     def _send_outbox(self) -> None:
         """Send everything queued (caller holds ``_send_lock``); the submit proxy moves between the
         sender thread and direct callers, so each use claims it (Pyro5 proxies belong to a thread)."""
-        proxy = self._submit_proxy
-        proxy._pyroClaimOwnership()
+        proxy = self._submit_proxy_now()
         while True:
             with self._lock:
                 # at most max_batch tasks and about BATCH_BYTES per call, so large arguments stream to
@@ -528,7 +583,17 @@ class ClusterExecutor(Executor):
             for rec, blob in batch:
                 fns[rec[1]] = blob
                 recs.append(rec)
-            proxy.submit(self._cid, fns, recs)
+            try:
+                proxy.submit(self._cid, fns, recs)
+            except BaseException:
+                with self._lock:   # not delivered: a failover sends them again
+                    self._outbox[:0] = [b for b in batch if b[0][0] in self._pending]
+                raise
+            self._entry.heard()
+            with self._lock:
+                for rec in recs:
+                    if rec[0] in self._pending:
+                        self._recon.add(rec[0])
 
     def _sender(self) -> None:
         try:
@@ -539,8 +604,13 @@ class ClusterExecutor(Executor):
                     if self._closed.is_set() and not self._outbox:
                         return
                 with self._send_lock:
-                    self._send_outbox()
-        except BaseException as exc:  # the node is gone
+                    gen = self._entry.gen
+                    try:
+                        self._send_outbox()
+                    except Exception as exc:   # the node is gone or silent
+                        if not self._node_failed(exc, gen):
+                            return
+        except BaseException as exc:
             if not self._closed.is_set():
                 self._break(exc)
         finally:
@@ -553,20 +623,56 @@ class ClusterExecutor(Executor):
 
     def _collector(self) -> None:
         proxy = None
+        poll = self._cfg.poll_interval
+        next_recon = time.monotonic() + RECONCILE_EVERY
         try:
-            proxy = self._connect()
-            poll = self._cfg.poll_interval
             while not self._closed.is_set():
-                results, started = proxy.collect(self._cid, poll)
-                if started:
-                    self._mark_started(started)
-                if results:
-                    self._deliver(results)
+                gen = self._entry.gen
+                try:
+                    if proxy is None:
+                        proxy = self._connect(call_timeout=poll + self._cfg.node_timeout)
+                    recon = None
+                    if time.monotonic() >= next_recon:
+                        with self._lock:
+                            recon = self._recon.summary()
+                        next_recon = time.monotonic() + RECONCILE_EVERY
+                    reply = proxy.collect(self._cid, poll, recon) if recon else proxy.collect(self._cid, poll)
+                    self._entry.heard()
+                    results, started = reply[0], reply[1]
+                    if started:
+                        self._mark_started(started)
+                    if results:
+                        self._deliver(results)
+                    if recon is not None and (reply[2]["n"], reply[2]["d"]) != (recon["n"], recon["d"]):
+                        self._reconcile(proxy)
+                except Exception as exc:
+                    security.release(proxy)
+                    proxy = None
+                    if not self._node_failed(exc, gen):
+                        return
         except BaseException as exc:
             if not self._closed.is_set():
                 self._break(exc)
         finally:
             security.release(proxy)
+
+    def _reconcile(self, proxy) -> None:
+        """The entry node's count of our tasks differs from ours: ask which it holds; what it lacks
+        (twice in a row) is sent again."""
+        with self._lock:
+            asked = list(self._recon.sent)
+        held = proxy.client_tasks(self._cid, asked)
+        with self._lock:
+            again = self._recon.missing(asked, held)
+            again = [t for t in again if t in self._pending and t in self._records]
+            for t in again:
+                self._recon.discard(t)
+            self._outbox[:0] = [self._records[t] for t in again]
+            if again:
+                self._cond.notify_all()
+        if again:
+            log.warning("node %s lost %d of our tasks (%s...): sending them again", self._node_name,
+                        len(again), again[0])
 
     def _mark_started(self, ids: List[str]) -> None:
         pending = self._pending
@@ -582,6 +688,9 @@ class ClusterExecutor(Executor):
         broken = None
         with self._lock:
             futs = [(self._pending.pop(r[0], None), r) for r in results]
+            for r in results:
+                self._records.pop(r[0], None)
+                self._recon.discard(r[0])
             if self._outbox and self._max_inflight is not None:
                 self._cond.notify_all()   # room for tasks held back by max_workers
         for f, r in futs:
@@ -622,6 +731,8 @@ class ClusterExecutor(Executor):
             pending = list(self._pending.values())
             self._pending.clear()
             self._outbox.clear()
+            self._records.clear()
+            self._recon.clear()
             self._cond.notify_all()
         for f in pending:
             try:
@@ -659,6 +770,12 @@ def _add_code_path(paths: "collections.OrderedDict[str, str]", path) -> "collect
     out.pop(name, None)
     out[name] = p
     return out
+
+
+def _check_retries(r: Any) -> int:
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= 100:
+        raise ValueError(f"retries must be an int from 0 to 100, got {r!r}")
+    return r
 
 
 def _result_or_cancel(fut: Future, timeout: Optional[float] = None):

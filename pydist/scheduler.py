@@ -12,45 +12,14 @@ Vocabulary
               never sent to a node on its path nor beyond ``max_hops``: any topology, cycles included,
               is safe.
 
-Task state is one explicit machine (``TaskState`` + ``TRANSITIONS``); the node moves tasks only through
-``advance`` so every transition is checked in one place.
+Task state is one explicit machine in ``pydist.ledger`` (``State`` + ``TRANSITIONS``).  Runtimes fed to
+``RuntimeAverage`` must be finite and >= 0 (a NaN would make every later ``window`` raise).
 """
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
-
-
-class TaskState(enum.Enum):
-    """Life of a task inside one node."""
-
-    QUEUED = "queued"        # waiting in this node's queue
-    SENT = "sent"            # handed to a local worker or a linked node
-    DONE = "done"            # result (or error) produced and passed back toward its origin
-    LOST = "lost"            # its worker or node died; it will be QUEUED again or failed
-    CANCELLED = "cancelled"  # the client cancelled it before it ran
-
-
-TRANSITIONS: Dict[TaskState, frozenset] = {
-    TaskState.QUEUED: frozenset({TaskState.SENT, TaskState.CANCELLED, TaskState.DONE}),
-    TaskState.SENT: frozenset({TaskState.DONE, TaskState.LOST, TaskState.CANCELLED}),
-    TaskState.LOST: frozenset({TaskState.QUEUED, TaskState.DONE}),
-    TaskState.DONE: frozenset(),
-    TaskState.CANCELLED: frozenset(),
-}
-
-
-class InvalidTransition(RuntimeError):
-    """A task was asked to move between states that are not linked in TRANSITIONS."""
-
-
-def advance(current: TaskState, new: TaskState) -> TaskState:
-    """Return ``new`` if ``current -> new`` is a legal transition, else raise InvalidTransition."""
-    if new not in TRANSITIONS[current]:
-        raise InvalidTransition(f"task cannot go from {current.value} to {new.value}")
-    return new
 
 
 # -- windows ------------------------------------------------------------------------------------------

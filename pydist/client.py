@@ -1,0 +1,219 @@
+"""The client's side of liveness: which entry nodes it knows, deadlines on every call, failover, and
+reconciliation of the ids it waits for with those its entry node holds.
+
+::
+
+    ClusterExecutor ── Entries.connect() ──▶ proxy with a call deadline (node_timeout)
+         │  a call fails or times out ──▶ Entries.fail_over(open): next node listed by the name server
+         │                                 (or in the address list) ──▶ resubmit every unfinished task
+         │                                 (same ids: a node holding a copy adopts it, never runs it twice
+         │                                 for this client) ──▶ each future still resolves once
+         └─ no other node ──▶ BrokenCluster naming the node and how long it was silent
+
+``Reconciler`` keeps a count and XOR digest of the ids the client has sent and still waits for; the
+collector sends them with its long poll, and on a mismatch asks the node which of them it holds
+(``client_tasks``).  An id missing at the node twice in a row is sent again.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+from . import security
+from .errors import BrokenCluster, ClusterUnavailable
+from .ledger import id_hash
+
+log = logging.getLogger("pydist.executor")
+
+NS_PREFIX = "pydist.node."
+
+
+def parse_address(address: str) -> str:
+    """``host:port`` (or a Pyro5 URI) from what a user may write (``tcp://host:port``)."""
+    a = str(address).strip()
+    if a.startswith("tcp://"):
+        a = a[len("tcp://"):]
+    return a
+
+
+def _ns_entries(ns: str) -> List[str]:
+    """URIs of the pydist nodes a name server lists: roots first."""
+    import Pyro5.api
+
+    host, _, port = parse_address(ns).rpartition(":")
+    with Pyro5.api.locate_ns(host, int(port)) as nsp:
+        entries = nsp.list(prefix=NS_PREFIX, return_metadata=True)
+    roots = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" in meta]
+    others = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" not in meta]
+    return roots + others
+
+
+class Entries:
+    """The entry nodes a client may use: the addresses it was given, or what a name server lists.
+
+    ``failover`` (default: True with ``ns=`` or more than one address) lets the client move to another
+    entry node when its own stays silent for ``node_timeout`` seconds or its connection breaks."""
+
+    def __init__(self, cfg, tls, address: Union[None, str, Sequence[str]] = None, ns: Optional[str] = None,
+                 failover: Optional[bool] = None):
+        self.cfg = cfg
+        self.tls = tls
+        self.ns = ns
+        if address is None:
+            self.addresses: List[str] = []
+        elif isinstance(address, (list, tuple)):
+            if not address:
+                raise ValueError("an empty list of node addresses")
+            self.addresses = [parse_address(a) for a in address]
+        else:
+            self.addresses = [parse_address(address)]
+        self.failover = bool(failover) if failover is not None else (ns is not None or len(self.addresses) > 1)
+        self.uri = ""
+        self.address = ""
+        self.name = "?"
+        self.gen = 0                      # changes with every failover
+        self.last_heard = time.monotonic()
+        self.lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------ finding
+    def candidates(self) -> List[str]:
+        """Entry nodes to try, in order (asks the name server again each time)."""
+        if self.ns is None:
+            return list(self.addresses)
+        try:
+            return _ns_entries(self.ns)
+        except Exception as exc:
+            log.debug("name server %s: %s", self.ns, exc)
+            return []
+
+    def find_first(self) -> str:
+        """The first entry node that answers (within ``connect_timeout``); ClusterUnavailable if none."""
+        deadline = time.monotonic() + self.cfg.connect_timeout
+        last: Optional[BaseException] = None
+        while True:
+            if self.ns is not None:
+                try:
+                    uris = _ns_entries(self.ns)
+                    last = last or ClusterUnavailable(f"name server {self.ns} lists no pydist node yet")
+                except Exception as exc:
+                    uris, last = [], exc
+                for uri in uris:
+                    try:
+                        security.connect(uri, secret=self.cfg.secret, timeout=0.5, tls=self.tls)._pyroRelease()
+                        return self._use(uri)
+                    except ClusterUnavailable as exc:
+                        last = exc   # a stale entry
+                if time.monotonic() > deadline:
+                    raise ClusterUnavailable(f"no pydist node found through name server {self.ns} within "
+                                             f"{self.cfg.connect_timeout:g} s: {last}") from None
+                time.sleep(0.1)
+                continue
+            if len(self.addresses) == 1:   # one address: connect() retries and names it
+                return self._use(self.addresses[0])
+            for a in self.addresses:
+                try:
+                    security.connect(a, secret=self.cfg.secret, timeout=0.5, tls=self.tls)._pyroRelease()
+                    return self._use(a)
+                except ClusterUnavailable as exc:
+                    last = exc
+            if time.monotonic() > deadline:
+                raise ClusterUnavailable(f"none of the pydist nodes {', '.join(self.addresses)} answers: "
+                                         f"{last}") from None
+            time.sleep(0.1)
+
+    def _use(self, uri: str) -> str:
+        self.uri = uri
+        self.address = uri
+        self.last_heard = time.monotonic()
+        return uri
+
+    # ------------------------------------------------------------------------------------ calling
+    def connect(self, timeout: Optional[float] = None, call_timeout: Optional[float] = None, uri=None):
+        """A proxy to the entry node whose every call has a deadline (``node_timeout`` by default)."""
+        return security.connect(uri or self.uri, secret=self.cfg.secret,
+                                timeout=self.cfg.connect_timeout if timeout is None else timeout, tls=self.tls,
+                                call_timeout=self.cfg.node_timeout if call_timeout is None else call_timeout)
+
+    def heard(self) -> None:
+        self.last_heard = time.monotonic()
+
+    def silent_for(self) -> float:
+        return time.monotonic() - self.last_heard
+
+    def fail_over(self, gen: int, open_session: Callable[[object], dict]) -> bool:
+        """The entry node of generation ``gen`` failed: move to another one (``open_session(proxy)``
+        registers the client there and returns its description).  True if the client now has a live
+        entry (possibly moved by another thread already), False if there is none to go to."""
+        with self.lock:
+            if self.gen != gen:
+                return True
+            if not self.failover:
+                return False
+            deadline = time.monotonic() + max(self.cfg.connect_timeout, self.cfg.node_timeout)
+            while time.monotonic() < deadline:
+                for uri in self.candidates():
+                    if uri == self.uri:
+                        continue
+                    try:
+                        p = self.connect(timeout=0.5, uri=uri)
+                        try:
+                            info = open_session(p)
+                        finally:
+                            p._pyroRelease()
+                    except Exception as exc:
+                        log.debug("failover to %s: %s", uri, exc)
+                        continue
+                    log.warning("entry node %s at %s failed; moved to node %s at %s", self.name, self.address,
+                                info.get("name"), uri)
+                    self._use(uri)
+                    self.name = info.get("name", "?")
+                    self.gen += 1
+                    return True
+                time.sleep(0.2)
+            return False
+
+    def broken(self, exc: BaseException) -> BrokenCluster:
+        """The error pending futures fail with when no entry node is left."""
+        silent = self.silent_for()
+        why = f"{type(exc).__name__}: {exc}"
+        return BrokenCluster(f"lost the connection to pydist node {self.name} at {self.address}: silent for "
+                             f"{silent:.1f} s (node_timeout {self.cfg.node_timeout:g} s): {why}"
+                             + ("" if not self.failover else "; no other node to fail over to"))
+
+
+class Reconciler:
+    """Ids a client has sent and still waits for, with their count and digest; ids missing at the node
+    (seen twice in a row) are handed back for resending."""
+
+    def __init__(self) -> None:
+        self.sent: Dict[str, None] = {}
+        self.digest = 0
+        self.suspects: set = set()
+
+    def add(self, tid: str) -> None:
+        if tid not in self.sent:
+            self.sent[tid] = None
+            self.digest ^= id_hash(tid)
+
+    def discard(self, tid: str) -> None:
+        if tid in self.sent:
+            del self.sent[tid]
+            self.digest ^= id_hash(tid)
+
+    def clear(self) -> None:
+        self.sent.clear()
+        self.digest = 0
+        self.suspects.clear()
+
+    def summary(self) -> dict:
+        return {"n": len(self.sent), "d": self.digest}
+
+    def missing(self, asked: List[str], held: List[str]) -> List[str]:
+        """Of the ids asked about, those the node did not hold this round and the last one."""
+        have = set(held)
+        now = {t for t in asked if t not in have and t in self.sent}
+        act = sorted(now & self.suspects)
+        self.suspects = now - set(act)
+        return act
