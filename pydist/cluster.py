@@ -291,6 +291,25 @@ class LocalCluster:
         """Send ``sig`` to node ``k`` (tests: simulate a crash)."""
         self.procs[k].send_signal(sig)
 
+    def restart_node(self, k: int) -> str:
+        """Start node ``k`` again under the same name (after it died, e.g. ``kill_node``); returns its
+        new address.  Its children re-join it through the name server."""
+        old = self.procs[k]
+        if old.poll() is None:
+            raise RuntimeError(f"node {self.names[k]} (pid {old.pid}) is still running")
+        _reap(old)
+        p = self._start_node(k, self._env())
+        self.procs[k] = p
+        address = self._read_ready(k, p)
+        with _Running.lock:
+            if _Running.secrets.get(self.addresses[k]) == self.secret:
+                del _Running.secrets[self.addresses[k]]
+            _Running.secrets[address] = self.secret
+        self.addresses[k] = address
+        if k == 0:
+            self.address = address
+        return address
+
     def __enter__(self) -> "LocalCluster":
         return self.start()
 

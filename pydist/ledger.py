@@ -238,6 +238,11 @@ class Ledger:
             self.counts["collisions"] += 1
             return "collision", (f"task id {tid} collides with another task this node holds "
                                  f"(from {_describe(t.origin)}); task ids must be unique per client")
+        if t.origin[0] == "c" and origin[0] == "l" and t.state is not State.CANCELLED:
+            # a client that failed over to us resubmitted it, and its old entry node forwards its own
+            # copy too: the client keeps it (the old entry drops its copy when the client's lease ends)
+            self.counts["duplicates"] += 1
+            return "duplicate", t
         if t.state is State.CANCELLED:
             self._set_origin(t, origin)
             t.move(State.PLACED)

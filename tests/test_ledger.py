@@ -88,10 +88,17 @@ def test_duplicates_adoption_and_collisions():
     assert verdict == "collision" and "collides" in why
     verdict, why = lg.add(task("a", payload=b"other"), ("c", "c1"))     # same client, other task
     assert verdict == "collision"
-    assert lg.add(task("a"), ("l", "x", 5)) == ("adopted", t)            # a copy re-routed via a link
-    assert t.origin == ("l", "x", 5)
-    assert lg.digest_from(("c", "c1")) == (0, 0)
-    assert lg.digest_from(("l", "x", 5)) == (1, id_hash("a"))
+    # the client's old entry node forwards its copy too: the client (which failed over) keeps it
+    assert lg.add(task("a"), ("l", "x", 5)) == ("duplicate", t)
+    assert t.origin == ("c", "c1")
+    # a copy from one link re-sent over a new epoch, or re-routed by another node: adopted
+    _, u = lg.add(task("b"), ("l", "x", 1))
+    assert lg.add(task("b"), ("l", "x", 2)) == ("adopted", u)
+    assert lg.add(task("b"), ("l", "y", 7)) == ("adopted", u) and u.origin == ("l", "y", 7)
+    # a client that failed over to us resubmits a task we hold for a lost link: it is the client's now
+    assert lg.add(task("b"), ("c", "c1")) == ("adopted", u) and u.origin == ("c", "c1")
+    assert lg.digest_from(("l", "y", 7)) == (0, 0)
+    assert lg.digest_from(("c", "c1")) == (2, id_hash("a") ^ id_hash("b"))
 
 
 def test_location_lost_requeues_in_order_and_drops_cancelled():
