@@ -463,5 +463,5 @@ class Dispatch:
             log.warning("reconciliation with client %s: %d tasks it no longer waits for (%s): cancelled",
                         cid, len(act), describe_ids(act))
             self.cancel_tasks([lg.tasks[tid] for tid in act])
-        have = set(held) | {r[0] for r in c.results}
+        have = {tid for tid in held if lg.tasks[tid].state is not State.CANCELLED} | {r[0] for r in c.results}
         return [tid for tid in wanted if tid in have]
