@@ -236,8 +236,8 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     w = _Worker(a.fd_in, a.fd_out, a.index, a.node, a.code_cache, a.slot)
-    wire.write_frame(a.fd_out, ("hello", os.getpid()))
-    try:
+    try:   # (the node may be gone before we say hello: a killed node's worker just exits)
+        wire.write_frame(a.fd_out, ("hello", os.getpid()))
         w.serve()
     except (BrokenPipeError, KeyboardInterrupt):
         pass
