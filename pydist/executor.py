@@ -803,7 +803,7 @@ def _walk_nodes(uri: str, secret, tls) -> List[dict]:
     while todo:
         u = todo.pop(0)
         try:
-            p = security.connect(u, secret=secret, timeout=2.0, tls=tls)
+            p = security.connect(u, secret=secret, timeout=2.0, tls=tls, call_timeout=10.0)
             try:
                 st = p.status()
             finally:
@@ -841,7 +841,7 @@ def _upload_bundle(uri: str, secret, tls, info, data: bytes, timeout: float, pro
     later fetch it from their parent when a task needs it.  Returns the names of the nodes."""
     names = []
     for st in _walk_nodes(uri, secret, tls):
-        p = security.connect(st["uri"], secret=secret, timeout=5.0, tls=tls)
+        p = security.connect(st["uri"], secret=secret, timeout=5.0, tls=tls, call_timeout=60.0)
         try:
             if not p.code_has([info.digest]):
                 _send_bundle(p, info, data, timeout, progress)

@@ -265,11 +265,13 @@ class Ledger:
     def take_queued(self, limit: int) -> List[Task]:
         """Up to ``limit`` queued tasks in queue order, removed from the queue (skips cancelled ids)."""
         out: List[Task] = []
+        seen = set()
         q = self.queue
         while q and len(out) < limit:
             tid = q.popleft()
             t = self.tasks.get(tid)
-            if t is not None and t.state is State.QUEUED and t.location is None:
+            if t is not None and t.state is State.QUEUED and t.location is None and tid not in seen:
+                seen.add(tid)   # (an id queued twice, e.g. re-sent after a cancel, is taken once)
                 out.append(t)
         return out
 

@@ -184,3 +184,13 @@ def test_valid_runtime():
     assert valid_runtime(0.5) == 0.5 and valid_runtime(0) == 0.0
     for bad in (float("nan"), float("inf"), -0.1, None, True, "1"):
         assert valid_runtime(bad) is None
+
+
+def test_an_id_queued_twice_is_taken_once():
+    lg = Ledger()
+    _, t = lg.add(task("a"), ("c", "c1"))
+    lg.enqueue(t)
+    lg.enqueue(t)
+    assert lg.take_queued(10) == [t]
+    lg.place(t, W)
+    assert lg.take_queued(10) == []
