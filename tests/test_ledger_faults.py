@@ -270,3 +270,35 @@ def test_sigkilled_node_leaves_no_slot_folder(tmp_path):
         wait_gone([c.procs[0].pid] + workers, 20, "the node and its workers")
     left = [p.name for p in tmp.iterdir() if p.name.startswith("pydist-slots")]
     assert not left, f"left behind in TMPDIR: {left}"
+
+
+def test_client_with_a_list_of_addresses_fails_over(tmp_path):
+    gate = str(tmp_path / "gate")
+    with LocalCluster(nodes=2, workers_per_node=1, topology="star", node_args=HB) as c:
+        root_workers = descendants(c.procs[0].pid)
+        with ClusterExecutor(list(c.addresses), secret=c.secret, node_timeout=2.0) as ex:
+            assert ex.node_name == "node0"
+            fs = [ex.submit(gated, gate, i, None, 60) for i in range(4)]
+            wait_for(lambda: sum(f.running() for f in fs) >= 2, 20, "tasks to start")
+            c.kill_node(0)
+            open(gate, "w").close()
+            assert [f.result(40) for f in fs] == list(range(4))
+            assert ex.node_name == "node1"
+        wait_gone(root_workers, 20, "the dead root's workers")
+
+
+def test_failover_false_breaks_instead(tmp_path):
+    gate = str(tmp_path / "gate")
+    with LocalCluster(nodes=2, workers_per_node=1, node_args=HB) as c:
+        root_workers = descendants(c.procs[0].pid)
+        ex = ClusterExecutor(ns=c.ns_address, secret=c.secret, node_timeout=2.0, failover=False)
+        try:
+            f = ex.submit(gated, gate, 1, None, 60)
+            wait_for(lambda: f.running(), 20, "the task to start")
+            c.kill_node(0)
+            exc = f.exception(20)
+            assert isinstance(exc, BrokenCluster) and "node0" in str(exc)
+        finally:
+            open(gate, "w").close()
+            ex.shutdown(wait=True)
+        wait_gone(root_workers, 20, "the dead root's workers")
