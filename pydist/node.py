@@ -194,6 +194,8 @@ class Node(Dispatch, CodeEndpoints):
                 isinstance(recon[k], int) and not isinstance(recon[k], bool) for k in "nd")):
             raise TypeError('recon must be {"n": count, "d": digest} of ints')
         with self.lock:
+            if self.sessions.is_closed(client_id):
+                return ([], []) if recon is None else ([], [], {"n": 0, "d": 0})
             c = self.sessions.touch(client_id)
             mine = self.client_digest(client_id) if recon is not None else None   # as the call arrived
             # "started" notes ride along with results; alone they wait STARTED_DELAY (waking the client
@@ -230,6 +232,7 @@ class Node(Dispatch, CodeEndpoints):
         check_str(client_id, "client_id")
         with self.lock:
             self.drop_client(client_id)
+            self.sessions.close(client_id)
 
     def describe(self) -> dict:
         """Name, address, versions and worker count of this node."""

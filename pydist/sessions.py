@@ -104,6 +104,8 @@ class Sessions:
         self.lease = lease
         self.clients: Dict[str, Session] = {}
         self.timer = StartedTimer(lock, stopping)
+        # clients that said goodbye: a long poll of theirs still on the wire must not open a new session
+        self.closed: "collections.OrderedDict[str, None]" = collections.OrderedDict()
 
     def get(self, cid: str) -> Session:
         """The session of ``cid``, created on first use."""
@@ -113,9 +115,13 @@ class Sessions:
         return c
 
     def touch(self, cid: str) -> Session:
+        self.closed.pop(cid, None)
         c = self.get(cid)
         c.last_seen = time.monotonic()
         return c
+
+    def is_closed(self, cid: str) -> bool:
+        return cid in self.closed and cid not in self.clients
 
     def note_started(self, cid: str, tid: str) -> None:
         c = self.clients.get(cid)
@@ -131,6 +137,13 @@ class Sessions:
             c.closed = True
             c.cond.notify_all()
         return c
+
+    def close(self, cid: str) -> Optional[Session]:
+        """The client said goodbye (``close_client``)."""
+        self.closed[cid] = None
+        while len(self.closed) > 4096:
+            self.closed.popitem(last=False)
+        return self.pop(cid)
 
     def expired(self, now: float) -> List[str]:
         """Clients silent for longer than the lease, and not waiting in a long poll right now."""
