@@ -50,6 +50,7 @@ F_RAW_BYTES = 1          # the message is one bytes object, sent as its only buf
 OOB_MIN = 1 << 16        # bytes objects at least this big travel out of band
 READ_BLOCK = 1 << 18
 POLL = 0.2               # s between checks for an abort while a call waits
+ABORT_GRACE = 10.0       # s a rank may keep running after its group was aborted before its worker ends
 
 
 class Aborted(Exception):
@@ -342,6 +343,7 @@ class Endpoint:
         self.ctl: Optional[socket.socket] = None
         self.ctl_lock = threading.Lock()
         self.abort_info: Optional[tuple] = None
+        self.exit_after_abort: Optional[float] = ABORT_GRACE
         self.socks: List[socket.socket] = []
         self.threads: List[threading.Thread] = []
 
@@ -443,9 +445,19 @@ class Endpoint:
     def _set_abort(self, rank: int, cause: str, blob: Optional[bytes]) -> None:
         if self.abort_info is None:
             self.abort_info = (rank, cause, blob)
+            if rank != self.rank and self.exit_after_abort is not None:
+                threading.Timer(self.exit_after_abort, self._stuck).start()
         self.mailbox.abort(Aborted(cause))
         with self.addr_cond:
             self.addr_cond.notify_all()
+
+    def _stuck(self) -> None:
+        """The group was aborted long ago and this rank still runs (busy, never calling its Comm):
+        end the worker process, as MPI ends a job's processes, so that its worker is freed."""
+        if not self.closed.is_set():
+            log.warning("rank %d of aborted group %s still running %.0f s after the abort: ending its worker",
+                        self.rank, self.group, self.exit_after_abort)
+            os._exit(70)
 
     def send_abort(self, reason: str) -> None:
         """This rank asks the home to abort the whole group."""

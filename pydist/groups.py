@@ -352,7 +352,7 @@ class GroupTable:
                 what = "raised an exception" if status == wire.ERROR else (
                     "lost its worker process" if status == wire.LOST else f"ended with status {status}")
                 self.abort(g, rank, what, r[wire.R_BLOB] if status in (wire.ERROR, wire.LOST) else None)
-            elif status == wire.OK and g.aborted is not None and g.aborted[0] != rank:
+            elif status in (wire.OK, wire.LOST) and g.aborted is not None and g.aborted[0] != rank:
                 if out is None:
                     out = list(results)
                 out[k] = self.node._error_result(tid, self._exc(g))

@@ -72,6 +72,24 @@ def test_a_failing_rank_aborts_every_other_rank(ex, how):
     assert ex.spawn_group(_ranks, 4).results(timeout=30) == [0, 1, 2, 3]
 
 
+def _busy_or_fail(comm):
+    if comm.rank == 0:
+        raise ValueError("rank 0 fails at once")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.01)        # busy, never calling comm: it cannot see the abort
+    return "finished"
+
+
+def test_a_rank_busy_after_an_abort_is_ended_and_its_worker_freed(ex):
+    group = ex.spawn_group(_busy_or_fail, 2)
+    t0 = time.monotonic()
+    exc = group[1].exception(timeout=40)
+    assert isinstance(exc, GroupAborted) and exc.rank == 0
+    assert time.monotonic() - t0 < 30
+    assert ex.spawn_group(_ranks, 4).results(timeout=30) == [0, 1, 2, 3]
+
+
 def _ranks(comm):
     comm.barrier(timeout=30)
     return comm.rank
