@@ -111,6 +111,8 @@ class Request:
     def test(self, status: Optional[Status] = None) -> tuple:
         """``(True, value)`` if done (completing it), else ``(False, None)``; never blocks."""
         if not self._done:
+            if self._comm._ep is not None:
+                self._comm._ep.flush()
             if self._kind == "send":
                 if not self._h[0][1]:
                     self._comm._check_live()
@@ -490,6 +492,7 @@ class Comm:
         return out
 
     def _wait_item(self, item: list, deadline: Optional[float]) -> None:
+        self._ep.flush()
         while not item[1]:
             self._check_live()
             if deadline is not None and time.monotonic() >= deadline:

@@ -49,6 +49,9 @@ K_DATA, K_BYE = 1, 2
 F_RAW_BYTES = 1          # the message is one bytes object, sent as its only buffer
 OOB_MIN = 1 << 16        # bytes objects at least this big travel out of band
 READ_BLOCK = 1 << 18
+SMALL = 8 << 10          # frames up to this size are buffered and written in batches
+BATCH = 64 << 10         # bytes of buffered small frames that are written at once
+FLUSH_EVERY = 0.001      # s: buffered frames nobody waits on are written at most this late
 POLL = 0.2               # s between checks for an abort while a call waits
 ABORT_GRACE = 10.0       # s a rank may keep running after its group was aborted before its worker ends
 
@@ -145,6 +148,7 @@ class Mailbox:
         self.queued: Dict[int, int] = collections.Counter()   # bytes waiting, per source
         self.cap = cap
         self.aborted: Optional[BaseException] = None
+        self.before_wait = None                # the endpoint's flush: written before we wait
 
     @staticmethod
     def _match(m: Message, ctx: int, src: int, tag: int) -> bool:
@@ -188,6 +192,8 @@ class Mailbox:
 
     def wait(self, p: list, deadline: Optional[float]) -> Optional[Message]:
         """The message of a posted receive, waiting until ``deadline``; None on timeout."""
+        if p[3] is None and self.before_wait is not None:
+            self.before_wait()
         with self.cond:
             while p[3] is None:
                 if self.aborted is not None:
@@ -199,6 +205,8 @@ class Mailbox:
             return p[3]
 
     def probe(self, ctx: int, src: int, tag: int, deadline: Optional[float], block: bool) -> Optional[Message]:
+        if self.before_wait is not None:
+            self.before_wait()
         with self.cond:
             while True:
                 if self.aborted is not None:
@@ -222,40 +230,57 @@ class Mailbox:
 
 # ----------------------------------------------------------------------------------------- sending
 class Peer:
-    """The one-way connection to another rank: a FIFO of frames, written by whoever comes first."""
+    """The one-way connection to another rank: a FIFO of frames, written by whoever comes first.
+
+    Small frames (up to ``SMALL`` bytes) are buffered (eager send: ``send`` returns at once) and written
+    together: when ``BATCH`` bytes are buffered, when this rank is about to wait for anything (every
+    blocking call flushes first), or by the endpoint's flusher thread soon after."""
 
     def __init__(self, ep: "Endpoint", rank: int):
         self.ep, self.rank = ep, rank
         self.sock: Optional[socket.socket] = None
         self.cond = threading.Condition(threading.Lock())
         self.queue: "collections.deque[list]" = collections.deque()   # [parts, done flag]
+        self.buffered = 0            # bytes of small frames queued, not yet written
         self.writing = False
         self.error: Optional[BaseException] = None
         self.thread: Optional[threading.Thread] = None
 
-    def enqueue(self, parts: list, wait: bool, deadline: Optional[float]) -> list:
-        item = [parts, False]
+    def enqueue(self, parts: list, size: int, wait: bool, deadline: Optional[float]) -> list:
+        small = size <= SMALL
+        item = [parts, small]        # a buffered small frame counts as sent (eager protocol)
         with self.cond:
             if self.error is not None:
                 raise self.error
             self.queue.append(item)
-            if self.writing:
+            if small:
+                self.buffered += size + 32
+                if self.buffered < BATCH or self.writing:
+                    self.ep.arm(self)
+                    return item
+            elif self.writing:
                 if wait:
                     self._wait_done(item, deadline)
-                elif self.thread is None:
+                else:
                     self._start_thread()
                 return item
+            elif not wait and size > (1 << 16):
+                self._start_thread()     # big and non-blocking: the background writer takes it
+                return item
             self.writing = True
-        if not wait and sum(len(p) for p in parts) > (1 << 16):
-            with self.cond:   # big and non-blocking: the background writer takes it
-                self.writing = False
-                self._start_thread()
-            return item
         self._write_all()
-        if wait:
+        if wait and not item[1]:
             with self.cond:
                 self._wait_done(item, deadline)
         return item
+
+    def flush(self) -> None:
+        """Write what is queued now, unless someone is writing already (then it will)."""
+        with self.cond:
+            if self.writing or not self.queue or self.error is not None:
+                return
+            self.writing = True
+        self._write_all()
 
     def _start_thread(self) -> None:
         if self.thread is None:
@@ -290,6 +315,7 @@ class Peer:
                 with self.cond:
                     items = list(self.queue)
                     self.queue.clear()
+                    self.buffered = 0
                     if not items:
                         self.writing = False
                         self.cond.notify_all()
@@ -336,6 +362,7 @@ class Endpoint:
         self.closed = threading.Event()
         self.max_message = 256 << 20
         self.mailbox = Mailbox(64 << 20)
+        self.mailbox.before_wait = self.flush
         self.peers: Dict[int, Peer] = {}
         self.addrs: Dict[int, tuple] = {}
         self.addr_cond = threading.Condition(threading.Lock())
@@ -346,6 +373,9 @@ class Endpoint:
         self.exit_after_abort: Optional[float] = ABORT_GRACE
         self.socks: List[socket.socket] = []
         self.threads: List[threading.Thread] = []
+        self.armed: "collections.OrderedDict[int, Peer]" = collections.OrderedDict()
+        self.flush_cond = threading.Condition(threading.Lock())
+        self.flusher_idle = True
 
     # -- life ----------------------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> None:
@@ -381,6 +411,49 @@ class Endpoint:
         for s in self.socks:
             self._thread(self._accept_loop, s, name="pydist-rank-accept")
         self._thread(self._ctl_loop, name="pydist-rank-ctl")
+        self._thread(self._flusher, name="pydist-rank-flush")
+
+    # -- batching -------------------------------------------------------------------------------------
+    def arm(self, peer: "Peer") -> None:
+        """``peer`` has buffered small frames: the flusher writes them unless this rank does first."""
+        if peer.rank not in self.armed:
+            with self.flush_cond:
+                self.armed[peer.rank] = peer
+                if self.flusher_idle:      # else it looks again within FLUSH_EVERY anyway
+                    self.flusher_idle = False
+                    self.flush_cond.notify()
+
+    def flush(self) -> None:
+        """Write every peer's buffered frames now (before this rank waits for anything)."""
+        if self.armed:
+            with self.flush_cond:
+                peers = list(self.armed.values())
+                self.armed.clear()
+            for p in peers:
+                p.flush()
+
+    def _flusher(self) -> None:
+        """Writes buffered frames the rank did not write itself: it looks every FLUSH_EVERY s while
+        there is traffic (so a sender is not woken per message) and sleeps when there is none."""
+        quiet = 0
+        while not self.closed.is_set():
+            with self.flush_cond:
+                if self.flusher_idle:
+                    while self.flusher_idle and not self.closed.is_set():
+                        self.flush_cond.wait(1.0)
+                else:
+                    self.flush_cond.wait(FLUSH_EVERY)
+                busy = bool(self.armed)
+            try:
+                self.flush()
+            except BaseException:   # the sender sees the peer's error on its next call
+                pass
+            quiet = 0 if busy else quiet + 1
+            if quiet > 100:
+                with self.flush_cond:
+                    if not self.armed:
+                        self.flusher_idle = True
+                quiet = 0
 
     def _thread(self, target, *args, name: str) -> None:
         t = threading.Thread(target=target, args=args, daemon=True, name=name)
@@ -398,7 +471,14 @@ class Endpoint:
     def close(self) -> None:
         if self.closed.is_set():
             return
+        try:
+            self.flush()
+        except BaseException:
+            pass
         self.closed.set()
+        with self.flush_cond:
+            self.flusher_idle = False
+            self.flush_cond.notify_all()
         with self.peer_lock:
             peers = list(self.peers.values())
         for p in peers:   # graceful: queued frames are written first (unless the group aborted)
@@ -579,7 +659,7 @@ class Endpoint:
             bufs = [bytes(b) if flags & F_RAW_BYTES else bytearray(b) for b in bufs]
             self.mailbox.deliver(Message(self.rank, ctx, tag, flags, meta, bufs, size))
             return [parts, True]
-        return self.peer(dest).enqueue(parts, wait, deadline)
+        return self.peer(dest).enqueue(parts, size, wait, deadline)
 
 
 def _readinto(f, buf: bytearray) -> int:
