@@ -22,6 +22,7 @@ import os
 import queue
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -225,6 +226,9 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("code_cache")
     p.add_argument("slot", nargs="?")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    # Ctrl-C in a terminal signals the whole process group: the node stops its workers itself (a worker
+    # that exited on SIGINT first would be logged as a death and replaced while the node is stopping)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Task output goes to stderr; fd 1 is not ours to keep (the node's READY protocol lives there).
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -296,7 +300,9 @@ class WorkerPool:
         cmd = [sys.executable, "-c", "from pydist.workers import worker_main; worker_main()", str(r_in),
                str(w_out), str(h.index), self.node_name, self.code_cache, slot]
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(r_in, w_out), stdin=subprocess.DEVNULL, env=self.env)
+            # own session: a terminal's Ctrl-C reaches the node, which stops its workers itself
+            proc = subprocess.Popen(cmd, pass_fds=(r_in, w_out), stdin=subprocess.DEVNULL, env=self.env,
+                                    start_new_session=True)
         finally:
             os.close(r_in)
             os.close(w_out)
