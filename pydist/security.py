@@ -162,11 +162,24 @@ def _server_fields(r: Mapping, nonce_c: bytes) -> tuple:
     return (r["pydist"], r["ver"], r["py"], r["cp"], nonce_c, r["nonce"], r["name"])
 
 
+class _Me:
+    """This process's node name, sent (unauthenticated, for log messages only) in its hellos."""
+
+    name: Optional[str] = None
+
+
+def set_local_name(name: Optional[str]) -> None:
+    """Name this process's hellos carry (a node sets its own), so a refusing node's log names it."""
+    _Me.name = None if name is None else str(name)[:200]
+
+
 def client_hello(secret: Optional[bytes], dst: str, *, ts: Optional[float] = None,
                  nonce: Optional[bytes] = None, versions: Optional[Mapping] = None) -> dict:
     """The handshake dict a client sends (fresh nonce each call).  Exposed for tests and tools."""
     h = dict(versions or local_versions())
     h.update(nonce=nonce or secrets.token_bytes(16), ts=float(_now() if ts is None else ts), dst=str(dst))
+    if _Me.name:
+        h["src"] = _Me.name   # not covered by the MAC: only ever shown in log lines, as a claim
     h["mac"] = _mac(secret, b"pydist-client|", *_client_fields(h)) if secret else None
     return h
 
@@ -408,6 +421,9 @@ class SecureDaemon(Pyro5.server.Daemon):
         self._pydist_window = float(clock_window)
         self._pydist_replays = _ReplayCache(self._pydist_window, replay_cache_size)
         self._pydist_aliases = {a.lower() for a in aliases}
+        from .diagnose import RateLimited
+
+        self._pydist_refusals = RateLimited(log, every=30.0, suffix="")   # a retrying peer: one line, not one per try
         super().__init__(host, port, **kw)
         sock = self.transportServer.sock
         if isinstance(sock, ssl.SSLSocket):
@@ -504,6 +520,15 @@ class SecureDaemon(Pyro5.server.Daemon):
             raise _HandshakeRefused(f"{TAG_REFUSED} malformed pydist handshake") from None
         if not math.isfinite(hello["ts"]):
             raise _HandshakeRefused(f"{TAG_REFUSED} malformed pydist handshake")
+        src = data.get("src")
+        src = src[:64] if isinstance(src, str) and src.isprintable() else None
+        key = f"{peer.rsplit(':', 1)[0]}|{src}"
+        if src:
+            peer = f"{peer} (node {src!r})"
+
+        def refused(reason: str) -> None:
+            self._pydist_refusals.fail(f"{key}|{reason}", f"refused connection from {peer}: {reason}")
+
         mine = local_versions()
         if hello["pydist"] != mine["pydist"]:
             raise self._version_error(hello, "pydist protocol versions differ")
@@ -511,27 +536,27 @@ class SecureDaemon(Pyro5.server.Daemon):
         if secret is not None:
             mac = hello["mac"]
             if not isinstance(mac, bytes):
-                log.warning("refused connection from %s: the client has no cluster secret", peer)
+                refused("the client has no cluster secret")
                 raise AuthenticationError(f"{TAG_AUTH} node {self._pydist_name} requires the cluster secret and "
                                           "the client gave none (set PYDIST_SECRET or --secret-file)")
             if len(hello["nonce"]) < 16 or not hmac.compare_digest(
                     mac, _mac(secret, b"pydist-client|", *_client_fields(hello))):
-                log.warning("refused connection from %s: wrong cluster secret", peer)
+                refused("wrong cluster secret")
                 raise AuthenticationError(f"{TAG_AUTH} node {self._pydist_name} refused the connection: "
                                           "wrong cluster secret")
             now = _now()
             skew = hello["ts"] - now
             if abs(skew) > self._pydist_window:
-                log.warning("refused connection from %s: clocks differ by %.0f s", peer, skew)
+                refused(f"clocks differ by {skew:.0f} s")
                 raise AuthenticationError(
                     f"{TAG_AUTH} handshake timestamp is {skew:+.0f} s off the clock of node {self._pydist_name} "
                     f"(allowed ±{self._pydist_window:.0f} s): check the clocks of both machines (NTP)")
             problem = self._pydist_replays.check_and_add(hello["nonce"], hello["ts"], now)
             if problem:
-                log.warning("refused connection from %s: %s", peer, problem)
+                refused(problem)
                 raise AuthenticationError(f"{TAG_AUTH} {problem}")
             if conn is not None and not self._destination_ok(conn, hello["dst"]):
-                log.warning("refused connection from %s: handshake made for %s", peer, hello["dst"])
+                refused(f"handshake made for {hello['dst']}")
                 raise AuthenticationError(
                     f"{TAG_AUTH} the handshake was made for {hello['dst']}, which is not an address of node "
                     f"{self._pydist_name} ({self.locationStr}); behind NAT or port mapping, start the node "
@@ -730,6 +755,14 @@ def translate_connect_error(exc: BaseException, address: str) -> Exception:
         return AuthenticationError(f"TLS with {address} failed ({text}): check that both sides use "
                                    "certificates signed by the cluster CA, that the node's certificate names "
                                    "the host you dial, and that both sides have TLS on")
+    if "unknown object" in text:   # a Pyro5 daemon without a pydist node: the name server, given as a node?
+        from .diagnose import is_name_server, name_server_hint
+
+        loc = address.rsplit("@", 1)[-1] if str(address).upper().startswith("PYRO") else address
+        if is_name_server(loc):
+            err = ClusterUnavailable(name_server_hint(loc))
+            err.pydist_final = True   # type: ignore[attr-defined]  (no use retrying)
+            return err
     hint = "is pydist-node running there and reachable (host, port, firewall)?"
     if isinstance(exc, Pyro5.errors.ConnectionClosedError):
         hint = "something listens there but closed the connection: is it a pydist node, and does it use TLS?"
@@ -737,7 +770,7 @@ def translate_connect_error(exc: BaseException, address: str) -> Exception:
 
 
 def _is_final(err: Exception) -> bool:
-    return isinstance(err, (AuthenticationError, VersionMismatch))
+    return isinstance(err, (AuthenticationError, VersionMismatch)) or getattr(err, "pydist_final", False)
 
 
 def connect(uri_or_address: str, *, secret: Optional[bytes], timeout: float = 5.0, tls=None,
