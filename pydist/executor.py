@@ -185,12 +185,15 @@ class ClusterExecutor(Executor):
         import Pyro5.api
         import Pyro5.errors
 
-        host, _, port = _parse_address(ns).rpartition(":")
+        from .diagnose import parse_ns
+
+        host, port = parse_ns(ns)   # no port: Pyro5's 9090
+        ns = f"{host}:{port}"
         deadline = time.monotonic() + self._cfg.connect_timeout
         last: Optional[BaseException] = None
         while True:
             try:
-                with Pyro5.api.locate_ns(host, int(port)) as nsp:
+                with Pyro5.api.locate_ns(host, port) as nsp:
                     entries = nsp.list(prefix="pydist.node.", return_metadata=True)
                 roots = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" in meta]
                 others = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" not in meta]
