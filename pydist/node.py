@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import re
-import socket
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -44,9 +43,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import Pyro5.api
 import Pyro5.errors
 
-from . import scheduler, security, wire
+from . import diagnose, scheduler, security, wire
 from .config import NodeConfig
-from .errors import BundleNotFound, NodeLost, ProtocolError, WorkerLost
+from .errors import AuthenticationError, BundleNotFound, NodeLost, ProtocolError, VersionMismatch, WorkerLost
 from .scheduler import TaskState, advance
 from .workers import WorkerPool
 
@@ -150,6 +149,7 @@ class Link:
         self.out_cancel: List[str] = []
         self.out_code: List[str] = []
         self.stopping = False
+        self.left = False               # it told us it is stopping (a clean stop, not a fault)
 
     @property
     def workers(self) -> int:
@@ -223,7 +223,7 @@ class Node:
         """Register with the daemon, start workers and background threads (not the request loop)."""
         self.daemon = daemon
         self.uri = str(daemon.register(self, NODE_OBJECT_ID))
-        host, port = daemon.locationStr.rsplit(":", 1)
+        host, port = (daemon.natLocationStr or daemon.locationStr).rsplit(":", 1)   # the advertised one
         self.address = f"{host}:{port}"
         self.pool.start()
         threading.Thread(target=self._watch_workers_ready, daemon=True, name="pydist-ready").start()
@@ -244,6 +244,14 @@ class Node:
             links = list(self.links.values())
             for c in self.clients.values():
                 c.cond.notify_all()
+        # tell linked nodes we are stopping, so they log a stop, not a fault (1 s at most)
+        byes = [threading.Thread(target=self._say_goodbye, args=(l.uri,), daemon=True)
+                for l in links if l.alive and l.uri]
+        for t in byes:
+            t.start()
+        deadline = time.monotonic() + 1.0
+        for t in byes:
+            t.join(max(0.0, deadline - time.monotonic()))
         for l in links:
             l.stop()
         self.pool.stop()
@@ -253,6 +261,16 @@ class Node:
                     ns.remove(NS_PREFIX + self.name)
             except Exception as exc:  # the name server may be gone already
                 log.info("could not remove %s from the name server: %s", NS_PREFIX + self.name, exc)
+
+    def _say_goodbye(self, uri: str) -> None:
+        proxy = None
+        try:
+            proxy = security.connect(uri, secret=self.cfg.secret, timeout=0.5, call_timeout=1.0)
+            proxy.leave(self.name)
+        except Exception as exc:   # it may be gone already
+            log.debug("could not tell %s that we stop: %s", uri, exc)
+        finally:
+            security.release(proxy)
 
     def _watch_workers_ready(self) -> None:
         pending = set(range(len(self.pool.handles)))
@@ -391,6 +409,19 @@ class Node:
             self._schedule()
             return {"name": self.name, "uri": self.uri, "map": self._report_for(name)}
 
+    def leave(self, sender: str) -> None:
+        """A linked node says it is stopping cleanly: its link goes now, logged as a stop, not a fault."""
+        _check_str(sender, "sender")
+        with self.lock:
+            link = self.links.get(sender)
+            if link is None:
+                return
+            link.left = True
+            log.info("%s %s stopped (a clean stop)", link.role, sender)
+            self._lose_link(link, "it stopped")
+            if not link.initiated:
+                link.stop()
+
     def run_task(self, sender: str, fns: dict, tasks: list, inits: Optional[dict] = None) -> int:
         """Accept a batch of tasks forwarded by a linked node (the design card's ``run_task``)."""
         _check_str(sender, "sender")
@@ -503,6 +534,8 @@ class Node:
 
     def shutdown(self) -> None:
         """Stop this node (returns at once; the node stops in the background)."""
+        if not self.stopping.is_set():
+            log.info("stopping node %s", self.name)
         threading.Thread(target=self._shutdown_soon, daemon=True).start()
 
     def _shutdown_soon(self) -> None:
@@ -1006,11 +1039,13 @@ class Node:
     def _link_loop(self, link: Link) -> None:
         delay = 0.05
         first_try = time.monotonic()
+        join_log = diagnose.RateLimited(log)   # why joining fails: said once, then at most every 30 s
         while not self.stopping.is_set() and not link.stopping:
             proxy = None
             try:
                 if link.initiated:
                     proxy = self._join(link)
+                    join_log.ok("join", f"joined {link.role} {link.name} ({link.join_target})")
                 else:
                     proxy = security.connect(link.uri, secret=self.cfg.secret,
                                              timeout=self.cfg.heartbeat_timeout,
@@ -1021,10 +1056,13 @@ class Node:
             except Exception as exc:
                 if self.stopping.is_set() or link.stopping:
                     break
-                if link.alive or not link.initiated:
+                if link.left:
+                    log.info("link to %s %s closed: it stopped", link.role, link.name)
+                    link.left = False
+                elif link.alive or not link.initiated:
                     log.warning("link to %s %s lost: %s", link.role, link.name, _short(exc))
                 else:
-                    log.debug("joining %s failed: %s", link.join_target, _short(exc))
+                    join_log.fail("join", diagnose.join_failure(exc, link.role, link.join_target, self.cfg.ns))
                 with self.lock:
                     self._lose_link(link, _short(exc))
                 if not link.initiated:
@@ -1032,6 +1070,8 @@ class Node:
                 self.stopping.wait(delay)
                 # a parent that is starting too: retry briskly for a few seconds, then back off
                 delay = 0.1 if time.monotonic() - first_try < 5 else min(delay * 2, 2.0)
+                if isinstance(exc, (AuthenticationError, VersionMismatch)):
+                    delay = 2.0   # refused: retrying fast will not change the secret
             finally:
                 security.release(proxy)
 
@@ -1141,8 +1181,8 @@ class Node:
             if rec.origin == ("l", link.name):
                 dropped += self._cancel_rec(tid, rec, {})
         if was_alive and (n or dropped):
-            log.warning("link %s lost (%s): %d tasks placed again, %d of its tasks dropped",
-                        link.name, why, n, dropped)
+            log.log(logging.INFO if link.left else logging.WARNING,
+                    "link %s lost (%s): %d tasks placed again, %d of its tasks dropped", link.name, why, n, dropped)
         self._schedule()
 
     def _janitor(self) -> None:
@@ -1242,16 +1282,6 @@ def _check_map(m: Any) -> Dict[str, list]:
     return out
 
 
-def advertised_host(host: str) -> str:
-    """The address to put in our URI: a wildcard bind advertises this machine's address."""
-    if host in ("0.0.0.0", "", "::"):
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    return host
-
-
 def serve(config: NodeConfig, on_ready=None) -> None:
     """Run a node until it is shut down (``pydist-node`` calls this).  ``on_ready(node)`` is called
     once it accepts work."""
@@ -1262,7 +1292,7 @@ def serve(config: NodeConfig, on_ready=None) -> None:
                             tls=tls, server=True)
     node = Node(config)
     daemon = security.SecureDaemon(config.host, config.port, secret=config.secret, name=config.name,
-                                   nathost=advertised_host(config.host) if config.host in ("0.0.0.0", "::") else None)
+                                   nathost=diagnose.advertise_host(config.host, config.advertise))
     try:
         node.start(daemon)
         if on_ready is not None:
