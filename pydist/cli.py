@@ -105,7 +105,6 @@ def node_main(argv: Optional[List[str]] = None) -> None:
                                       f"--ns HOST:PORT too (or {flag} HOST:PORT of the node)")
         if cfg.ns:
             diagnose.parse_ns(cfg.ns)
-        diagnose.advertise_host(cfg.host, cfg.advertise)
         if cfg.dashboard is not None and not 0 <= cfg.dashboard < 65536:
             raise ConfigError(f"--dashboard {cfg.dashboard}: a port from 0 (any free one) to 65535")
     except ConfigError as exc:
@@ -122,6 +121,10 @@ def node_main(argv: Optional[List[str]] = None) -> None:
                         "any code as this user", cfg.host)
         else:
             log.info("no cluster secret: listening on loopback %s only", cfg.host)
+    try:
+        diagnose.advertise_host(cfg.host, cfg.advertise)
+    except ConfigError as exc:
+        sys.exit(f"pydist-node: {exc}")
     if args.watch_stdin:
         from .cluster import watch_stdin
 
