@@ -18,7 +18,9 @@ setup(
     extras_require={
         # cryptography: writes the CA and node certificates of `pydist make-certs`
         "tls": ["cryptography>=41"],
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "cryptography>=41"],
+        # tqdm: progress bars of ClusterExecutor.map(..., progress=True) and pydist.progress(futures)
+        "progress": ["tqdm>=4.60"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "cryptography>=41", "tqdm>=4.60"],
         "bench": ["loky>=3.4", "dask[distributed]>=2024.1", "ray>=2.9"],
     },
     entry_points={

@@ -26,6 +26,7 @@ _EXPORTS = {
     "CommTimeout": "comm",
     "ANY_SOURCE": "comm",
     "ANY_TAG": "comm",
+    "progress": "progressbar",
 }
 _ERRORS = ("PydistError", "ClusterUnavailable", "BrokenCluster", "VersionMismatch", "AuthenticationError",
            "ConfigError", "TaskError", "SerializationError", "WorkerLost", "NodeLost", "RemoteError",
