@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import struct
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -39,7 +40,10 @@ log = logging.getLogger(__name__)
 FLUSH_EVERY = 0.002
 FN_CACHE = 256
 PIPE_SIZE = 1 << 20   # bytes of pipe buffer asked for (Linux caps it at /proc/sys/fs/pipe-max-size)
-SLOT_SIZE = 128   # bytes of the shared "task now running" slot of each worker
+SLOT_SIZE = 256   # bytes of the shared "task now running" slot of each worker:
+SLOT_TID = 96     # [0:96] task id (NUL-padded), [96:104] start (time.time(), double), [104:256] function name
+SLOT_T = struct.Struct("d")
+FAILURES_KEPT = 20   # recent task failures a pool remembers (for the dashboard)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,6 +92,7 @@ class _Worker:
         self.fns: "collections.OrderedDict[str, object]" = collections.OrderedDict()
         self.init_blobs: Dict[str, bytes] = {}
         self.init_done: Dict[str, Optional[bytes]] = {}   # client -> None (ok) or exception blob
+        self.slot_names: Dict[str, bytes] = {}
 
     def serve(self) -> None:
         while True:
@@ -146,6 +151,21 @@ class _Worker:
             self.fns.popitem(last=False)
         return fn
 
+    def slot_name(self, key: str, fn) -> bytes:
+        """The function's name as the slot holds it (cached per function key)."""
+        b = self.slot_names.get(key)
+        if b is None:
+            name = getattr(fn, "__qualname__", None) or type(fn).__name__
+            mod = getattr(fn, "__module__", None)
+            if mod and mod not in ("__main__", "builtins"):
+                name = f"{mod}.{name}"
+            size = SLOT_SIZE - SLOT_TID - SLOT_T.size
+            b = name.encode(errors="replace")[:size - 1].ljust(size, b"\0")
+            if len(self.slot_names) > FN_CACHE:
+                self.slot_names.clear()
+            self.slot_names[key] = b
+        return b
+
     def initialize(self, client: str) -> Optional[bytes]:
         if client in self.init_done:
             return self.init_done[client]
@@ -177,7 +197,9 @@ class _Worker:
         tid, key, payload, bundle, hops, path, kind, client = t
         slot = self.slot
         if slot is not None:   # tells the node which task was running if this process dies
-            slot[:] = tid.encode()[:SLOT_SIZE - 1].ljust(SLOT_SIZE, b"\0")
+            slot[:SLOT_TID + SLOT_T.size] = (tid.encode()[:SLOT_TID - 1].ljust(SLOT_TID, b"\0")
+                                              + SLOT_T.pack(time.time()))
+            slot[SLOT_TID + SLOT_T.size] = 0
         try:
             return self._run_one(fns, tid, key, payload, bundle, hops, path, kind, client)
         finally:
@@ -194,6 +216,8 @@ class _Worker:
         try:
             self.activate(bundle)
             fn = self.function(fns, key)
+            if self.slot is not None:   # what the dashboard shows as running (no message to the node)
+                self.slot[SLOT_TID + SLOT_T.size:] = self.slot_name(key, fn)
             try:
                 call = wire.loads_payload(payload)
             except Exception as exc:
@@ -259,6 +283,7 @@ class _Handle:
         self.generation = 0
         self.wlock = threading.Lock()
         self.queued = 0       # frames waiting for the writer thread (keeps frames in order)
+        self.slot_view = None  # the node's read-only view of this worker's "now running" slot
 
 
 class WorkerPool:
@@ -283,6 +308,7 @@ class WorkerPool:
         self._stopping = threading.Event()
         self.restarts = 0
         self.slot_dir = tempfile.mkdtemp(prefix="pydist-slots-")
+        self.failures: "collections.deque[dict]" = collections.deque(maxlen=FAILURES_KEPT)
 
     def start(self) -> None:
         """Start every worker (returns at once; each becomes ready on its own)."""
@@ -300,6 +326,10 @@ class WorkerPool:
         slot = os.path.join(self.slot_dir, f"w{h.index}.{h.generation + 1}")
         with open(slot, "wb") as f:
             f.write(b"\0" * SLOT_SIZE)
+        import mmap
+
+        with open(slot, "rb") as f:
+            view = mmap.mmap(f.fileno(), SLOT_SIZE, access=mmap.ACCESS_READ)
         cmd = [sys.executable, "-c", "from pydist.workers import worker_main; worker_main()", str(r_in),
                str(w_out), str(h.index), self.node_name, self.code_cache, slot]
         try:
@@ -318,6 +348,9 @@ class WorkerPool:
         h.generation += 1
         with h.wlock:
             h.proc, h.fd_w, h.fd_r = proc, w_in, r_out
+            old_view, h.slot_view = h.slot_view, view
+        if old_view is not None:
+            old_view.close()
             h.outbox = queue.SimpleQueue()
             h.queued = 0
         h.ready.clear()
@@ -384,6 +417,8 @@ class WorkerPool:
             while True:
                 msg = wire.read_frame(fd)
                 if msg[0] == "res":
+                    if any(r[1] == wire.ERROR for r in msg[1]):
+                        self._note_failures(h.index, msg[1])
                     self.on_results(h.index, msg[1])
                 elif msg[0] == "hello":
                     h.ready.set()
@@ -413,6 +448,39 @@ class WorkerPool:
         if h.generation == gen:
             self._spawn(h)
         self.on_exit(h.index, rc, culprit)
+
+    def running(self) -> List[dict]:
+        """The task each worker runs now: ``worker``, ``id``, ``function``, ``age`` (s); read from the
+        workers' shared slots (no message to the worker)."""
+        out = []
+        now = time.time()
+        for h in self.handles:
+            view = h.slot_view
+            if view is None:
+                continue
+            try:
+                raw = view[:SLOT_SIZE]
+            except ValueError:   # closed meanwhile
+                continue
+            tid = raw[:SLOT_TID].split(b"\0", 1)[0]
+            if not tid:
+                continue
+            (t0,) = SLOT_T.unpack_from(raw, SLOT_TID)
+            fn = raw[SLOT_TID + SLOT_T.size:].split(b"\0", 1)[0]
+            out.append({"worker": h.index, "id": tid.decode(errors="replace"),
+                        "function": fn.decode(errors="replace"), "age": max(0.0, now - t0) if t0 else 0.0})
+        return out
+
+    def _note_failures(self, index: int, results: list) -> None:
+        for r in results:
+            if r[1] != wire.ERROR:
+                continue
+            try:
+                _, tb, name, message = wire.error_report(r[2])
+            except Exception:
+                tb, name, message = "", "?", "(unreadable error report)"
+            self.failures.append({"time": time.time(), "id": r[0], "node": self.node_name, "worker": index,
+                                  "error": name, "message": message[:1000], "traceback": tb[-8000:]})
 
     def _read_slot(self, index: int, gen: int) -> Optional[str]:
         """The task a dead worker was running (None: it was between tasks)."""
