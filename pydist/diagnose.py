@@ -131,11 +131,15 @@ class RateLimited:
         self.level = level
         self._lock = threading.Lock()
         self._state: Dict[str, list] = {}   # key -> [last message, last logged at, failures since]
+        self._hold: Dict[str, float] = {}   # key -> quiet until (monotonic)
 
     def fail(self, key: str, message: str) -> bool:
         """Record a failure; returns True if it was logged."""
         now = time.monotonic()
         with self._lock:
+            if self._hold.get(key, 0.0) > now:
+                return False
+            self._hold.pop(key, None)
             st = self._state.get(key)
             if st is None or st[0] != message or now - st[1] >= self.every:
                 repeats = 0 if st is None or st[0] != message else st[2]
@@ -148,6 +152,12 @@ class RateLimited:
             more = f" ({repeats} more times since the last message)" if repeats else ""
             self.log.log(self.level, "%s%s%s", message, more, self.suffix)
         return log_it
+
+    def hold(self, key: str, seconds: float) -> None:
+        """Say nothing about ``key`` for ``seconds`` (e.g. the other side said it stops: expected)."""
+        with self._lock:
+            self._hold[key] = time.monotonic() + seconds
+            self._state.setdefault(key, ["", time.monotonic(), 0])
 
     def ok(self, key: str, message: str) -> None:
         """The thing works again: log ``message`` at INFO if failures had been logged for ``key``."""

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 NODE_OBJECT_ID = security.NODE_OBJECT_ID
 NS_PREFIX = "pydist.node."
 COLLECT_MAX_WAIT = 5.0
+JOIN_GRACE = 3.0      # s a node may fail to join quietly (its parent may be starting too); then it says why
 STARTED_DELAY = 0.01   # s a collect waits for a result before answering with "started" notes alone
 
 
@@ -218,6 +219,7 @@ class Node:
         self.pool = WorkerPool(config.workers or 0, self.name, config.code_cache,
                                self._on_worker_results, self._on_worker_exit, env=env)
         self.daemon: Optional[Pyro5.api.Daemon] = None
+        self.dashboard_url: Optional[str] = None   # set when this node serves the dashboard (--dashboard)
         self.mail: Dict[str, List[tuple]] = {}       # task-group mailboxes: group -> [(dst, src, tag, blob)]
         self.mail_cond = threading.Condition(threading.Lock())
         self.mail_bytes = 0
@@ -531,6 +533,13 @@ class Node:
                 "reachable": sorted({self.name}.union(*(l.remote_map for l in self.links.values()
                                                        if l.may_send and l.alive))),
             }
+        # what the dashboard and `pydist status --tasks` show: running tasks, recent failures, code, groups
+        st["tasks"] = self.pool.running()
+        st["failures"] = list(self.pool.failures)
+        st["code"] = [{k: b[k] for k in ("digest", "size", "files", "pinned") if k in b} for b in self.store.list()]
+        with self.mail_cond:
+            st["groups"] = sorted(self.mail)
+        st["dashboard"] = self.dashboard_url
         st["cpu_percent"] = psutil.cpu_percent(interval=None)
         st["mem_percent"] = psutil.virtual_memory().percent
         st["rss"] = psutil.Process().memory_info().rss
@@ -1083,10 +1092,15 @@ class Node:
                 if self.stopping.is_set() or link.stopping:
                     break
                 if link.left:
-                    log.info("link to %s %s closed: it stopped", link.role, link.name)
+                    log.info("link to %s %s closed: it stopped%s", link.role, link.name,
+                             "; waiting for it to come back" if link.initiated else "")
                     link.left = False
+                    join_log.hold("join", 30.0)   # it said it stops: failing to re-join is no news
                 elif link.alive or not link.initiated:
                     log.warning("link to %s %s lost: %s", link.role, link.name, _short(exc))
+                elif time.monotonic() - first_try < JOIN_GRACE and not isinstance(
+                        exc, (AuthenticationError, VersionMismatch)):
+                    log.debug("joining %s failed: %s", link.join_target, _short(exc))   # it may be starting too
                 else:
                     join_log.fail("join", diagnose.join_failure(exc, link.role, link.join_target, self.cfg.ns))
                 with self.lock:
