@@ -137,6 +137,13 @@ def node_main(argv: Optional[List[str]] = None) -> None:
 
     def on_ready(node) -> None:
         state["node"] = node
+        if cfg.dashboard is not None:
+            from .dashboard import start_for_node
+
+            try:
+                state["dashboard"] = start_for_node(node, cfg.dashboard)
+            except OSError as exc:
+                log.error("cannot serve the dashboard on %s:%s: %s", cfg.host, cfg.dashboard, exc.strerror or exc)
         sys.stdout.write(f"READY {node.name} {node.address}\n")
         sys.stdout.flush()
         log.info("node %s ready at %s with %d workers", node.name, node.address, cfg.workers)
@@ -158,6 +165,9 @@ def node_main(argv: Optional[List[str]] = None) -> None:
         sys.exit(f"pydist-node: {exc}")
     except OSError as exc:
         sys.exit(f"pydist-node: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}")
+    finally:
+        if state.get("dashboard") is not None:
+            state["dashboard"].stop()
     log.info("node %s stopped", cfg.name)
 
 

@@ -450,6 +450,17 @@ class ClusterExecutor(Executor):
         return self._node_name
 
     @property
+    def dashboard_url(self) -> Optional[str]:
+        """URL of the live dashboard (token included): the embedded cluster's, else the one served by the
+        node this executor talks to (None if that node serves none: start it with --dashboard PORT)."""
+        if self._cluster is not None:
+            return self._cluster.dashboard_url
+        url = getattr(self, "_dashboard_url", None)
+        if url is None:
+            url = self._dashboard_url = self.status().get("dashboard")
+        return url
+
+    @property
     def cluster(self):
         """The embedded ``LocalCluster`` (None when connected to a running cluster)."""
         return self._cluster
