@@ -22,7 +22,8 @@ setup(
         "tls": ["cryptography>=41"],
         # tqdm: progress bars of ClusterExecutor.map(..., progress=True) and pydist.progress(futures)
         "progress": ["tqdm>=4.60"],
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "cryptography>=41", "tqdm>=4.60"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "cryptography>=41", "tqdm>=4.60",
+                 "selenium>=4.10"],
         "bench": ["loky>=3.4", "dask[distributed]>=2024.1", "ray>=2.9"],
     },
     entry_points={
