@@ -31,7 +31,7 @@ import uuid
 import weakref
 from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures._base import PENDING as _PENDING
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import cloudpickle
 
@@ -39,6 +39,9 @@ from . import security, wire
 from .config import ClientConfig
 from .errors import BrokenCluster, ClusterUnavailable, SerializationError
 from .scripts import run_script
+
+if TYPE_CHECKING:
+    from .aio import AsyncClusterExecutor
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +447,12 @@ class ClusterExecutor(Executor):
             self._cluster = None
 
     # ------------------------------------------------------------------------------------ extras
+    def asyncio(self) -> "AsyncClusterExecutor":
+        """This executor for asyncio code: ``await ex.asyncio().submit(fn, x)`` (see ``pydist.aio``)."""
+        from .aio import AsyncClusterExecutor
+
+        return AsyncClusterExecutor(executor=self)
+
     @property
     def node_name(self) -> str:
         """Name of the node this executor talks to."""
