@@ -147,10 +147,12 @@
   }
   function renderRunning(snap) {
     var body = $("running"), rows = (snap.tasks || []).map(function (t) {
+      var lines = t.output || [], last = lines.length ? lines[lines.length - 1] : "";
       return el("tr", {}, [el("td", {cls: "mono", text: t.function || "?"}), el("td", {text: t.node}),
-                           el("td", {text: t.worker}), el("td", {cls: "mono", text: t.id}), el("td", {text: fmtAge(t.age || 0)})]);
+                           el("td", {text: t.worker}), el("td", {cls: "mono", text: t.id}), el("td", {text: fmtAge(t.age || 0)}),
+                           el("td", {cls: "mono out", text: last, title: lines.join("\n")})]);
     });
-    if (!rows.length) rows = [el("tr", {cls: "empty"}, [el("td", {colspan: 5, text: "no task running"})])];
+    if (!rows.length) rows = [el("tr", {cls: "empty"}, [el("td", {colspan: 6, text: "no task running"})])];
     body.replaceChildren.apply(body, rows);
     $("running-count").textContent = (snap.tasks || []).length ? "(" + snap.tasks.length + ")" : "";
   }
