@@ -33,12 +33,12 @@ from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures._base import PENDING as _PENDING
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
-import cloudpickle
-
 from . import security, wire
 from .config import ClientConfig
 from .errors import BrokenCluster, ClusterUnavailable, SerializationError
+from .output import FORWARD_OUTPUT, emit as emit_output, split as split_output
 from .scripts import run_script
+from .sources import dumps_function
 
 if TYPE_CHECKING:
     from .aio import AsyncClusterExecutor
@@ -96,14 +96,16 @@ class ClusterExecutor(Executor):
     Accepts what ``ProcessPoolExecutor`` accepts (``max_workers``, ``mp_context`` (ignored),
     ``initializer``, ``initargs``, ``max_tasks_per_child`` (ignored)), plus ``secret`` (else
     ``PYDIST_SECRET``), ``code`` (paths uploaded at start, see ``upload_code``), TLS files and
-    ``connect_timeout`` (seconds before ``ClusterUnavailable``).
+    ``connect_timeout`` (seconds before ``ClusterUnavailable``) and ``forward_output`` (print what tasks
+    print and log here, each line prefixed ``[node/wN task-id]``; default: on for the embedded cluster).
     """
 
     def __init__(self, address: Optional[str] = None, max_workers: Optional[int] = None, mp_context: Any = None,
                  initializer: Optional[Callable] = None, initargs: tuple = (), *, ns: Optional[str] = None,
                  secret: Optional[bytes] = None, code: Optional[Sequence[str]] = None,
                  max_tasks_per_child: Optional[int] = None, connect_timeout: Optional[float] = None,
-                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None):
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None,
+                 forward_output: Optional[bool] = None):
         if isinstance(address, int) and not isinstance(address, bool):
             # ProcessPoolExecutor's positional order: (max_workers, mp_context, initializer, initargs)
             address, max_workers, mp_context, initializer, initargs = (
@@ -147,6 +149,8 @@ class ClusterExecutor(Executor):
             self._cluster.start()
             address = self._cluster.address
             self._cfg.secret = self._cluster.secret
+        # print()/logging of tasks shown here (prefixed "[node/wN task]"): default on for the embedded cluster
+        self._forward_output = (self._cluster is not None) if forward_output is None else bool(forward_output)
         if self._cfg.secret is None:   # a LocalCluster of this process? it knows its secret
             from .cluster import local_secret
 
@@ -237,6 +241,8 @@ class ClusterExecutor(Executor):
             fut._pydist_exec = self._wref
             self._pending[tid] = fut
             code = self._bundle if bundle is False else bundle
+            if self._forward_output:
+                kind |= FORWARD_OUTPUT
             self._outbox.append(((tid, key, payload, code, 0, [], kind, self._cid), blob))
             # A lone submit (no other task of this executor outstanding) is sent from this thread: no
             # hand-off to the sender thread.  Submits while others are in flight go through the sender,
@@ -274,7 +280,7 @@ class ClusterExecutor(Executor):
             self._fns.move_to_end(id(fn))
             return entry[1], entry[2]
         try:
-            blob = cloudpickle.dumps(fn, wire.PICKLE_PROTOCOL)
+            blob = dumps_function(fn, wire.PICKLE_PROTOCOL)   # file names and source lines kept (pydist.sources)
         except Exception as exc:
             raise SerializationError(f"cannot pickle the function {fn!r}: {type(exc).__name__}: {exc}") from exc
         key = f"{self._cid}.f{next(self._fn_seq)}"
@@ -619,6 +625,14 @@ class ClusterExecutor(Executor):
             if self._outbox and self._max_inflight is not None:
                 self._cond.notify_all()   # room for tasks held back by max_workers
         for f, r in futs:
+            if r[wire.R_BLOB][:1] == b"\x00":   # the task printed: its output rides in front (pydist.output)
+                items, blob = split_output(r[wire.R_BLOB])
+                r = tuple(r[:wire.R_BLOB]) + (blob,) + tuple(r[wire.R_BLOB + 1:])
+                if items:
+                    try:
+                        emit_output(items, r[wire.R_NODE], r[wire.R_WORKER], r[0])
+                    except Exception as exc:   # a closed sys.stdout must not lose the result
+                        log.warning("could not print the output of task %s: %s", r[0], exc)
             if f is None:
                 continue
             status = r[wire.R_STATUS]

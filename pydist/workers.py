@@ -10,7 +10,8 @@
 The node never blocks on a pipe: sends go through a per-worker writer thread.  A worker reads one
 frame at a time and runs its tasks in order; results go back in batches (at most ``FLUSH_EVERY`` s late).
 The function blobs a batch carries are unpickled once and cached (LRU) by key in the worker.
-Workers write task output (print) to the node's stderr, never to the pipe.
+What a task prints or logs is captured (pydist.output) and rides with its result to a client that asked
+for it (``forward_output``), else goes to the node's stderr, prefixed with node, worker and task.
 """
 from __future__ import annotations
 
@@ -34,14 +35,16 @@ from typing import Callable, Dict, List, Optional
 
 from . import wire
 from .errors import SerializationError, TaskError
+from .output import FORWARD_OUTPUT, TaskOutput, attach as attach_output, split as split_output
 
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 0.002
 FN_CACHE = 256
 PIPE_SIZE = 1 << 20   # bytes of pipe buffer asked for (Linux caps it at /proc/sys/fs/pipe-max-size)
-SLOT_SIZE = 256   # bytes of the shared "task now running" slot of each worker:
-SLOT_TID = 96     # [0:96] task id (NUL-padded), [96:104] start (time.time(), double), [104:256] function name
+SLOT_SIZE = 1280  # bytes of the shared "task now running" slot of each worker:
+SLOT_TID = 96     # [0:96] task id (NUL-padded), [96:104] start (time.time(), double), [104:256] function name,
+SLOT_TAIL = 256   # [256:1280] the last lines of the running task's output (NUL-terminated)
 SLOT_T = struct.Struct("d")
 FAILURES_KEPT = 20   # recent task failures a pool remembers (for the dashboard)
 
@@ -93,6 +96,7 @@ class _Worker:
         self.init_blobs: Dict[str, bytes] = {}
         self.init_done: Dict[str, Optional[bytes]] = {}   # client -> None (ok) or exception blob
         self.slot_names: Dict[str, bytes] = {}
+        self.output: Optional[TaskOutput] = None   # set by worker_main: captures the tasks' output
 
     def serve(self) -> None:
         while True:
@@ -200,11 +204,27 @@ class _Worker:
             slot[:SLOT_TID + SLOT_T.size] = (tid.encode()[:SLOT_TID - 1].ljust(SLOT_TID, b"\0")
                                               + SLOT_T.pack(time.time()))
             slot[SLOT_TID + SLOT_T.size] = 0
+            slot[SLOT_TAIL] = 0
+        forward = bool(kind & FORWARD_OUTPUT)
+        out = self.output
+        if out is not None:
+            out.begin(tid)
         try:
-            return self._run_one(fns, tid, key, payload, bundle, hops, path, kind, client)
+            r = self._run_one(fns, tid, key, payload, bundle, hops, path, kind & ~FORWARD_OUTPUT, client)
         finally:
             if slot is not None:
                 slot[0:1] = b"\0"
+        if out is not None:
+            items = out.end(forward)
+            if items:   # only a task that printed pays for its output
+                r = r[:2] + (attach_output(r[2], items),) + r[3:]
+        return r
+
+    def write_tail(self, text: str) -> None:
+        """The last lines of the running task's output, for the node to read (dashboard, status --tasks)."""
+        if self.slot is not None:
+            b = text.encode(errors="replace")[-(SLOT_SIZE - SLOT_TAIL - 1):]
+            self.slot[SLOT_TAIL:SLOT_TAIL + len(b) + 1] = b + b"\0"
 
     def _run_one(self, fns, tid, key, payload, bundle, hops, path, kind, client) -> tuple:
         if client:
@@ -260,6 +280,8 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     w = _Worker(a.fd_in, a.fd_out, a.index, a.node, a.code_cache, a.slot)
+    w.output = TaskOutput(a.node, a.index, w.write_tail)   # print/logging in a task: captured (pydist.output)
+    w.output.install()
     wire.write_frame(a.fd_out, ("hello", os.getpid()))
     try:
         w.serve()
@@ -466,9 +488,11 @@ class WorkerPool:
             if not tid:
                 continue
             (t0,) = SLOT_T.unpack_from(raw, SLOT_TID)
-            fn = raw[SLOT_TID + SLOT_T.size:].split(b"\0", 1)[0]
+            fn = raw[SLOT_TID + SLOT_T.size:SLOT_TAIL].split(b"\0", 1)[0]
+            tail = raw[SLOT_TAIL:].split(b"\0", 1)[0].decode(errors="replace").splitlines()
             out.append({"worker": h.index, "id": tid.decode(errors="replace"),
-                        "function": fn.decode(errors="replace"), "age": max(0.0, now - t0) if t0 else 0.0})
+                        "function": fn.decode(errors="replace"), "age": max(0.0, now - t0) if t0 else 0.0,
+                        "output": tail})
         return out
 
     def _note_failures(self, index: int, results: list) -> None:
@@ -476,11 +500,14 @@ class WorkerPool:
             if r[1] != wire.ERROR:
                 continue
             try:
-                _, tb, name, message = wire.error_report(r[2])
+                items, blob = split_output(r[2])
+                _, tb, name, message = wire.error_report(blob)
             except Exception:
-                tb, name, message = "", "?", "(unreadable error report)"
+                items, tb, name, message = None, "", "?", "(unreadable error report)"
+            tail = [ln for i in items or () if i[0] != "log" for ln in i[1].splitlines()][-20:]
             self.failures.append({"time": time.time(), "id": r[0], "node": self.node_name, "worker": index,
-                                  "error": name, "message": message[:1000], "traceback": tb[-8000:]})
+                                  "error": name, "message": message[:1000], "traceback": tb[-8000:],
+                                  "output": tail})
 
     def _read_slot(self, index: int, gen: int) -> Optional[str]:
         """The task a dead worker was running (None: it was between tasks)."""
