@@ -42,6 +42,7 @@ LABEL = b"pydist-dashboard-token-v1"
 POLL_INTERVAL = 1.0          # s between snapshots while someone watches
 IDLE_AFTER = 30.0            # s without a request after which the poller sleeps
 HISTORY = 300                # samples of the task stream kept (5 minutes at 1 s)
+RATE_WINDOW = 3              # samples a task-stream rate is averaged over (tasks finish in bursts)
 MAX_CONNECTIONS = 16         # concurrent HTTP connections (more: closed at once)
 MAX_STREAMS = 8              # concurrent event streams
 STREAM_SECONDS = 300.0       # an event stream ends after this long (EventSource reconnects)
@@ -174,11 +175,12 @@ class Snapshots:
                 "tasks": _tasks(nodes), "code": _code(nodes), "groups": _groups(nodes)}
 
     def _stream(self) -> dict:
-        """Tasks finished per second by each node, between consecutive samples."""
+        """Tasks finished per second by each node, over a sliding window of ``RATE_WINDOW`` samples."""
         h = list(self.history)
         names = sorted({n for _, d in h for n in d})
         t, series = [], {n: [] for n in names}
-        for (t0, d0), (t1, d1) in zip(h, h[1:]):
+        for i in range(1, len(h)):
+            (t0, d0), (t1, d1) = h[max(0, i - RATE_WINDOW)], h[i]
             dt = max(1e-3, t1 - t0)
             t.append(round(t1, 3))
             for n in names:

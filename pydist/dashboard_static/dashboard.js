@@ -158,8 +158,8 @@
   }
   var openFailures = {};
   function renderFailures(snap) {
-    var box = $("failures"), fs = snap.failures || [];
-    var items = fs.map(function (f) {
+    var box = $("failures"), fs = snap.failures || [], SHOWN = 6;
+    var items = fs.slice(0, SHOWN).map(function (f) {
       var d = el("details", {cls: "failure", "data-id": f.id}, [
         el("summary", {}, [el("span", {cls: "err", text: f.error.split(".").pop() + ": " + f.message}),
                            el("span", {cls: "where", text: f.node + " · worker " + f.worker + " · " + f.id + " · " +
@@ -170,6 +170,7 @@
       return d;
     });
     if (!items.length) items = [el("div", {cls: "empty-note", text: "no failures"})];
+    if (fs.length > SHOWN) items.push(el("div", {cls: "empty-note", text: "and " + (fs.length - SHOWN) + " more (see /api/status)"}));
     box.replaceChildren.apply(box, items);
     $("failures-count").textContent = fs.length ? "(" + fs.length + ")" : "";
   }
