@@ -142,6 +142,7 @@ def node_main(argv: Optional[List[str]] = None) -> None:
 
             try:
                 state["dashboard"] = start_for_node(node, cfg.dashboard)
+                sys.stdout.write(f"DASHBOARD {node.dashboard_url}\n")   # before READY: readers see both
             except OSError as exc:
                 log.error("cannot serve the dashboard on %s:%s: %s", cfg.host, cfg.dashboard, exc.strerror or exc)
         sys.stdout.write(f"READY {node.name} {node.address}\n")

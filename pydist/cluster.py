@@ -98,7 +98,9 @@ class LocalCluster:
     server's, ``.secret`` the cluster secret (random unless given), ``.pids`` every process started.
     ``topology``: ``"tree"`` (binary), ``"chain"`` or ``"star"``.  The secret is ``PYDIST_SECRET`` if set,
     else random; clients in this process find it by address (``ClusterExecutor(cluster.address)``).  ``tls_cert``/``tls_key``/``tls_ca``
-    turn TLS on for the nodes, the name server and this process (see ``pydist make-certs``).
+    turn TLS on for the nodes, the name server and this process (see ``pydist make-certs``).  ``dashboard``
+    (default True): the root serves the live web dashboard on a free port of its address; its URL, token
+    included, is ``.dashboard_url``.
     """
 
     def __init__(self, nodes: int = 1, workers_per_node: Optional[int] = None, topology: str = "tree", *,

@@ -208,3 +208,34 @@ def test_dashboard_in_a_real_browser(cluster4, tmp_path):
         assert "403" in driver.execute_script("return document.body.textContent")
     finally:
         driver.quit()
+
+
+def test_a_node_started_by_hand_serves_it(tmp_path, proc_guard):
+    import subprocess
+    import sys
+
+    from pydist import security
+    from pydist.cluster import read_ready
+
+    secret = security.new_secret()
+    env = dict(os.environ, PYDIST_SECRET=secret.decode())
+    p = subprocess.Popen([sys.executable, "-m", "pydist.cli", "node", "--host", "127.0.0.7", "--workers", "0",
+                          "--name", "solo", "--dashboard", "0", "--watch-stdin", "--code-cache", str(tmp_path / "c"),
+                          "--log-level", "WARNING"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    try:
+        first = p.stdout.readline().decode()
+        assert first.startswith("DASHBOARD http://127.0.0.7:"), first
+        url = first.split()[1]
+        assert url.endswith("?token=" + dashboard_token(secret))
+        address = read_ready(p, 20)
+        assert address
+        with ClusterExecutor(address, secret=secret) as ex:
+            assert ex.dashboard_url == url
+        code, _, body = get(url.replace("/?", "/api/status?"))
+        assert code == 200 and json.loads(body)["root"] == "solo"
+        assert get(url.split("?")[0])[0] == 403
+    finally:
+        p.terminate()
+        p.stdin.close()
+        p.wait(15)
+        p.stdout.close()
