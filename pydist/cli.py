@@ -50,6 +50,8 @@ def _node_parser(prog: str = "pydist-node") -> argparse.ArgumentParser:
             p.add_argument(flag, dest=f.name, type=float, default=None, help=help_)
         else:
             p.add_argument(flag, dest=f.name, default=None, help=help_)
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="TOML config file ([node] table; default ./pydist.toml or ~/.config/pydist/pydist.toml)")
     p.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -91,11 +93,11 @@ def _is_loopback(host: str) -> bool:
 def node_main(argv: Optional[List[str]] = None) -> None:
     """``pydist-node``: run one node until SIGTERM/SIGINT (or ``pydist stop``)."""
     args = _node_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "watch_stdin"}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("watch_stdin", "config")}
     try:
         from . import diagnose, security
 
-        cfg = NodeConfig.from_env(**overrides)
+        cfg = NodeConfig.from_env(config_file=args.config, **overrides)
         if cfg.secret is None:
             cfg.secret = security.load_secret(None, cfg.secret_file)
         for flag, targets in (("--parent", [cfg.parent] if cfg.parent else []), ("--peer", cfg.peers)):
@@ -478,11 +480,45 @@ def _cmd_certs(a) -> int:
     return 0
 
 
+def _cmd_up(a) -> int:
+    from . import up
+
+    spec = up.load_spec(a.file)
+    res = up.up(spec, secret_file=a.secret_file, report=print, check=not a.no_version_check)
+    print(f"cluster {spec.name} is up: {len(res.nodes)} nodes, name server {res.ns}, root {res.root}")
+    print(format_status(res.statuses))
+    print(f"connect with: ClusterExecutor(ns=\"{res.ns}\", secret=open(\"{res.secret_file}\").read()) "
+          f"or: pydist status --ns {res.ns} --secret-file {res.secret_file}")
+    return 0
+
+
+def _cmd_down(a) -> int:
+    from . import up
+
+    spec = up.load_spec(a.file)
+    out = up.down(spec, report=print)
+    return 1 if any(isinstance(v, BaseException) for v in out.values()) else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pydist", description="pydist cluster tools.  The cluster secret comes from --secret-file or "
         f"{ENV_PREFIX}SECRET; the cluster from --node HOST:PORT or --ns HOST:PORT ({ENV_PREFIX}NS).")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help=f"TOML config file (same as {ENV_PREFIX}CONFIG=FILE; default ./pydist.toml or "
+                        "~/.config/pydist/pydist.toml)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    s = sub.add_parser("up", help="start a whole cluster over ssh from a cluster.toml",
+                       description="Start the name server and every node of a cluster.toml over ssh.")
+    s.add_argument("file", help="the cluster.toml")
+    s.add_argument("--secret-file", default=None, metavar="FILE",
+                   help="the cluster secret (default: the file's secret_file)")
+    s.add_argument("--no-version-check", action="store_true", help=argparse.SUPPRESS)
+    s.set_defaults(fn=_cmd_up)
+    s = sub.add_parser("down", help="stop every node and the name server of a cluster.toml",
+                       description="Stop every node and the name server a cluster.toml describes.")
+    s.add_argument("file", help="the cluster.toml")
+    s.set_defaults(fn=_cmd_down)
     s = sub.add_parser("status", help="the tree of nodes: workers, load, queues",
                        description="Print the tree of nodes: workers busy/total, queued, running, done, failed.")
     _connect_args(s)
@@ -545,6 +581,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if a.config:
+        if not os.path.isfile(a.config):
+            print(f"pydist: config file {a.config} (from --config) does not exist", file=sys.stderr)
+            return 2
+        os.environ[ENV_PREFIX + "CONFIG"] = a.config   # every ClientConfig of this process reads it
     try:
         return a.fn(a)
     except (PydistError, FileNotFoundError) as exc:
