@@ -257,7 +257,10 @@ class _Worker:
             return (tid, wire.ERROR, wire.dumps_exception(err), self.node, self.index,
                     time.perf_counter() - t0)
         except BaseException as exc:
-            return (tid, wire.ERROR, wire.dumps_exception(exc), self.node, self.index,
+            tb = exc.__traceback__   # the traceback starts in the task, not in this function
+            while tb is not None and tb.tb_frame.f_code.co_filename == __file__ and tb.tb_next is not None:
+                tb = tb.tb_next
+            return (tid, wire.ERROR, wire.dumps_exception(exc.with_traceback(tb)), self.node, self.index,
                     time.perf_counter() - t0)
         finally:
             _WorkerState.current = None
