@@ -363,3 +363,14 @@ def test_readme_spawn_group_example_runs_on_this_machine(tmp_path, proc_guard):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100, env=e)
     assert r.returncode == 0, r.stderr
     assert "(3, 6)" in r.stdout, r.stdout
+
+
+def test_stop_node_all_stops_its_tree_and_node_alone_stops_one(proc_guard):
+    with LocalCluster(nodes=3, workers_per_node=0) as c:
+        r = cli("stop", "--node", c.addresses[2], secret=c.secret)
+        assert r.returncode == 0 and "stopping node node2" in r.stdout, r.stderr
+        assert c.procs[2].wait(20) == 0
+        assert c.procs[0].poll() is None and c.procs[1].poll() is None
+        r = cli("stop", "--node", c.address, "--all", secret=c.secret, timeout=90)
+        assert r.returncode == 0 and "stopped 2 nodes" in r.stdout, r.stdout + r.stderr
+        assert c.procs[1].wait(20) == 0 and c.procs[0].wait(20) == 0
