@@ -69,7 +69,8 @@ class NodeConfig:
     secret_file: Optional[str] = field(default=None, metadata=_meta("SECRET_FILE", "--secret-file",
                                                                     "file holding the cluster secret"))
     insecure: bool = field(default=False, metadata=_meta("INSECURE", "--insecure",
-                                                         "allow a non-loopback bind without a secret"))
+                                                         "no cluster secret at all (default: a per-user secret "
+                                                         "file): any local user can run code; off loopback anyone"))
     tls_cert: Optional[str] = field(default=None, metadata=_meta("TLS_CERT", "--tls-cert", "TLS certificate (PEM)"))
     tls_key: Optional[str] = field(default=None, metadata=_meta("TLS_KEY", "--tls-key", "TLS private key (PEM)"))
     tls_ca: Optional[str] = field(default=None, metadata=_meta("TLS_CA", "--tls-ca", "CA certificate(s) to trust"))
