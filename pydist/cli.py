@@ -17,7 +17,7 @@ import threading
 import time
 from typing import List, Optional
 
-from .config import ENV_PREFIX, NodeConfig
+from .config import ENV_PREFIX, SIZE_FIELDS, NodeConfig
 from .errors import ConfigError, PydistError
 
 log = logging.getLogger("pydist.cli")
@@ -37,7 +37,7 @@ def _node_parser(prog: str = "pydist-node") -> argparse.ArgumentParser:
             p.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_)
         elif typ.startswith("list"):
             p.add_argument(flag, dest=f.name, action="append", default=None, help=help_)
-        elif f.name in ("code_cache_max", "max_message_size"):
+        elif f.name in SIZE_FIELDS:
             p.add_argument(flag, dest=f.name, default=None, help=help_)
         elif "int" in typ:
             p.add_argument(flag, dest=f.name, type=int, default=None, help=help_)
