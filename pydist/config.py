@@ -289,7 +289,7 @@ def find_config_file(explicit: Optional[str] = None, environ: Optional[dict] = N
 def _check_file_value(path: str, table: str, f: dataclasses.Field, v: Any) -> Any:
     typ = str(f.type)
     where = f"{path} [{table}] {f.name}"
-    if f.name in ("code_cache_max", "max_message_size"):
+    if f.name in SIZE_FIELDS:
         if isinstance(v, bool) or not isinstance(v, (int, str)):
             raise ConfigError(f"{where}: expected a size (bytes or e.g. \"2G\"), got {v!r}")
         return v
