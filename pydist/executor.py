@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List,
 
 from . import security, wire
 from .config import ClientConfig
-from .errors import BrokenCluster, ClusterUnavailable, SerializationError
+from .errors import AuthenticationError, BrokenCluster, ClusterUnavailable, SerializationError, VersionMismatch
 from .output import FORWARD_OUTPUT, emit as emit_output, split as split_output
 from .scripts import run_script
 from .sources import dumps_function
@@ -156,6 +156,8 @@ class ClusterExecutor(Executor):
 
             key = _parse_address(ns) if ns is not None else (_parse_address(str(address)) if address else "")
             self._cfg.secret = local_secret(key)
+        if self._cfg.secret is None:   # this user's secret file (what a pydist-node without a secret uses)
+            self._cfg.secret = security.load_secret()
         try:
             if ns is not None:
                 self._uri = self._find_root(ns)
@@ -203,6 +205,7 @@ class ClusterExecutor(Executor):
         ns = f"{host}:{port}"
         deadline = time.monotonic() + self._cfg.connect_timeout
         last: Optional[BaseException] = None
+        refused: Dict[str, BaseException] = {}
         while True:
             try:
                 with Pyro5.api.locate_ns(host, port) as nsp:
@@ -215,6 +218,13 @@ class ClusterExecutor(Executor):
                         return uri
                     except ClusterUnavailable as exc:
                         last = exc   # a stale entry
+                    except (AuthenticationError, VersionMismatch) as exc:
+                        # anyone can register in a name server: skip an entry that cannot prove the secret
+                        if uri not in refused:
+                            log.warning("skipping %s listed in name server %s: %s", uri, ns, exc)
+                        refused[uri] = exc
+                if refused and len(refused) == len(roots + others):
+                    raise next(iter(refused.values()))   # no listed node accepts us: our secret is wrong
                 last = last or ClusterUnavailable(f"name server {ns} lists no pydist node yet")
             except (Pyro5.errors.NamingError, Pyro5.errors.CommunicationError, OSError) as exc:
                 last = exc
