@@ -87,8 +87,9 @@ def registered_nodes(ns: str, timeout: float = 2.0) -> Optional[list]:
         return None
 
 
-def join_failure(exc: BaseException, role: str, target: str, ns: Optional[str]) -> str:
-    """Why joining ``target`` (the value of ``--parent`` / ``--peer``) failed, and what to do."""
+def join_failure(exc: BaseException, role: str, target: str, ns: Optional[str], secret=None) -> str:
+    """Why joining ``target`` (the value of ``--parent`` / ``--peer``) failed, and what to do.  ``secret``:
+    this node's own (a per-user secret found in its file means none was given)."""
     import Pyro5.errors
 
     from .errors import AuthenticationError, VersionMismatch
@@ -97,6 +98,15 @@ def join_failure(exc: BaseException, role: str, target: str, ns: Optional[str]) 
     text = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, (AuthenticationError, VersionMismatch)):
         msg = str(exc)
+        try:
+            from .auth import UserSecret
+            no_secret_given = isinstance(secret, UserSecret)
+        except ImportError:
+            no_secret_given = False
+        if no_secret_given and ("wrong cluster secret" in msg or "failed to prove" in msg):
+            return (f"cannot join {role} {target}: no secret was given to this node, so it uses this user's "
+                    f"secret file, and {target} has another secret ({msg}): set PYDIST_SECRET or --secret-file "
+                    "on this node (the same as the parent's)")
         if "gave none" in msg or "requires the cluster secret" in msg:
             return (f"cannot join {role} {target}: it requires the cluster secret and this node has none: set "
                     "PYDIST_SECRET or --secret-file on this node (the same as the parent's)")

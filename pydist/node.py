@@ -1102,7 +1102,8 @@ class Node:
                         exc, (AuthenticationError, VersionMismatch)):
                     log.debug("joining %s failed: %s", link.join_target, _short(exc))   # it may be starting too
                 else:
-                    join_log.fail("join", diagnose.join_failure(exc, link.role, link.join_target, self.cfg.ns))
+                    join_log.fail("join", diagnose.join_failure(exc, link.role, link.join_target, self.cfg.ns,
+                                                                   self.cfg.secret))
                 with self.lock:
                     self._lose_link(link, _short(exc))
                 if not link.initiated:
