@@ -30,6 +30,7 @@ _EXPORTS = {
     "Status": "comm",
     "Request": "comm",
     "TaskGroup": "taskgroup",
+    "progress": "progressbar",
 }
 _ERRORS = ("PydistError", "ClusterUnavailable", "BrokenCluster", "VersionMismatch", "AuthenticationError",
            "ConfigError", "TaskError", "SerializationError", "WorkerLost", "NodeLost", "RemoteError",

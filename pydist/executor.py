@@ -33,12 +33,12 @@ from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures._base import PENDING as _PENDING
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
-import cloudpickle
-
 from . import security, wire
 from .config import ClientConfig
-from .errors import BrokenCluster, ClusterUnavailable, SerializationError
+from .errors import AuthenticationError, BrokenCluster, ClusterUnavailable, SerializationError, VersionMismatch
+from .output import FORWARD_OUTPUT, emit as emit_output, split as split_output
 from .scripts import run_script
+from .sources import dumps_function
 
 if TYPE_CHECKING:
     from .aio import AsyncClusterExecutor
@@ -96,14 +96,16 @@ class ClusterExecutor(Executor):
     Accepts what ``ProcessPoolExecutor`` accepts (``max_workers``, ``mp_context`` (ignored),
     ``initializer``, ``initargs``, ``max_tasks_per_child`` (ignored)), plus ``secret`` (else
     ``PYDIST_SECRET``), ``code`` (paths uploaded at start, see ``upload_code``), TLS files and
-    ``connect_timeout`` (seconds before ``ClusterUnavailable``).
+    ``connect_timeout`` (seconds before ``ClusterUnavailable``) and ``forward_output`` (print what tasks
+    print and log here, each line prefixed ``[node/wN task-id]``; default: on for the embedded cluster).
     """
 
     def __init__(self, address: Optional[str] = None, max_workers: Optional[int] = None, mp_context: Any = None,
                  initializer: Optional[Callable] = None, initargs: tuple = (), *, ns: Optional[str] = None,
                  secret: Optional[bytes] = None, code: Optional[Sequence[str]] = None,
                  max_tasks_per_child: Optional[int] = None, connect_timeout: Optional[float] = None,
-                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None):
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None,
+                 forward_output: Optional[bool] = None):
         if isinstance(address, int) and not isinstance(address, bool):
             # ProcessPoolExecutor's positional order: (max_workers, mp_context, initializer, initargs)
             address, max_workers, mp_context, initializer, initargs = (
@@ -147,11 +149,15 @@ class ClusterExecutor(Executor):
             self._cluster.start()
             address = self._cluster.address
             self._cfg.secret = self._cluster.secret
+        # print()/logging of tasks shown here (prefixed "[node/wN task]"): default on for the embedded cluster
+        self._forward_output = (self._cluster is not None) if forward_output is None else bool(forward_output)
         if self._cfg.secret is None:   # a LocalCluster of this process? it knows its secret
             from .cluster import local_secret
 
             key = _parse_address(ns) if ns is not None else (_parse_address(str(address)) if address else "")
             self._cfg.secret = local_secret(key)
+        if self._cfg.secret is None:   # this user's secret file (what a pydist-node without a secret uses)
+            self._cfg.secret = security.load_secret()
         try:
             if ns is not None:
                 self._uri = self._find_root(ns)
@@ -193,12 +199,16 @@ class ClusterExecutor(Executor):
         import Pyro5.api
         import Pyro5.errors
 
-        host, _, port = _parse_address(ns).rpartition(":")
+        from .diagnose import parse_ns
+
+        host, port = parse_ns(ns)   # no port: Pyro5's 9090
+        ns = f"{host}:{port}"
         deadline = time.monotonic() + self._cfg.connect_timeout
         last: Optional[BaseException] = None
+        refused: Dict[str, BaseException] = {}
         while True:
             try:
-                with Pyro5.api.locate_ns(host, int(port)) as nsp:
+                with Pyro5.api.locate_ns(host, port) as nsp:
                     entries = nsp.list(prefix="pydist.node.", return_metadata=True)
                 roots = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" in meta]
                 others = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" not in meta]
@@ -208,6 +218,13 @@ class ClusterExecutor(Executor):
                         return uri
                     except ClusterUnavailable as exc:
                         last = exc   # a stale entry
+                    except (AuthenticationError, VersionMismatch) as exc:
+                        # anyone can register in a name server: skip an entry that cannot prove the secret
+                        if uri not in refused:
+                            log.warning("skipping %s listed in name server %s: %s", uri, ns, exc)
+                        refused[uri] = exc
+                if refused and len(refused) == len(roots + others):
+                    raise next(iter(refused.values()))   # no listed node accepts us: our secret is wrong
                 last = last or ClusterUnavailable(f"name server {ns} lists no pydist node yet")
             except (Pyro5.errors.NamingError, Pyro5.errors.CommunicationError, OSError) as exc:
                 last = exc
@@ -234,6 +251,8 @@ class ClusterExecutor(Executor):
             fut._pydist_exec = self._wref
             self._pending[tid] = fut
             code = self._bundle if bundle is False else bundle
+            if self._forward_output:
+                kind |= FORWARD_OUTPUT
             self._outbox.append(((tid, key, payload, code, 0, [], kind, self._cid), blob))
             # A lone submit (no other task of this executor outstanding) is sent from this thread: no
             # hand-off to the sender thread.  Submits while others are in flight go through the sender,
@@ -271,7 +290,7 @@ class ClusterExecutor(Executor):
             self._fns.move_to_end(id(fn))
             return entry[1], entry[2]
         try:
-            blob = cloudpickle.dumps(fn, wire.PICKLE_PROTOCOL)
+            blob = dumps_function(fn, wire.PICKLE_PROTOCOL)   # file names and source lines kept (pydist.sources)
         except Exception as exc:
             raise SerializationError(f"cannot pickle the function {fn!r}: {type(exc).__name__}: {exc}") from exc
         key = f"{self._cid}.f{next(self._fn_seq)}"
@@ -281,9 +300,10 @@ class ClusterExecutor(Executor):
         return key, blob
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None, chunksize: int = 1,
-            buffersize: Optional[int] = None) -> Iterator:
+            buffersize: Optional[int] = None, progress: bool = False) -> Iterator:
         """Like ``Executor.map``: results lazily, in order.  ``chunksize > 1`` sends that many calls as
-        one task (one pickle, one result message); ``buffersize`` bounds tasks in flight (Python 3.14)."""
+        one task (one pickle, one result message); ``buffersize`` bounds tasks in flight (Python 3.14);
+        ``progress=True`` shows a tqdm bar (rate, ETA) of the calls finished (``pip install 'pydist[progress]'``)."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
@@ -293,14 +313,31 @@ class ClusterExecutor(Executor):
         calls = zip(*iterables)
         kind = wire.KIND_CALL if chunksize == 1 else wire.KIND_CHUNK
 
+        bar = None
+        if progress:
+            from .progressbar import ProgressBar
+
+            bar = ProgressBar(None, desc=getattr(fn, "__name__", None), unit="call")
+
         def make(group):
             if kind == wire.KIND_CALL:
-                return self._enqueue(key, blob, wire.dumps_call(group, {}), kind)
-            return self._enqueue(key, blob, wire.dumps(list(group), "map arguments"), kind)
+                f = self._enqueue(key, blob, wire.dumps_call(group, {}), kind)
+            else:
+                group = list(group)
+                f = self._enqueue(key, blob, wire.dumps(group, "map arguments"), kind)
+            if bar is not None:
+                bar.attach(f, 1 if kind == wire.KIND_CALL else len(group))
+            return f
 
         groups = calls if chunksize == 1 else _chunks(calls, chunksize)
         if buffersize is None:
-            fs = collections.deque(make(g) for g in groups)
+            if bar is None:
+                fs = collections.deque(make(g) for g in groups)
+            else:
+                calls = list(calls)
+                bar.set_total(len(calls))
+                groups = iter(calls) if chunksize == 1 else _chunks(iter(calls), chunksize)
+                fs = collections.deque(make(g) for g in groups)
             more = iter(())
         else:
             more = iter(groups)
@@ -323,6 +360,8 @@ class ClusterExecutor(Executor):
             finally:
                 for f in fs:
                     f.cancel()
+                if bar is not None:
+                    bar.close()
 
         return result_iterator()
 
@@ -429,6 +468,17 @@ class ClusterExecutor(Executor):
     def node_name(self) -> str:
         """Name of the node this executor talks to."""
         return self._node_name
+
+    @property
+    def dashboard_url(self) -> Optional[str]:
+        """URL of the live dashboard (token included): the embedded cluster's, else the one served by the
+        node this executor talks to (None if that node serves none: start it with --dashboard PORT)."""
+        if self._cluster is not None:
+            return self._cluster.dashboard_url
+        url = getattr(self, "_dashboard_url", None)
+        if url is None:
+            url = self._dashboard_url = self.status().get("dashboard")
+        return url
 
     @property
     def cluster(self):
@@ -580,6 +630,14 @@ class ClusterExecutor(Executor):
             if self._outbox and self._max_inflight is not None:
                 self._cond.notify_all()   # room for tasks held back by max_workers
         for f, r in futs:
+            if r[wire.R_BLOB][:1] == b"\x00":   # the task printed: its output rides in front (pydist.output)
+                items, blob = split_output(r[wire.R_BLOB])
+                r = tuple(r[:wire.R_BLOB]) + (blob,) + tuple(r[wire.R_BLOB + 1:])
+                if items:
+                    try:
+                        emit_output(items, r[wire.R_NODE], r[wire.R_WORKER], r[0])
+                    except Exception as exc:   # a closed sys.stdout must not lose the result
+                        log.warning("could not print the output of task %s: %s", r[0], exc)
             if f is None:
                 continue
             status = r[wire.R_STATUS]

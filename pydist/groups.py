@@ -445,7 +445,13 @@ class GroupServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.sock.listen(256)
-        self.address = self.sock.getsockname()[:2]
+        port = self.sock.getsockname()[1]
+        if host in ("0.0.0.0", "::", ""):   # a wildcard bind: advertise this machine's address
+            try:
+                host = socket.gethostbyname(socket.gethostname())
+            except OSError:
+                host = "127.0.0.1"
+        self.address = (host, port)
         threading.Thread(target=self._accept, daemon=True, name="pydist-groups").start()
 
     def close(self) -> None:

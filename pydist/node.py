@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import re
-import socket
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -44,9 +43,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import Pyro5.api
 import Pyro5.errors
 
-from . import scheduler, security, wire
+from . import diagnose, scheduler, security, wire
 from .config import NodeConfig
-from .errors import BundleNotFound, NodeLost, ProtocolError, WorkerLost
+from .errors import AuthenticationError, BundleNotFound, NodeLost, ProtocolError, VersionMismatch, WorkerLost
 from .scheduler import TaskState, advance
 from .groups import GroupTable
 from .workers import WorkerPool
@@ -56,6 +55,7 @@ log = logging.getLogger(__name__)
 NODE_OBJECT_ID = security.NODE_OBJECT_ID
 NS_PREFIX = "pydist.node."
 COLLECT_MAX_WAIT = 5.0
+JOIN_GRACE = 3.0      # s a node may fail to join quietly (its parent may be starting too); then it says why
 STARTED_DELAY = 0.01   # s a collect waits for a result before answering with "started" notes alone
 
 
@@ -151,6 +151,7 @@ class Link:
         self.out_cancel: List[str] = []
         self.out_code: List[str] = []
         self.stopping = False
+        self.left = False               # it told us it is stopping (a clean stop, not a fault)
 
     @property
     def workers(self) -> int:
@@ -219,13 +220,14 @@ class Node:
                                self._on_worker_results, self._on_worker_exit, env=env)
         self.daemon: Optional[Pyro5.api.Daemon] = None
         self.groups = GroupTable(self)               # task groups: reservations, control lines, abort
+        self.dashboard_url: Optional[str] = None   # set when this node serves the dashboard (--dashboard)
 
     # ======================================================================================== lifecycle
     def start(self, daemon: Pyro5.api.Daemon) -> None:
         """Register with the daemon, start workers and background threads (not the request loop)."""
         self.daemon = daemon
         self.uri = str(daemon.register(self, NODE_OBJECT_ID))
-        host, port = daemon.locationStr.rsplit(":", 1)
+        host, port = (daemon.natLocationStr or daemon.locationStr).rsplit(":", 1)   # the advertised one
         self.address = f"{host}:{port}"
         self.pool.start()
         threading.Thread(target=self._watch_workers_ready, daemon=True, name="pydist-ready").start()
@@ -246,6 +248,14 @@ class Node:
             links = list(self.links.values())
             for c in self.clients.values():
                 c.cond.notify_all()
+        # tell linked nodes we are stopping, so they log a stop, not a fault (1 s at most)
+        byes = [threading.Thread(target=self._say_goodbye, args=(l.uri,), daemon=True)
+                for l in links if l.alive and l.uri]
+        for t in byes:
+            t.start()
+        deadline = time.monotonic() + 1.0
+        for t in byes:
+            t.join(max(0.0, deadline - time.monotonic()))
         for l in links:
             l.stop()
         self.pool.stop()
@@ -255,6 +265,16 @@ class Node:
                     ns.remove(NS_PREFIX + self.name)
             except Exception as exc:  # the name server may be gone already
                 log.info("could not remove %s from the name server: %s", NS_PREFIX + self.name, exc)
+
+    def _say_goodbye(self, uri: str) -> None:
+        proxy = None
+        try:
+            proxy = security.connect(uri, secret=self.cfg.secret, timeout=0.5, call_timeout=1.0)
+            proxy.leave(self.name)
+        except Exception as exc:   # it may be gone already
+            log.debug("could not tell %s that we stop: %s", uri, exc)
+        finally:
+            security.release(proxy)
 
     def _watch_workers_ready(self) -> None:
         pending = set(range(len(self.pool.handles)))
@@ -393,6 +413,19 @@ class Node:
             self._schedule()
             return {"name": self.name, "uri": self.uri, "map": self._report_for(name)}
 
+    def leave(self, sender: str) -> None:
+        """A linked node says it is stopping cleanly: its link goes now, logged as a stop, not a fault."""
+        _check_str(sender, "sender")
+        with self.lock:
+            link = self.links.get(sender)
+            if link is None:
+                return
+            link.left = True
+            log.info("%s %s stopped (a clean stop)", link.role, sender)
+            self._lose_link(link, "it stopped")
+            if not link.initiated:
+                link.stop()
+
     def run_task(self, sender: str, fns: dict, tasks: list, inits: Optional[dict] = None) -> int:
         """Accept a batch of tasks forwarded by a linked node (the design card's ``run_task``)."""
         _check_str(sender, "sender")
@@ -499,6 +532,13 @@ class Node:
                 "reachable": sorted({self.name}.union(*(l.remote_map for l in self.links.values()
                                                        if l.may_send and l.alive))),
             }
+        # what the dashboard and `pydist status --tasks` show: running tasks, recent failures, code, groups
+        st["tasks"] = self.pool.running()
+        st["failures"] = list(self.pool.failures)
+        st["code"] = [{k: b[k] for k in ("digest", "size", "files", "pinned") if k in b} for b in self.store.list()]
+        with self.lock:
+            st["groups"] = sorted(self.groups.groups)
+        st["dashboard"] = self.dashboard_url
         st["cpu_percent"] = psutil.cpu_percent(interval=None)
         st["mem_percent"] = psutil.virtual_memory().percent
         st["rss"] = psutil.Process().memory_info().rss
@@ -506,6 +546,8 @@ class Node:
 
     def shutdown(self) -> None:
         """Stop this node (returns at once; the node stops in the background)."""
+        if not self.stopping.is_set():
+            log.info("stopping node %s", self.name)
         threading.Thread(target=self._shutdown_soon, daemon=True).start()
 
     def _shutdown_soon(self) -> None:
@@ -562,7 +604,9 @@ class Node:
         with self.lock:
             if sender not in self.links:
                 raise ProtocolError(f"node {sender!r} reserves workers on {self.name} without joining first")
-            return self.groups.reserve(group, want, _check_timeout(ttl) * 12)
+            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl):
+                raise TypeError("ttl must be a number of seconds")
+            return self.groups.reserve(group, want, ttl)
 
     def group_release(self, sender: str, group: str) -> None:
         """A linked node gives back the workers it had reserved for ``group``."""
@@ -1053,11 +1097,13 @@ class Node:
     def _link_loop(self, link: Link) -> None:
         delay = 0.05
         first_try = time.monotonic()
+        join_log = diagnose.RateLimited(log)   # why joining fails: said once, then at most every 30 s
         while not self.stopping.is_set() and not link.stopping:
             proxy = None
             try:
                 if link.initiated:
                     proxy = self._join(link)
+                    join_log.ok("join", f"joined {link.role} {link.name} ({link.join_target})")
                 else:
                     proxy = security.connect(link.uri, secret=self.cfg.secret,
                                              timeout=self.cfg.heartbeat_timeout,
@@ -1068,10 +1114,19 @@ class Node:
             except Exception as exc:
                 if self.stopping.is_set() or link.stopping:
                     break
-                if link.alive or not link.initiated:
+                if link.left:
+                    log.info("link to %s %s closed: it stopped%s", link.role, link.name,
+                             "; waiting for it to come back" if link.initiated else "")
+                    link.left = False
+                    join_log.hold("join", 30.0)   # it said it stops: failing to re-join is no news
+                elif link.alive or not link.initiated:
                     log.warning("link to %s %s lost: %s", link.role, link.name, _short(exc))
+                elif time.monotonic() - first_try < JOIN_GRACE and not isinstance(
+                        exc, (AuthenticationError, VersionMismatch)):
+                    log.debug("joining %s failed: %s", link.join_target, _short(exc))   # it may be starting too
                 else:
-                    log.debug("joining %s failed: %s", link.join_target, _short(exc))
+                    join_log.fail("join", diagnose.join_failure(exc, link.role, link.join_target, self.cfg.ns,
+                                                                   self.cfg.secret))
                 with self.lock:
                     self._lose_link(link, _short(exc))
                 if not link.initiated:
@@ -1079,6 +1134,8 @@ class Node:
                 self.stopping.wait(delay)
                 # a parent that is starting too: retry briskly for a few seconds, then back off
                 delay = 0.1 if time.monotonic() - first_try < 5 else min(delay * 2, 2.0)
+                if isinstance(exc, (AuthenticationError, VersionMismatch)):
+                    delay = 2.0   # refused: retrying fast will not change the secret
             finally:
                 security.release(proxy)
 
@@ -1188,8 +1245,8 @@ class Node:
             if rec.origin == ("l", link.name):
                 dropped += self._cancel_rec(tid, rec, {})
         if was_alive and (n or dropped):
-            log.warning("link %s lost (%s): %d tasks placed again, %d of its tasks dropped",
-                        link.name, why, n, dropped)
+            log.log(logging.INFO if link.left else logging.WARNING,
+                    "link %s lost (%s): %d tasks placed again, %d of its tasks dropped", link.name, why, n, dropped)
         self._schedule()
 
     def _janitor(self) -> None:
@@ -1289,16 +1346,6 @@ def _check_map(m: Any) -> Dict[str, list]:
     return out
 
 
-def advertised_host(host: str) -> str:
-    """The address to put in our URI: a wildcard bind advertises this machine's address."""
-    if host in ("0.0.0.0", "", "::"):
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    return host
-
-
 def serve(config: NodeConfig, on_ready=None) -> None:
     """Run a node until it is shut down (``pydist-node`` calls this).  ``on_ready(node)`` is called
     once it accepts work."""
@@ -1309,7 +1356,7 @@ def serve(config: NodeConfig, on_ready=None) -> None:
                             tls=tls, server=True)
     node = Node(config)
     daemon = security.SecureDaemon(config.host, config.port, secret=config.secret, name=config.name,
-                                   nathost=advertised_host(config.host) if config.host in ("0.0.0.0", "::") else None)
+                                   nathost=diagnose.advertise_host(config.host, config.advertise))
     try:
         node.start(daemon)
         if on_ready is not None:

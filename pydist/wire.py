@@ -190,6 +190,20 @@ def dumps_exception(exc: BaseException) -> bytes:
     return pickle.dumps((blob, tb, name, message), PICKLE_PROTOCOL)
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):   # an error report is a tuple of bytes and str: no class needed
+        raise pickle.UnpicklingError(f"error reports hold no objects ({module}.{name})")
+
+
+def error_report(data: bytes) -> tuple:
+    """``(exception blob, traceback text, type name, message)`` of an ERROR result, read without
+    unpickling the exception (a node shows failures it cannot, and should not, rebuild)."""
+    import io
+
+    blob, tb, name, message = _PlainUnpickler(io.BytesIO(data)).load()
+    return blob, str(tb), str(name), str(message)
+
+
 def loads_exception(data: bytes) -> BaseException:
     """Rebuild a task's exception with the remote traceback attached as ``__cause__``."""
     from .errors import TaskError

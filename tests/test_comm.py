@@ -172,3 +172,15 @@ def test_32mib_numpy_across_nodes(ex):
     out = ex.spawn_group(_big_numpy, 4, 4 << 20).results(timeout=90)
     assert out[2][0] == out[0][0] and out[3][0] == out[1][0]
     assert out[0][1] != out[2][1]      # really across nodes
+
+
+def test_every_collective_with_ranks_over_three_nodes():
+    with LocalCluster(nodes=3, workers_per_node=[2, 1, 1]) as c, ClusterExecutor(c.address, secret=c.secret) as e:
+        out = e.spawn_group(_where_and_api, 4).results(timeout=120)
+    assert len({node for node, _ in out}) == 3
+    assert all(o["allgather"] == [0, 10, 20, 30] and o["bcast_root3"] == {"k": 3} for _, o in out)
+    assert [o["scan"] for _, o in out] == [1, 3, 6, 10]
+
+
+def _where_and_api(comm):
+    return pydist.task_context().node, _api(comm)
