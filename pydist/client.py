@@ -42,8 +42,10 @@ def _ns_entries(ns: str) -> List[str]:
     """URIs of the pydist nodes a name server lists: roots first."""
     import Pyro5.api
 
-    host, _, port = parse_address(ns).rpartition(":")
-    with Pyro5.api.locate_ns(host, int(port)) as nsp:
+    from .diagnose import parse_ns
+
+    host, port = parse_ns(ns)   # no port: Pyro5's 9090
+    with Pyro5.api.locate_ns(host, port) as nsp:
         entries = nsp.list(prefix=NS_PREFIX, return_metadata=True)
     roots = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" in meta]
     others = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" not in meta]
@@ -90,8 +92,15 @@ class Entries:
 
     def find_first(self) -> str:
         """The first entry node that answers (within ``connect_timeout``); ClusterUnavailable if none."""
+        from .diagnose import parse_ns
+        from .errors import AuthenticationError, VersionMismatch
+
         deadline = time.monotonic() + self.cfg.connect_timeout
         last: Optional[BaseException] = None
+        refused: Dict[str, BaseException] = {}
+        if self.ns is not None:
+            host, port = parse_ns(self.ns)
+            self.ns = f"{host}:{port}"
         while True:
             if self.ns is not None:
                 try:
@@ -105,6 +114,13 @@ class Entries:
                         return self._use(uri)
                     except ClusterUnavailable as exc:
                         last = exc   # a stale entry
+                    except (AuthenticationError, VersionMismatch) as exc:
+                        # anyone can register in a name server: skip an entry that cannot prove the secret
+                        if uri not in refused:
+                            log.warning("skipping %s listed in name server %s: %s", uri, self.ns, exc)
+                        refused[uri] = exc
+                if uris and len(refused) == len(uris):
+                    raise next(iter(refused.values()))   # no listed node accepts us: our secret is wrong
                 if time.monotonic() > deadline:
                     raise ClusterUnavailable(f"no pydist node found through name server {self.ns} within "
                                              f"{self.cfg.connect_timeout:g} s: {last}") from None

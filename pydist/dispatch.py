@@ -17,6 +17,8 @@ from . import scheduler, wire
 from .errors import MemoryLimitExceeded, ProtocolError, WorkerLost
 from .ledger import Ledger, State, Task, describe_ids, id_hash, valid_runtime
 
+KIND_RANK = wire.KIND_RANK
+
 log = logging.getLogger("pydist.node")
 
 
@@ -82,7 +84,7 @@ class Dispatch:
                 back.append(self.error_result(tid, ProtocolError(f"{detail} (node {self.name})")))
         for t in fresh:   # after every reference is counted: a task failing here frees only its own
             if t.id in lg.tasks and not self._needs_code(t):
-                lg.enqueue(t)
+                lg.enqueue(t, front=t.rec[wire.T_KIND] == KIND_RANK)   # a rank is claimed for its worker at once
         for name, ts in resend.items():
             l = self.links.links.get(name)
             if l is not None and l.alive and ts[0].location == l.location:
@@ -91,13 +93,62 @@ class Dispatch:
             self._deliver(origin, back)
         return n
 
+    def hold_tasks(self, fns: dict, tasks: list, origin: tuple) -> None:
+        """Enter tasks into the ledger without queueing them (a group's ranks: pydist.groups places
+        them when the whole group can start)."""
+        for k, blob in fns.items():
+            if k not in self.fns:
+                self.fns[k] = [blob, 0]
+        for t in tasks:
+            rec = tuple(t[:5]) + (list(t[5]),) + tuple(t[6:8])
+            verdict, detail = self.ledger.add(rec, origin)
+            if verdict == "new":
+                self.fns[rec[wire.T_FN]][1] += 1
+                if rec[wire.T_BUNDLE] is not None:
+                    self.store.pin(rec[wire.T_BUNDLE])
+            elif verdict == "collision":
+                raise ProtocolError(f"{detail} (node {self.name})")
+
+    # -------------------------------------------------------------------- what pydist.groups calls
+    @property
+    def tasks(self) -> Dict[str, Task]:
+        """The ledger's records by id (read-only use)."""
+        return self.ledger.tasks
+
+    @property
+    def worker_inflight(self) -> List[List[str]]:
+        """Ids at each local worker (its current generation)."""
+        return [self.ledger.ids_at(("w", i, self.pool.handles[i].generation)) for i in range(self.worker_count)]
+
+    def _send_to_worker(self, index: int, ids: List[str]) -> None:
+        ts = [self.ledger.tasks[t] for t in ids if t in self.ledger.tasks]
+        if ts:
+            self._place_on_worker(("w", index, self.pool.handles[index].generation), ts)
+
+    def _send_to_link(self, link, ids: List[str]) -> None:
+        ts = [self.ledger.tasks[t] for t in ids if t in self.ledger.tasks]
+        for t in ts:
+            self.ledger.place(t, link.location)
+            self._note_started(t)
+        if ts:
+            self._post_to_link(link, ts)
+
+    def _schedule(self) -> None:
+        self.schedule()
+
+    def _finish_results(self, results: list, source: Optional[tuple]) -> int:
+        return self.finish_results(results, source)
+
+    def _error_result(self, tid: str, exc: BaseException) -> tuple:
+        return self.error_result(tid, exc)
+
     # ------------------------------------------------------------------------------------ placing
     def _slots(self) -> List[scheduler.Slot]:
         win = scheduler.window(self.avg.value)
         lg = self.ledger
         slots = []
         for i in range(self.worker_count):
-            if self.worker_up[i]:
+            if self.worker_up[i] and not self.groups.is_reserved(i):
                 loc = ("w", i, self.pool.handles[i].generation)
                 slots.append(scheduler.Slot(loc, win - lg.count_at(loc), win))
         for l in self.links.links.values():
@@ -109,13 +160,21 @@ class Dispatch:
 
     def schedule(self) -> None:
         """Place queued tasks on slots with credit.  Caller holds ``lock``."""
-        if not self.ledger.queue or self.stopping.is_set():
+        if self.stopping.is_set():
+            return
+        self.groups.schedule()   # held ranks first, then waiting groups
+        if not self.ledger.queue:
             return
         slots = self._slots()
         credit = sum(max(0, s.credit) for s in slots)
-        if credit <= 0:
+        if credit <= 0 and not self.groups.reserved:
             return
-        taken = self.ledger.take_queued(credit + 64)
+        taken = []
+        for t in self.ledger.take_queued(max(credit, 0) + 64):
+            if t.rec[wire.T_KIND] == KIND_RANK:
+                self.groups.claim(t.id)   # a rank: held for its reserved worker (or failed: never re-run)
+            else:
+                taken.append(t)
         placement = scheduler.place([(t.rec[wire.T_HOPS], t.rec[wire.T_PATH]) for t in taken], slots,
                                     self.cfg.max_hops)
         placed = set()
@@ -123,7 +182,7 @@ class Dispatch:
             ts = [taken[i] for i in idxs]
             placed.update(idxs)
             if key[0] == "w":
-                self._send_to_worker(key, ts)
+                self._place_on_worker(key, ts)
             else:
                 link = self.links.links[key[1]]
                 for t in ts:
@@ -132,7 +191,7 @@ class Dispatch:
                 self._post_to_link(link, ts)
         self.ledger.requeue_front([taken[i] for i in range(len(taken)) if i not in placed])
 
-    def _send_to_worker(self, loc: tuple, ts: List[Task]) -> None:
+    def _place_on_worker(self, loc: tuple, ts: List[Task]) -> None:
         fns: Dict[str, bytes] = {}
         recs = []
         big = False
@@ -190,6 +249,7 @@ class Dispatch:
         lg = self.ledger
         n = 0
         out: Dict[tuple, List[tuple]] = {}
+        results = self.groups.on_results(results)
         for r in results:
             r = tuple(r)
             status = r[wire.R_STATUS]
@@ -228,7 +288,7 @@ class Dispatch:
         except Exception:
             exc = WorkerLost("worker lost")
         t.attempts.append(f"attempt {len(t.attempts) + 1}: {exc}")
-        if t.retries > 0 and t.state is State.PLACED:
+        if t.retries > 0 and t.state is State.PLACED and t.rec[wire.T_KIND] != KIND_RANK:
             t.retries -= 1
             log.info("task %s lost its worker (%s): running it again (%d retries left)", t.id, exc, t.retries)
             self.ledger.unplace_one(t)
@@ -298,7 +358,7 @@ class Dispatch:
             return
         self.cancel_tasks([self.ledger.tasks[tid] for tid in self.ledger.ids_from(("c", cid))])
         self.pool.broadcast(("forget", [cid]))
-        self.mailboxes.drop_client(cid)
+        self.groups.client_gone(cid)
 
     # ------------------------------------------------------------------------------------ losses
     def link_lost(self, link, why: str) -> None:
@@ -327,8 +387,9 @@ class Dispatch:
                 ts = [lg.tasks[tid] for tid in lg.ids_from(origin)]
                 dropped += self.cancel_tasks(ts)
         if was_alive and (requeued or dropped):
-            log.warning("link %s lost (%s): %d tasks placed again, %d of its tasks cancelled",
-                        link.name, why, requeued, dropped)
+            log.log(logging.INFO if link.left else logging.WARNING,
+                    "link %s lost (%s): %d tasks placed again, %d of its tasks cancelled",
+                    link.name, why, requeued, dropped)
         self.schedule()
 
     def _on_worker_results(self, index: int, results: list) -> None:

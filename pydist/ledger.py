@@ -102,6 +102,11 @@ class Task:
         """Change state through the one transition table."""
         self.state = advance(self.state, new)
 
+    @property
+    def cancelled(self) -> bool:
+        """Nobody wants its result any more."""
+        return self.state is State.CANCELLED
+
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.state.value} from {self.origin} at {self.location}>"
 

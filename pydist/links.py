@@ -27,14 +27,15 @@ import threading
 import time
 from typing import TYPE_CHECKING, Dict, List, Optional
 
-from . import security
+from . import diagnose, security
 from .checks import check_map
-from .errors import NodeLost
+from .errors import AuthenticationError, NodeLost, VersionMismatch
 
 if TYPE_CHECKING:   # pragma: no cover
     from .node import Node
 
 log = logging.getLogger("pydist.node")
+JOIN_GRACE = 3.0      # s a node may fail to join quietly (its parent may be starting too); then it says why
 
 
 def new_epoch() -> int:
@@ -68,6 +69,7 @@ class Link:
         self.out_cancel: List[str] = []
         self.out_code: List[str] = []
         self.stopping = False
+        self.left = False               # it told us it is stopping (a clean stop, not a fault)
         self.suspects: Dict[str, int] = {}      # reconciliation of what we sent: id -> round first seen
         self.rounds = 0
         self.suspects_in: Dict[str, int] = {}   # ... of what it sent us
@@ -137,6 +139,28 @@ class LinkManager:
         self.node = node
         self.cfg = node.cfg
         self.links: Dict[str, Link] = {}
+
+    # a read-only mapping of the links by name (what pydist.groups and the dashboard look at)
+    def get(self, name: str, default=None) -> Optional[Link]:
+        return self.links.get(name, default)
+
+    def values(self):
+        return self.links.values()
+
+    def items(self):
+        return self.links.items()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.links
+
+    def __getitem__(self, name: str) -> Link:
+        return self.links[name]
+
+    def __iter__(self):
+        return iter(self.links)
+
+    def __len__(self) -> int:
+        return len(self.links)
 
     # ------------------------------------------------------------------------------------ opening
     def open(self, target: str, role: str) -> None:
@@ -220,11 +244,13 @@ class LinkManager:
         node = self.node
         delay = 0.05
         first_try = time.monotonic()
+        join_log = diagnose.RateLimited(log)   # why joining fails: said once, then at most every 30 s
         while not node.stopping.is_set() and not link.stopping:
             proxy = None
             try:
                 if link.initiated:
                     proxy = self._join(link)
+                    join_log.ok("join", f"joined {link.role} {link.name} ({link.join_target})")
                 else:
                     proxy = security.connect(link.uri, secret=self.cfg.secret,
                                              timeout=self.cfg.heartbeat_timeout,
@@ -235,10 +261,19 @@ class LinkManager:
             except Exception as exc:
                 if node.stopping.is_set() or link.stopping:
                     break
-                if link.alive or not link.initiated:
+                if link.left:
+                    log.info("link to %s %s closed: it stopped%s", link.role, link.name,
+                             "; waiting for it to come back" if link.initiated else "")
+                    link.left = False
+                    join_log.hold("join", 30.0)   # it said it stops: failing to re-join is no news
+                elif link.alive or not link.initiated:
                     log.warning("link to %s %s lost: %s", link.role, link.name, short(exc))
+                elif time.monotonic() - first_try < JOIN_GRACE and not isinstance(
+                        exc, (AuthenticationError, VersionMismatch)):
+                    log.debug("joining %s failed: %s", link.join_target, short(exc))   # it may be starting too
                 else:
-                    log.debug("joining %s failed: %s", link.join_target, short(exc))
+                    join_log.fail("join", diagnose.join_failure(exc, link.role, link.join_target, self.cfg.ns,
+                                                                   self.cfg.secret))
                 with node.lock:
                     node.link_lost(link, short(exc))
                 if not link.initiated:
@@ -246,6 +281,8 @@ class LinkManager:
                 node.stopping.wait(delay)
                 # a parent that is starting too: retry briskly for a few seconds, then back off
                 delay = 0.1 if time.monotonic() - first_try < 5 else min(delay * 2, 2.0)
+                if isinstance(exc, (AuthenticationError, VersionMismatch)):
+                    delay = 2.0   # refused: retrying fast will not change the secret
             finally:
                 security.release(proxy)
 

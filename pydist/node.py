@@ -26,8 +26,8 @@ so it cannot leak.  What comes back: a result is accepted only from its task's c
 
 Links (``links.py``) carry tasks, results, cancels, code and heartbeats; heartbeats carry a count and
 digest of the ids each side believes are at the child, and a mismatch is reconciled id by id
-(``reconcile``).  Task-group mailboxes (``mailbox.py``) and code-store endpoints (``codeserve.py``) sit
-beside.  No exposed method holds a server thread for the length of a task: ``submit``/``run_task``
+(``reconcile``).  Task groups (``groups.py``: gang reservation, the ranks' control lines, abort) and the
+code-store endpoints (``codeserve.py``) sit beside.  No exposed method holds a server thread for the length of a task: ``submit``/``run_task``
 queue and return; ``collect`` waits at most ``timeout`` (a few seconds).  This module validates at the
 boundary (``checks.py``) and dispatches; it keeps no task state of its own.
 """
@@ -35,15 +35,15 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
-import socket
 import threading
 import time
 from typing import Dict, List, Optional
 
 import Pyro5.api
 
-from . import security
+from . import diagnose, security
 from .checks import (check_fns, check_ids, check_int, check_map, check_recon, check_results, check_str,
                      check_tasks, check_timeout)
 from .codeserve import CodeEndpoints
@@ -52,7 +52,7 @@ from .dispatch import Dispatch
 from .errors import NodeLost, ProtocolError
 from .ledger import State, id_hash
 from .links import Link, LinkManager
-from .mailbox import Mailboxes
+from .groups import GroupTable
 from .sessions import Sessions
 from .workers import WorkerPool
 
@@ -90,20 +90,20 @@ class Node(Dispatch, CodeEndpoints):
 
         write_pins(config.code_cache, self.name, ())
         env = dict(os.environ)
-        if config.secret:   # ranks of a task group talk to their home node (pydist.comm)
-            env["PYDIST_SECRET"] = config.secret.decode() if isinstance(config.secret, bytes) else config.secret
+        env.pop("PYDIST_SECRET", None)   # tasks never hold the cluster secret (ranks use a group token)
         self.pool = WorkerPool(config.workers or 0, self.name, config.code_cache,
                                self._on_worker_results, self._on_worker_exit, env=env)
         self.init_dispatch()
-        self.mailboxes = Mailboxes(config.max_message_size * 4, self.stopping)
         self.daemon: Optional[Pyro5.api.Daemon] = None
+        self.groups = GroupTable(self)               # task groups: reservations, control lines, abort
+        self.dashboard_url: Optional[str] = None   # set when this node serves the dashboard (--dashboard)
 
     # ======================================================================================== lifecycle
     def start(self, daemon: Pyro5.api.Daemon) -> None:
         """Register with the daemon, start workers and background threads (not the request loop)."""
         self.daemon = daemon
         self.uri = str(daemon.register(self, NODE_OBJECT_ID))
-        host, port = daemon.locationStr.rsplit(":", 1)
+        host, port = (daemon.natLocationStr or daemon.locationStr).rsplit(":", 1)   # the advertised one
         self.address = f"{host}:{port}"
         self.pool.start()
         threading.Thread(target=self._watch_workers_ready, daemon=True, name="pydist-ready").start()
@@ -122,6 +122,15 @@ class Node(Dispatch, CodeEndpoints):
         self.stopping.set()
         with self.lock:
             self.sessions.wake_all()
+            links = list(self.links.values())
+        # tell linked nodes we are stopping, so they log a stop, not a fault (1 s at most)
+        byes = [threading.Thread(target=self._say_goodbye, args=(l.uri,), daemon=True)
+                for l in links if l.alive and l.uri]
+        for t in byes:
+            t.start()
+        deadline = time.monotonic() + 1.0
+        for t in byes:
+            t.join(max(0.0, deadline - time.monotonic()))
         self.links.stop_all()
         self.pool.stop()
         if self.cfg.ns:
@@ -130,6 +139,16 @@ class Node(Dispatch, CodeEndpoints):
                     ns.remove(NS_PREFIX + self.name)
             except Exception as exc:  # the name server may be gone already
                 log.info("could not remove %s from the name server: %s", NS_PREFIX + self.name, exc)
+
+    def _say_goodbye(self, uri: str) -> None:
+        proxy = None
+        try:
+            proxy = security.connect(uri, secret=self.cfg.secret, timeout=0.5, call_timeout=1.0)
+            proxy.leave(self.name)
+        except Exception as exc:   # it may be gone already
+            log.debug("could not tell %s that we stop: %s", uri, exc)
+        finally:
+            security.release(proxy)
 
     def _register_ns(self) -> None:
         delay = 0.05
@@ -259,6 +278,19 @@ class Node(Dispatch, CodeEndpoints):
             self.schedule()
             return {"name": self.name, "uri": self.uri, "map": self.links.report_for(name), "epoch": link.epoch}
 
+    def leave(self, sender: str) -> None:
+        """A linked node says it is stopping cleanly: its link goes now, logged as a stop, not a fault."""
+        check_str(sender, "sender")
+        with self.lock:
+            link = self.links.get(sender)
+            if link is None:
+                return
+            link.left = True
+            log.info("%s %s stopped (a clean stop)", link.role, sender)
+            self.link_lost(link, "it stopped")
+            if not link.initiated:
+                link.stop()
+
     def _link_of(self, sender: str, epoch) -> Link:
         """The live link ``sender`` talks to us over, at ``epoch`` (None: any); else NodeLost."""
         link = self.links.links.get(sender)
@@ -375,9 +407,17 @@ class Node(Dispatch, CodeEndpoints):
                 "clients": len(self.sessions), "links": links, "max_hops": self.cfg.max_hops,
                 "uptime": time.time() - self.started_at, "pid": os.getpid(),
                 "avg_task_s": self.avg.value, "bundles": len(self.store.list()),
+                "task_groups": self.groups.summary(),
                 "reachable": sorted({self.name}.union(*(l.remote_map for l in self.links.links.values()
                                                        if l.may_send and l.alive))),
             }
+        # what the dashboard and `pydist status --tasks` show: running tasks, recent failures, code, groups
+        st["tasks"] = self.pool.running()
+        st["failures"] = list(self.pool.failures)
+        st["code"] = [{k: b[k] for k in ("digest", "size", "files", "pinned") if k in b} for b in self.store.list()]
+        with self.lock:
+            st["groups"] = sorted(self.groups.groups)
+        st["dashboard"] = self.dashboard_url
         st["cpu_percent"] = psutil.cpu_percent(interval=None)
         st["mem_percent"] = psutil.virtual_memory().percent
         st["rss"] = psutil.Process().memory_info().rss
@@ -385,6 +425,8 @@ class Node(Dispatch, CodeEndpoints):
 
     def shutdown(self) -> None:
         """Stop this node (returns at once; the node stops in the background)."""
+        if not self.stopping.is_set():
+            log.info("stopping node %s", self.name)
         threading.Thread(target=self._shutdown_soon, daemon=True).start()
 
     def _shutdown_soon(self) -> None:
@@ -393,27 +435,62 @@ class Node(Dispatch, CodeEndpoints):
         if self.daemon is not None:
             self.daemon.shutdown()
 
-    # ======================================================================================== messages
-    def comm_send(self, group: str, src: int, dst: int, tag: int, blob: bytes) -> None:
-        """A rank of a task group posts a message (this node is the group's home)."""
+    # ======================================================================================== groups
+    def group_open(self, client_id: str, group: str, size: int) -> dict:
+        """A client opens a task group of ``size`` ranks with this node as its home; returns the
+        group's token and the address of the ranks' control lines (pydist.groups)."""
+        check_str(client_id, "client_id")
         check_str(group, "group")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (src, dst, tag)) \
-                or not isinstance(blob, bytes):
-            raise TypeError("comm_send(group, src:int, dst:int, tag:int, blob:bytes)")
-        self.mailboxes.send(group, src, dst, tag, blob, self.name)
+        with self.lock:
+            self.sessions.touch(client_id)
+            return self.groups.open(client_id, group, size)
 
-    def comm_recv(self, group: str, dst: int, src: int, tag: int, timeout: float):
-        """Take the first message for rank ``dst`` matching ``src``/``tag`` (-1: any), waiting up to
-        ``timeout`` s (at most 5); returns ``(src, tag, blob)`` or None."""
+    def group_submit(self, client_id: str, group: str, fns: dict, tasks: list) -> int:
+        """The rank tasks of an opened group, as one unit: held until the whole group can start."""
+        check_str(client_id, "client_id")
         check_str(group, "group")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (src, dst, tag)):
-            raise TypeError("comm_recv(group, dst:int, src:int, tag:int, timeout)")
-        return self.mailboxes.recv(group, dst, src, tag, check_timeout(timeout))
+        check_fns(fns)
+        check_tasks(tasks)
+        with self.lock:
+            self.check_fns_known(fns, tasks)
+            self.groups.submit(client_id, group, tasks)
+            self.hold_tasks(fns, tasks, ("c", client_id))
+            self.schedule()
+        return len(tasks)
 
-    def comm_close(self, group: str) -> None:
-        """Drop a finished group's mailbox."""
+    def group_abort(self, client_id: str, group: str, reason: str) -> None:
+        """The client aborts one of its groups."""
+        check_str(client_id, "client_id")
         check_str(group, "group")
-        self.mailboxes.close(group)
+        with self.lock:
+            self.groups.abort_by_client(client_id, group, str(reason)[:500])
+
+    def group_state(self, client_id: str, group: str) -> str:
+        """``waiting: ...`` (and why), ``running``, ``aborted: ...``, or ``unknown`` (ended)."""
+        check_str(client_id, "client_id")
+        check_str(group, "group")
+        with self.lock:
+            return self.groups.state(client_id, group)
+
+    def group_reserve(self, sender: str, group: str, want: int, ttl: float) -> int:
+        """A linked node reserves up to ``want`` of our workers for ranks of ``group``."""
+        check_str(sender, "sender")
+        check_str(group, "group")
+        if not isinstance(want, int) or isinstance(want, bool):
+            raise TypeError("want must be an int")
+        with self.lock:
+            if sender not in self.links:
+                raise ProtocolError(f"node {sender!r} reserves workers on {self.name} without joining first")
+            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl):
+                raise TypeError("ttl must be a number of seconds")
+            return self.groups.reserve(group, want, ttl)
+
+    def group_release(self, sender: str, group: str) -> None:
+        """A linked node gives back the workers it had reserved for ``group``."""
+        check_str(sender, "sender")
+        check_str(group, "group")
+        with self.lock:
+            self.groups.release(group)
 
     # ======================================================================================== threads
     def _watch_workers_ready(self) -> None:
@@ -457,16 +534,6 @@ def _ns_proxy(ns: str):
     return Pyro5.api.locate_ns(host or ns, int(port) if port else None)
 
 
-def advertised_host(host: str) -> str:
-    """The address to put in our URI: a wildcard bind advertises this machine's address."""
-    if host in ("0.0.0.0", "", "::"):
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    return host
-
-
 def serve(config: NodeConfig, on_ready=None) -> None:
     """Run a node until it is shut down (``pydist-node`` calls this).  ``on_ready(node)`` is called
     once it accepts work."""
@@ -477,7 +544,7 @@ def serve(config: NodeConfig, on_ready=None) -> None:
                             tls=tls, server=True)
     node = Node(config)
     daemon = security.SecureDaemon(config.host, config.port, secret=config.secret, name=config.name,
-                                   nathost=advertised_host(config.host) if config.host in ("0.0.0.0", "::") else None)
+                                   nathost=diagnose.advertise_host(config.host, config.advertise))
     try:
         node.start(daemon)
         if on_ready is not None:
