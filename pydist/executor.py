@@ -135,7 +135,8 @@ class ClusterExecutor(Executor):
         if address is None and ns is None:
             from .cluster import LocalCluster
 
-            self._cluster = LocalCluster(nodes=1, workers_per_node=max_workers)
+            self._cluster = LocalCluster(nodes=1, workers_per_node=max_workers, ns_in_process=True,
+                                         wait_workers=False)
             self._cluster.start()
             address = self._cluster.address
             self._cfg.secret = self._cluster.secret
