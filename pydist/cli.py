@@ -194,7 +194,7 @@ def _cmd_run(a) -> int:
     secret, tls = _secret_tls(a)
     kw = {"ns": a.ns} if a.ns else {}
     with ClusterExecutor(a.node if a.node else None, secret=secret, connect_timeout=a.timeout, **kw) as ex:
-        r = ex.submit_script(a.script, a.args, timeout=a.script_timeout).result()
+        r = ex.submit_script(a.script, a.args, timeout=a.script_timeout, code=a.code).result()
     sys.stdout.write(r.stdout)
     sys.stderr.write(r.stderr)
     return r.returncode
@@ -219,11 +219,48 @@ def _cmd_sync(a) -> int:
 
     secret, tls = _secret_tls(a)
     uri = _root_uri(a, secret, tls)
+    if a.pin and a.unpin:
+        raise ConfigError("--pin and --unpin exclude each other")
+    if a.unpin:
+        return _unpin(a, uri, secret, tls)
     info, data = codesync.build_bundle(a.paths, exclude=a.exclude or ())
     t0 = time.monotonic()
     names = _upload_bundle(uri, secret, tls, info, data, a.upload_timeout)
     print(f"{info} on {len(names)} nodes ({', '.join(names)}) in {time.monotonic() - t0:.2f} s")
     print(f"digest {info.digest}")
+    if a.pin:
+        names = _pin_everywhere(uri, secret, tls, info.digest, True)
+        print(f"pinned {info.digest} on {len(names)} nodes: every task imports it until "
+              f"'pydist sync-code --unpin {info.digest[:12]}...'")
+    return 0
+
+
+def _pin_everywhere(uri: str, secret, tls, digest: str, pinned: bool) -> List[str]:
+    from . import security
+    from .executor import _walk_nodes
+
+    names = []
+    for st in _walk_nodes(uri, secret, tls):
+        p = security.connect(st["uri"], secret=secret, timeout=5.0, tls=tls)
+        try:
+            p.code_pin(digest, pinned)
+        finally:
+            p._pyroRelease()
+        names.append(st["name"])
+    return names
+
+
+def _unpin(a, uri: str, secret, tls) -> int:
+    import re
+
+    from . import codesync
+
+    if len(a.paths) == 1 and re.fullmatch(r"[0-9a-f]{64}", a.paths[0]) and not os.path.exists(a.paths[0]):
+        digest = a.paths[0]
+    else:
+        digest = codesync.build_bundle(a.paths, exclude=a.exclude or ())[0].digest
+    names = _pin_everywhere(uri, secret, tls, digest, False)
+    print(f"unpinned {digest} on {len(names)} nodes ({', '.join(names)})")
     return 0
 
 
@@ -251,6 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("script")
     s.add_argument("args", nargs=argparse.REMAINDER)
     s.add_argument("--script-timeout", type=float, default=None)
+    s.add_argument("--code", action="append", help="code path the script imports (repeatable)")
     s.set_defaults(fn=_cmd_run)
     s = sub.add_parser("stop", help="stop a node")
     _connect_args(s)
@@ -260,6 +298,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("paths", nargs="+")
     s.add_argument("--exclude", action="append")
     s.add_argument("--upload-timeout", type=float, default=300.0)
+    s.add_argument("--pin", action="store_true",
+                   help="make the bundle importable by every task of the cluster until --unpin")
+    s.add_argument("--unpin", action="store_true",
+                   help="undo --pin (give the same paths, or the bundle's digest)")
     s.set_defaults(fn=_cmd_sync)
     s = sub.add_parser("make-certs", help="write a CA and node certificates for a test cluster")
     s.add_argument("dir")
