@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -328,9 +329,15 @@ class _ThreadNameServer:
         self.thread.start()
 
     def stop(self) -> None:
-        self.daemon.shutdown()
-        self.thread.join(5.0)
-        self.daemon.close()
+        """Stop serving, in the background: Pyro5's daemon shutdown sleeps about 0.15 s (its thread
+        pool's close), which ``LocalCluster.stop`` (and so ``ClusterExecutor.shutdown``) need not wait
+        for; the listening socket is closed within that time."""
+        def stop() -> None:
+            self.daemon.shutdown()
+            self.thread.join(5.0)
+            self.daemon.close()
+
+        threading.Thread(target=stop, daemon=True, name="pydist-ns-stop").start()
 
 
 def _terminate(p: subprocess.Popen) -> None:
@@ -347,9 +354,24 @@ def _terminate(p: subprocess.Popen) -> None:
             pass
 
 
+def _wait_exit(p: subprocess.Popen, timeout: float) -> None:
+    """``p.wait(timeout)``, woken the moment ``p`` exits where Linux offers a pidfd (``Popen.wait``
+    with a timeout polls with sleeps of up to 50 ms: that was most of a node's stop time)."""
+    try:
+        fd = os.pidfd_open(p.pid)
+    except (AttributeError, OSError):
+        p.wait(timeout=timeout)
+        return
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    p.wait(timeout=0.5)
+
+
 def _reap(p: subprocess.Popen) -> None:
     try:
-        p.wait(timeout=5)
+        _wait_exit(p, 5.0)
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
