@@ -17,7 +17,7 @@ import threading
 import time
 from typing import List, Optional
 
-from .config import ENV_PREFIX, NodeConfig
+from .config import ENV_PREFIX, SIZE_FIELDS, NodeConfig
 from .errors import ConfigError, PydistError
 
 log = logging.getLogger("pydist.cli")
@@ -37,7 +37,7 @@ def _node_parser(prog: str = "pydist-node") -> argparse.ArgumentParser:
             p.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_)
         elif typ.startswith("list"):
             p.add_argument(flag, dest=f.name, action="append", default=None, help=help_)
-        elif f.name in ("code_cache_max", "max_message_size"):
+        elif f.name in SIZE_FIELDS:
             p.add_argument(flag, dest=f.name, default=None, help=help_)
         elif "int" in typ:
             p.add_argument(flag, dest=f.name, type=int, default=None, help=help_)
@@ -45,6 +45,8 @@ def _node_parser(prog: str = "pydist-node") -> argparse.ArgumentParser:
             p.add_argument(flag, dest=f.name, type=float, default=None, help=help_)
         else:
             p.add_argument(flag, dest=f.name, default=None, help=help_)
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="TOML config file ([node] table; default ./pydist.toml or ~/.config/pydist/pydist.toml)")
     p.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -61,27 +63,33 @@ def _is_loopback(host: str) -> bool:
 def node_main(argv: Optional[List[str]] = None) -> None:
     """``pydist-node``: run one node until SIGTERM/SIGINT."""
     args = _node_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "watch_stdin"}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("watch_stdin", "config")}
     try:
         from . import security
 
-        cfg = NodeConfig.from_env(**overrides)
+        cfg = NodeConfig.from_env(config_file=args.config, **overrides)
         if cfg.secret is None:
-            cfg.secret = security.load_secret(None, cfg.secret_file)
+            cfg.secret = security.load_secret(None, cfg.secret_file, user_default=False)
+        explicit = cfg.secret is not None
+        if not explicit and not cfg.insecure and _is_loopback(cfg.host):
+            # no secret given: this user's secret (a 0600 file), found by this user's clients, nobody else's
+            cfg.secret = security.user_secret(create=True)
     except ConfigError as exc:
         sys.exit(f"pydist-node: {exc}")
     logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO), stream=sys.stderr,
                         format=f"%(asctime)s {cfg.name} %(name)s %(levelname)s: %(message)s")
-    if cfg.secret is None:
+    if not explicit:
         if not _is_loopback(cfg.host) and not cfg.insecure:
             sys.exit(f"pydist-node: refusing to listen on {cfg.host} without a cluster secret: anyone who can "
                      "reach the port could run code. Set PYDIST_SECRET or --secret-file FILE on every node "
                      "and client (or pass --insecure on a network you fully trust).")
-        if cfg.insecure and not _is_loopback(cfg.host):
-            log.warning("INSECURE: listening on %s with no secret: anyone who reaches this port can run "
-                        "any code as this user", cfg.host)
+        if cfg.insecure:
+            log.warning("INSECURE: no cluster secret (--insecure): every user of this machine%s can run any "
+                        "code as this user through %s", "" if _is_loopback(cfg.host) else
+                        " and anyone who reaches the port", cfg.host)
         else:
-            log.info("no cluster secret: listening on loopback %s only", cfg.host)
+            log.info("no cluster secret given: using this user's secret %s (clients of this user find it; "
+                     "other users are refused)", security.user_secret_path())
     if args.watch_stdin:
         from .cluster import watch_stdin
 
@@ -273,10 +281,41 @@ def _cmd_certs(a) -> int:
     return 0
 
 
+def _cmd_up(a) -> int:
+    from . import up
+
+    spec = up.load_spec(a.file)
+    res = up.up(spec, secret_file=a.secret_file, report=print, check=not a.no_version_check)
+    print(f"cluster {spec.name} is up: {len(res.nodes)} nodes, name server {res.ns}, root {res.root}")
+    print(format_status(res.statuses))
+    print(f"connect with: ClusterExecutor(ns=\"{res.ns}\", secret=open(\"{res.secret_file}\").read()) "
+          f"or: pydist status --ns {res.ns} --secret-file {res.secret_file}")
+    return 0
+
+
+def _cmd_down(a) -> int:
+    from . import up
+
+    spec = up.load_spec(a.file)
+    out = up.down(spec, report=print)
+    return 1 if any(isinstance(v, BaseException) for v in out.values()) else 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``pydist``: cluster tools."""
     p = argparse.ArgumentParser(prog="pydist", description="pydist cluster tools")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="TOML config file (same as PYDIST_CONFIG=FILE; default ./pydist.toml or "
+                        "~/.config/pydist/pydist.toml)")
     sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("up", help="start a whole cluster over ssh from a cluster.toml")
+    s.add_argument("file")
+    s.add_argument("--secret-file", default=None, help="the cluster secret (default: the file's secret_file)")
+    s.add_argument("--no-version-check", action="store_true", help=argparse.SUPPRESS)
+    s.set_defaults(fn=_cmd_up)
+    s = sub.add_parser("down", help="stop every node and the name server of a cluster.toml")
+    s.add_argument("file")
+    s.set_defaults(fn=_cmd_down)
     s = sub.add_parser("status", help="the tree of nodes: workers, load, queues")
     _connect_args(s)
     s.add_argument("--json", action="store_true")
@@ -316,6 +355,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if a.config:
+        if not os.path.isfile(a.config):
+            print(f"pydist: config file {a.config} (from --config) does not exist", file=sys.stderr)
+            return 2
+        os.environ[ENV_PREFIX + "CONFIG"] = a.config   # every ClientConfig of this process reads it
     try:
         return a.fn(a)
     except PydistError as exc:
