@@ -99,7 +99,9 @@ class LocalCluster:
     server's, ``.secret`` the cluster secret (random unless given), ``.pids`` every process started.
     ``topology``: ``"tree"`` (binary), ``"chain"`` or ``"star"``.  The secret is ``PYDIST_SECRET`` if set,
     else random; clients in this process find it by address (``ClusterExecutor(cluster.address)``).  ``tls_cert``/``tls_key``/``tls_ca``
-    turn TLS on for the nodes, the name server and this process (see ``pydist make-certs``).
+    turn TLS on for the nodes, the name server and this process (see ``pydist make-certs``).  ``dashboard``
+    (default True): the root serves the live web dashboard on a free port of its address; its URL, token
+    included, is ``.dashboard_url``.
 
     Start-up (the embedded cluster behind ``ClusterExecutor()`` uses both): ``ns_in_process=True`` runs
     the name server as a thread of this process instead of a subprocess (one interpreter less to start
@@ -113,7 +115,7 @@ class LocalCluster:
                  secret: Optional[bytes] = None, log_level: str = "WARNING", start_timeout: float = 30.0,
                  node_args: Optional[List[str]] = None, env: Optional[dict] = None,
                  tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None,
-                 ns_in_process: bool = False, wait_workers: bool = True):
+                 dashboard: bool = True, ns_in_process: bool = False, wait_workers: bool = True):
         if nodes < 1:
             raise ValueError("a LocalCluster needs at least one node")
         if topology not in TOPOLOGIES:
@@ -147,6 +149,8 @@ class LocalCluster:
             self.tls = security.TLSSettings(cert=tls_opts.get("--tls-cert"), key=tls_opts.get("--tls-key"),
                                             ca=tls_opts.get("--tls-ca"))
         self.extra_env = dict(env or {})
+        self.dashboard = dashboard
+        self._dashboard_url: Optional[str] = None
         self.ns_address = ""
         self.address = ""
         self.addresses: List[str] = []
@@ -244,6 +248,8 @@ class LocalCluster:
         parent = parent_index(k, self.topology)
         if parent is not None:
             cmd += ["--parent", self.names[parent]]
+        elif self.dashboard and "--dashboard" not in self.node_args:
+            cmd += ["--dashboard", "0"]   # the root serves the dashboard on a free port of its address
         cmd += self.node_args
         return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
 
@@ -253,6 +259,17 @@ class LocalCluster:
             raise ClusterUnavailable(f"LocalCluster node {self.names[k]} did not start within "
                                      f"{self.start_timeout:g} s (exit code {p.poll()}); see its log above")
         return address
+
+    @property
+    def dashboard_url(self) -> Optional[str]:
+        """The URL of the root node's live dashboard (its token included; None if off)."""
+        if self._dashboard_url is None and self.address:
+            p = security.connect(self.address, secret=self.secret, timeout=5.0, tls=self.tls)
+            try:
+                self._dashboard_url = p.status().get("dashboard")
+            finally:
+                p._pyroRelease()
+        return self._dashboard_url
 
     def wait_for_nodes(self, count: int, timeout: float = 30.0) -> None:
         """Wait until the root node reaches ``count`` nodes through its links."""
