@@ -30,7 +30,8 @@ _EXPORTS = {
 }
 _ERRORS = ("PydistError", "ClusterUnavailable", "BrokenCluster", "VersionMismatch", "AuthenticationError",
            "ConfigError", "TaskError", "SerializationError", "WorkerLost", "NodeLost", "RemoteError",
-           "CodeSyncError", "BundleTooLarge", "UnsafeArchive", "BundleNotFound", "ProtocolError")
+           "CodeSyncError", "BundleTooLarge", "UnsafeArchive", "BundleNotFound", "ProtocolError",
+           "ResourceLimit")
 for _e in _ERRORS:
     _EXPORTS[_e] = "errors"
 
