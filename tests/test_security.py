@@ -455,3 +455,26 @@ def test_scoped_hello_sees_only_its_scope(node):
     plain = node(name="plain")
     with pytest.raises(AuthenticationError, match="no scoped"):
         S.connect(plain.locationStr, secret=cap, scope="group:g1")
+
+
+def test_disconnect_hooks_see_the_connection_that_ended(node):
+    @Pyro5.server.expose
+    class Who:
+        def me(self):
+            return S.connection_id()
+
+    d = S.SecureDaemon("127.0.0.1", 0, secret=SECRET, name="who")
+    d.register(Who, S.NODE_OBJECT_ID)
+    ended = []
+    d.on_disconnect(ended.append)
+    t = threading.Thread(target=d.requestLoop, daemon=True)
+    t.start()
+    try:
+        p = S.connect(d.locationStr, secret=SECRET)
+        cid = p.me()
+        assert isinstance(cid, int) and not ended
+        S.release(p)
+        wait_for(lambda: ended == [cid], 5, "the disconnect hook")
+    finally:
+        d.shutdown()
+        t.join(5)
