@@ -284,6 +284,12 @@ class _ScopedObjects(dict):
         return self.daemon.scoped(scope)
 
 
+def daemon_options(cfg) -> dict:
+    """``SecureDaemon`` keywords from a ``NodeConfig`` (its handshake and connection limits)."""
+    return {"handshake_timeout": cfg.handshake_timeout, "max_pending_handshakes": cfg.max_pending_handshakes,
+            "idle_timeout": cfg.idle_timeout, "refusal_log_interval": cfg.refusal_log_interval}
+
+
 def connection_id(conn=None) -> Optional[int]:
     """An id of the connection (default: the one whose call this thread is serving), e.g. to own what a
     client's calls make the node hold and free it in a ``SecureDaemon.on_disconnect`` hook."""
