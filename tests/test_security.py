@@ -19,6 +19,7 @@ import threading
 import time
 
 import pytest
+import Pyro5.core
 import Pyro5.errors
 import Pyro5.server
 from Pyro5 import protocol
@@ -62,6 +63,8 @@ def node():
 
     yield start
     for d, t in started:
+        for oid in [o for o in d.objectsById if o != Pyro5.core.DAEMON_NAME]:
+            d.unregister(oid)      # else the class keeps a dead weakref.proxy to the daemon (breaks gc walks)
         d.shutdown()
         t.join(5)
         assert not t.is_alive()
@@ -476,5 +479,6 @@ def test_disconnect_hooks_see_the_connection_that_ended(node):
         S.release(p)
         wait_for(lambda: ended == [cid], 5, "the disconnect hook")
     finally:
+        d.unregister(S.NODE_OBJECT_ID)
         d.shutdown()
         t.join(5)
