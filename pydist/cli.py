@@ -76,6 +76,7 @@ def node_main(argv: Optional[List[str]] = None) -> None:
             cfg.secret = security.user_secret(create=True)
     except ConfigError as exc:
         sys.exit(f"pydist-node: {exc}")
+    os.environ.pop("PYDIST_SECRET", None)     # read once: nothing this node starts inherits it
     logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO), stream=sys.stderr,
                         format=f"%(asctime)s {cfg.name} %(name)s %(levelname)s: %(message)s")
     if not explicit:
