@@ -421,8 +421,6 @@ def _what_a_task_sees(secret: bytes) -> dict:
     return seen
 
 
-@pytest.mark.xfail(reason="main's workers still get PYDIST_SECRET for task-group ranks until #12's group tokens "
-                          "land (the node's own environment is already clean)", strict=False)
 def test_tasks_never_see_the_cluster_secret():
     with LocalCluster(nodes=1, workers_per_node=1) as c:
         with ClusterExecutor(c.address, secret=c.secret) as ex:
