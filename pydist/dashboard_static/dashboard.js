@@ -164,7 +164,8 @@
         el("summary", {}, [el("span", {cls: "err", text: f.error.split(".").pop() + ": " + f.message}),
                            el("span", {cls: "where", text: f.node + " · worker " + f.worker + " · " + f.id + " · " +
                                        new Date(f.time * 1000).toLocaleTimeString()})]),
-        el("pre", {cls: "traceback", text: f.traceback})]);
+        el("pre", {cls: "traceback", text: f.traceback}),
+        (f.output && f.output.length) ? el("pre", {cls: "output", text: "last output:\n" + f.output.join("\n")}) : null]);
       if (openFailures[f.id]) d.open = true;
       d.addEventListener("toggle", function () { openFailures[f.id] = d.open; });
       return d;
