@@ -365,25 +365,20 @@ class ClusterExecutor(Executor):
 
         return result_iterator()
 
-    def spawn_group(self, fn: Callable, size: int, *args: Any, **kwargs: Any) -> List[PydistFuture]:
-        """Start ``size`` tasks that can talk to each other: rank ``r`` runs ``fn(comm, *args, **kwargs)``
-        where ``comm`` (a ``pydist.comm.Comm``) has ``rank``, ``size``, ``send(obj, to, tag=0)``,
-        ``recv(source=ANY, tag=ANY)``, ``bcast``, ``scatter``, ``gather``, ``reduce``, ``allreduce`` and
-        ``barrier``.  Returns the ranks' futures, in rank order.  All ranks must run at once, so
-        ``size`` may not exceed the cluster's worker count (ValueError)."""
-        from .comm import Comm, run_rank
+    def spawn_group(self, fn: Callable, size: int, /, *args: Any, restart: int = 0, **kwargs: Any):
+        """Start ``size`` ranks that start together and fail together: rank ``r`` runs
+        ``fn(comm, *args, **kwargs)`` with ``comm`` a ``pydist.comm.Comm`` (mpi4py's lowercase API).
+        Returns a ``TaskGroup`` (list-like: the ranks' futures in rank order).  The group starts once
+        ``size`` workers are free at once; a group the cluster can never hold raises ValueError here.
+        If a rank fails the others' futures fail with ``GroupAborted``; ``restart=N`` re-runs the
+        whole group up to N times.  See ``pydist.taskgroup``."""
+        from .taskgroup import TaskGroup
 
-        if not isinstance(size, int) or size < 1:
-            raise ValueError("size must be a positive int")
-        st = self.status()
-        total = st["workers"] + sum(l["workers"] for l in st["links"] if l["alive"] and l["role"] != "parent")
-        if size > total:
-            raise ValueError(f"a group of {size} ranks must run at once, but the cluster has {total} workers")
-        if self._max_inflight is not None and size > self._max_inflight:
+        if isinstance(size, int) and not isinstance(size, bool) and self._max_inflight is not None \
+                and size > self._max_inflight:
             raise ValueError(f"a group of {size} ranks must run at once, but this executor's max_workers="
                              f"{self._max_inflight} lets only {self._max_inflight} of its tasks run at once")
-        gid = f"{self._cid}.g{next(self._fn_seq)}"
-        return [self.submit(run_rank, fn, Comm(gid, r, size, self._uri), args, kwargs) for r in range(size)]
+        return TaskGroup(self, fn, size, args, kwargs, restart)
 
     def submit_script(self, path: str, args: Sequence[str] = (), *, cwd: Optional[str] = None,
                       env: Optional[dict] = None, timeout: Optional[float] = None,

@@ -47,6 +47,7 @@ from . import diagnose, scheduler, security, wire
 from .config import NodeConfig
 from .errors import AuthenticationError, BundleNotFound, NodeLost, ProtocolError, VersionMismatch, WorkerLost
 from .scheduler import TaskState, advance
+from .groups import GroupTable
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -214,15 +215,12 @@ class Node:
 
         write_pins(config.code_cache, self.name, ())
         env = dict(os.environ)
-        if config.secret:   # ranks of a task group talk to their home node (pydist.comm)
-            env["PYDIST_SECRET"] = config.secret.decode() if isinstance(config.secret, bytes) else config.secret
+        env.pop("PYDIST_SECRET", None)   # tasks never hold the cluster secret (ranks use a group token)
         self.pool = WorkerPool(config.workers or 0, self.name, config.code_cache,
                                self._on_worker_results, self._on_worker_exit, env=env)
         self.daemon: Optional[Pyro5.api.Daemon] = None
+        self.groups = GroupTable(self)               # task groups: reservations, control lines, abort
         self.dashboard_url: Optional[str] = None   # set when this node serves the dashboard (--dashboard)
-        self.mail: Dict[str, List[tuple]] = {}       # task-group mailboxes: group -> [(dst, src, tag, blob)]
-        self.mail_cond = threading.Condition(threading.Lock())
-        self.mail_bytes = 0
 
     # ======================================================================================== lifecycle
     def start(self, daemon: Pyro5.api.Daemon) -> None:
@@ -530,6 +528,7 @@ class Node:
                 "clients": len(self.clients), "links": links, "max_hops": self.cfg.max_hops,
                 "uptime": time.time() - self.started_at, "pid": os.getpid(),
                 "avg_task_s": self.avg.value, "bundles": len(self.store.list()),
+                "task_groups": self.groups.summary(),
                 "reachable": sorted({self.name}.union(*(l.remote_map for l in self.links.values()
                                                        if l.may_send and l.alive))),
             }
@@ -537,8 +536,8 @@ class Node:
         st["tasks"] = self.pool.running()
         st["failures"] = list(self.pool.failures)
         st["code"] = [{k: b[k] for k in ("digest", "size", "files", "pinned") if k in b} for b in self.store.list()]
-        with self.mail_cond:
-            st["groups"] = sorted(self.mail)
+        with self.lock:
+            st["groups"] = sorted(self.groups.groups)
         st["dashboard"] = self.dashboard_url
         st["cpu_percent"] = psutil.cpu_percent(interval=None)
         st["mem_percent"] = psutil.virtual_memory().percent
@@ -557,47 +556,64 @@ class Node:
         if self.daemon is not None:
             self.daemon.shutdown()
 
-    # ======================================================================================== messages
-    def comm_send(self, group: str, src: int, dst: int, tag: int, blob: bytes) -> None:
-        """A rank of a task group posts a message (this node is the group's home)."""
+    # ======================================================================================== groups
+    def group_open(self, client_id: str, group: str, size: int) -> dict:
+        """A client opens a task group of ``size`` ranks with this node as its home; returns the
+        group's token and the address of the ranks' control lines (pydist.groups)."""
+        _check_str(client_id, "client_id")
         _check_str(group, "group")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (src, dst, tag)) \
-                or not isinstance(blob, bytes):
-            raise TypeError("comm_send(group, src:int, dst:int, tag:int, blob:bytes)")
-        with self.mail_cond:
-            if self.mail_bytes + len(blob) > self.cfg.max_message_size * 4:
-                raise MemoryError(f"node {self.name} holds {self.mail_bytes} bytes of undelivered group "
-                                  "messages; receive some before sending more")
-            self.mail.setdefault(group, []).append((dst, src, tag, blob))
-            self.mail_bytes += len(blob)
-            self.mail_cond.notify_all()
+        with self.lock:
+            self._client(client_id).last_seen = time.monotonic()
+            return self.groups.open(client_id, group, size)
 
-    def comm_recv(self, group: str, dst: int, src: int, tag: int, timeout: float):
-        """Take the first message for rank ``dst`` matching ``src``/``tag`` (-1: any), waiting up to
-        ``timeout`` s (at most 5); returns ``(src, tag, blob)`` or None."""
+    def group_submit(self, client_id: str, group: str, fns: dict, tasks: list) -> int:
+        """The rank tasks of an opened group, as one unit: held until the whole group can start."""
+        _check_str(client_id, "client_id")
         _check_str(group, "group")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (src, dst, tag)):
-            raise TypeError("comm_recv(group, dst:int, src:int, tag:int, timeout)")
-        deadline = time.monotonic() + _check_timeout(timeout)
-        with self.mail_cond:
-            while True:
-                box = self.mail.get(group, ())
-                for i, (d, s_, t, b) in enumerate(box):
-                    if d == dst and (src == -1 or s_ == src) and (t == tag or (tag == -1 and t > -1000)):
-                        del box[i]
-                        self.mail_bytes -= len(b)
-                        return (s_, t, b)
-                left = deadline - time.monotonic()
-                if left <= 0 or self.stopping.is_set():
-                    return None
-                self.mail_cond.wait(left)
+        _check_fns(fns)
+        _check_tasks(tasks)
+        with self.lock:
+            self.groups.submit(client_id, group, tasks)
+            self._add_fns(fns, tasks)
+            for t in tasks:
+                self.tasks[t[wire.T_ID]] = TaskRec(tuple(t[:5]) + (list(t[5]),) + tuple(t[6:8]),
+                                                   ("c", client_id))
+            self._schedule()
+        return len(tasks)
 
-    def comm_close(self, group: str) -> None:
-        """Drop a finished group's mailbox."""
+    def group_abort(self, client_id: str, group: str, reason: str) -> None:
+        """The client aborts one of its groups."""
+        _check_str(client_id, "client_id")
         _check_str(group, "group")
-        with self.mail_cond:
-            for _, _, _, b in self.mail.pop(group, ()):
-                self.mail_bytes -= len(b)
+        with self.lock:
+            self.groups.abort_by_client(client_id, group, str(reason)[:500])
+
+    def group_state(self, client_id: str, group: str) -> str:
+        """``waiting: ...`` (and why), ``running``, ``aborted: ...``, or ``unknown`` (ended)."""
+        _check_str(client_id, "client_id")
+        _check_str(group, "group")
+        with self.lock:
+            return self.groups.state(client_id, group)
+
+    def group_reserve(self, sender: str, group: str, want: int, ttl: float) -> int:
+        """A linked node reserves up to ``want`` of our workers for ranks of ``group``."""
+        _check_str(sender, "sender")
+        _check_str(group, "group")
+        if not isinstance(want, int) or isinstance(want, bool):
+            raise TypeError("want must be an int")
+        with self.lock:
+            if sender not in self.links:
+                raise ProtocolError(f"node {sender!r} reserves workers on {self.name} without joining first")
+            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl):
+                raise TypeError("ttl must be a number of seconds")
+            return self.groups.reserve(group, want, ttl)
+
+    def group_release(self, sender: str, group: str) -> None:
+        """A linked node gives back the workers it had reserved for ``group``."""
+        _check_str(sender, "sender")
+        _check_str(group, "group")
+        with self.lock:
+            self.groups.release(group)
 
     # ======================================================================================== code
     def code_has(self, digests: list) -> list:
@@ -702,10 +718,7 @@ class Node:
             if name in self.links:
                 self.links[name].post(cancel=ids)
         self.pool.broadcast(("forget", [cid]))
-        with self.mail_cond:
-            for g in [g for g in self.mail if g.startswith(cid + ".")]:
-                for _, _, _, b in self.mail.pop(g):
-                    self.mail_bytes -= len(b)
+        self.groups.client_gone(cid)
 
     def _add_fns(self, fns: dict, tasks: list) -> None:
         for k, blob in fns.items():
@@ -749,7 +762,10 @@ class Node:
             if bundle != self._last_touched:
                 self.store.path(bundle)          # marks it recently used (LRU eviction)
                 self._last_touched = bundle
-        self.queue.append(tid)
+        if rec.rec[wire.T_KIND] == wire.KIND_RANK:
+            self.queue.appendleft(tid)   # a rank is claimed for its reserved worker at once
+        else:
+            self.queue.append(tid)
 
     def _fetch_code(self, digest: str, origin: Tuple[str, str]) -> None:
         if digest in self.fetching:
@@ -822,7 +838,7 @@ class Node:
         win = scheduler.window(self.avg.value)
         slots = []
         for i, q in enumerate(self.worker_inflight):
-            if self.worker_up[i]:
+            if self.worker_up[i] and not self.groups.is_reserved(i):
                 slots.append(scheduler.Slot(("w", i), win - len(q), win))
         for l in self.links.values():
             if l.may_send and l.alive:
@@ -833,11 +849,14 @@ class Node:
 
     def _schedule(self) -> None:
         """Place queued tasks on slots with credit.  Caller holds ``lock``."""
-        if not self.queue or self.stopping.is_set():
+        if self.stopping.is_set():
+            return
+        self.groups.schedule()   # held ranks first, then waiting groups
+        if not self.queue:
             return
         slots = self._slots()
         credit = sum(max(0, s.credit) for s in slots)
-        if credit <= 0:
+        if credit <= 0 and not self.groups.reserved:
             return
         examined: List[str] = []
         views = []
@@ -847,6 +866,9 @@ class Node:
             rec = self.tasks.get(tid)
             if rec is None or rec.state is not TaskState.QUEUED:
                 continue   # cancelled while queued
+            if rec.rec[wire.T_KIND] == wire.KIND_RANK:
+                self.groups.claim(tid)   # a rank: held for its reserved worker (or failed: never re-run)
+                continue
             examined.append(tid)
             views.append((rec.rec[wire.T_HOPS], rec.rec[wire.T_PATH]))
         placement = scheduler.place(views, slots, self.cfg.max_hops)
@@ -923,6 +945,7 @@ class Node:
         n = 0
         notify: Dict[str, ClientRec] = {}
         to_links: Dict[str, List[tuple]] = {}
+        results = self.groups.on_results(results)
         for r in results:
             tid = r[wire.R_ID]
             rec = self.tasks.get(tid)

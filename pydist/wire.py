@@ -41,6 +41,7 @@ R_ID, R_STATUS, R_BLOB, R_NODE, R_WORKER, R_RUNTIME = range(6)
 
 KIND_CALL = 0
 KIND_CHUNK = 1
+KIND_RANK = 2    # a rank of a task group (runs like KIND_CALL; nodes never re-place it on its own)
 
 OK, ERROR, LOST, INIT_FAILED, CANCELLED = range(5)
 STATUS_NAMES = {OK: "ok", ERROR: "error", LOST: "lost", INIT_FAILED: "init-failed", CANCELLED: "cancelled"}
@@ -218,6 +219,9 @@ def loads_exception(data: bytes) -> BaseException:
     except Exception as err:   # e.g. the exception's class does not exist here
         exc = TaskError(f"{name}: {message} (the exception could not be rebuilt here: {err})")
     exc.__cause__ = RemoteError(tb)
+    resolve = getattr(exc, "_resolve_cause", None)   # GroupAborted: the failing rank's error as cause
+    if resolve is not None:
+        resolve(tb, loads_exception)
     return exc
 
 
