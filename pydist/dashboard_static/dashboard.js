@@ -185,7 +185,9 @@
   }
   function renderGroups(snap) {
     var box = $("groups"), gs = snap.groups || [];
-    var items = gs.map(function (g) { return el("div", {cls: "mono", text: g.group + "  on " + g.node}); });
+    var items = gs.map(function (g) {
+      return el("div", {cls: "mono", text: g.group + "  home " + g.node + (g.state ? "  " + g.state : "")});
+    });
     if (!items.length) items = [el("div", {cls: "empty-note", text: "no task group active"})];
     box.replaceChildren.apply(box, items);
   }
