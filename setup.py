@@ -8,6 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pydist", "pydist.*"]),
+    package_data={"pydist": ["py.typed"]},   # the package ships its type hints (PEP 561)
     python_requires=">=3.10",
     install_requires=[
         "Pyro5>=5.17",

@@ -222,7 +222,7 @@ def load_spec(path: str) -> ClusterSpec:
     if hosts[0].parent is not None:
         raise ConfigError(f"{where} host {hosts[0].address}: the first host is the root: it has no parent")
     for h in hosts[1:]:
-        p = spec.host(h.parent)   # ConfigError if unknown
+        p = spec.host(h.parent or hosts[0].name)   # ConfigError if unknown
         if p is h:
             raise ConfigError(f"{where} host {h.name}: a node cannot be its own parent")
         h.parent = p.name
