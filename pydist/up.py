@@ -38,8 +38,9 @@ The file (``ConfigError`` naming the key for anything wrong)::
 
     [[hosts]]
     address = "10.0.0.1"              # what the node binds and advertises, and where ssh connects
-    user = "me"                       # ssh user (default: ssh's own choice)
+    user = "me"                       # ssh user (or ssh_user, or address = "me@10.0.0.1"; default: ssh's)
     ssh_port = 22
+    ssh_key = "~/.ssh/id_lab"         # ssh -i (also in [cluster]); ssh_options = [...] per host too
     workers = 8                       # default: the host's CPU count
     python = "/opt/py311/bin/python"
     name = "head"                     # default: the address
@@ -92,6 +93,7 @@ class HostSpec:
     port: int = 0
     parent: Optional[str] = None
     args: list = field(default_factory=list)
+    ssh_options: list = field(default_factory=list)
 
     @property
     def target(self) -> str:
@@ -154,24 +156,28 @@ def load_spec(path: str) -> ClusterSpec:
 
     data = load_toml(path)
     where = os.fspath(path)
-    known = {"cluster", "hosts"}
+    known = {"cluster", "hosts", "host"}
     extra = set(data) - known
     if extra:
         raise ConfigError(f"{where}: unknown table(s) {sorted(extra)}; expected [cluster] and [[hosts]]")
     c = data.get("cluster", {})
     if not isinstance(c, dict):
         raise ConfigError(f"{where}: [cluster] must be a table")
-    ckeys = {"name", "ns", "python", "secret_file", "remote_dir", "ssh_options", "node_args", "start_timeout"}
+    ckeys = {"name", "ns", "python", "secret_file", "remote_dir", "ssh_options", "ssh_key", "node_args",
+             "start_timeout"}
     if set(c) - ckeys:
         raise ConfigError(f"{where} [cluster]: unknown key(s) {sorted(set(c) - ckeys)}")
     name = _typed(c, "name", str, f"{where} [cluster]", os.path.splitext(os.path.basename(where))[0])
     if not _NAME_RE.match(name):
         raise ConfigError(f"{where} [cluster]: name {name!r} may hold only letters, digits and _.:-")
     python = _typed(c, "python", str, f"{where} [cluster]", "python3")
+    if "host" in data and "hosts" not in data:   # [[host]] reads as well as [[hosts]]
+        data["hosts"] = data.pop("host")
     hosts_raw = data.get("hosts")
     if not isinstance(hosts_raw, list) or not hosts_raw:
         raise ConfigError(f"{where}: no [[hosts]] entries: list at least one host")
-    hkeys = {"address", "user", "ssh_port", "workers", "python", "name", "port", "parent", "args"}
+    hkeys = {"address", "user", "ssh_user", "ssh_port", "ssh_key", "ssh_options", "workers", "python", "name",
+             "port", "parent", "args"}
     hosts = []
     for i, h in enumerate(hosts_raw):
         hw = f"{where} [[hosts]] #{i + 1}"
@@ -182,6 +188,9 @@ def load_spec(path: str) -> ClusterSpec:
         addr = _typed(h, "address", str, hw)
         if not addr:
             raise ConfigError(f"{hw}: address is missing (the host's IP or name)")
+        user = _typed(h, "user", str, hw) or _typed(h, "ssh_user", str, hw)
+        if "@" in addr:   # "me@10.0.0.1"
+            user, addr = addr.rsplit("@", 1)
         hw = f"{where} host {addr}"
         workers = _typed(h, "workers", int, hw)
         if workers is not None and workers < 0:
@@ -194,7 +203,11 @@ def load_spec(path: str) -> ClusterSpec:
         hname = _typed(h, "name", str, hw, addr)
         if not _NAME_RE.match(hname):
             raise ConfigError(f"{hw}: name {hname!r} may hold only letters, digits and _.:-")
-        hosts.append(HostSpec(address=addr, name=hname, user=_typed(h, "user", str, hw),
+        opts = _str_list(h, "ssh_options", hw)
+        key = _typed(h, "ssh_key", str, hw)
+        if key:
+            opts = ["-i", os.path.expanduser(key)] + opts
+        hosts.append(HostSpec(address=addr, name=hname, user=user, ssh_options=opts,
                               ssh_port=ssh_port, workers=workers, python=_typed(h, "python", str, hw, python),
                               port=port, parent=_typed(h, "parent", str, hw), args=_str_list(h, "args", hw)))
     names = [h.name for h in hosts]
@@ -210,7 +223,8 @@ def load_spec(path: str) -> ClusterSpec:
         secret_file=os.path.expanduser(_typed(c, "secret_file", str, f"{where} [cluster]",
                                               f"~/.config/pydist/clusters/{name}.secret")),
         remote_dir=_typed(c, "remote_dir", str, f"{where} [cluster]", f"~/.cache/pydist/up/{name}"),
-        ssh_options=_str_list(c, "ssh_options", f"{where} [cluster]"),
+        ssh_options=(["-i", os.path.expanduser(_typed(c, "ssh_key", str, f"{where} [cluster]"))]
+                     if c.get("ssh_key") else []) + _str_list(c, "ssh_options", f"{where} [cluster]"),
         node_args=_str_list(c, "node_args", f"{where} [cluster]"),
         start_timeout=_typed(c, "start_timeout", float, f"{where} [cluster]", 60.0))
     if not any(h.address == ns_host for h in hosts):
@@ -257,7 +271,7 @@ def _levels(spec: ClusterSpec) -> list:
 def _ssh(spec: ClusterSpec, h: HostSpec, script: str, stdin: Optional[bytes] = None,
          timeout: float = 60.0) -> subprocess.CompletedProcess:
     """Run a POSIX sh ``script`` on host ``h`` (through ``sh -c``: the login shell may be any)."""
-    cmd = ["ssh", *SSH_BASE, "-p", str(h.ssh_port), *spec.ssh_options, h.target, "--",
+    cmd = ["ssh", *SSH_BASE, "-p", str(h.ssh_port), *spec.ssh_options, *h.ssh_options, h.target, "--",
            "sh -c " + shlex.quote(script)]
     try:
         return subprocess.run(cmd, input=stdin if stdin is not None else b"", capture_output=True,

@@ -342,6 +342,17 @@ def test_bad_cluster_files_name_the_problem(tmp_path, text, message):
     assert "c.toml" in str(ei.value) or "cluster c" in str(ei.value)
 
 
+def test_aliases(tmp_path):
+    from pydist.up import load_spec
+
+    p = tmp_path / "al.toml"
+    p.write_text("[cluster]\nssh_key = '/k0'\n[[host]]\naddress = 'me@h1'\n[[host]]\naddress = 'h2'\n"
+                 "ssh_user = 'you'\nssh_key = '/k2'\nssh_options = ['-o', 'X=1']\n")
+    spec = load_spec(str(p))
+    assert [h.target for h in spec.hosts] == ["me@h1", "you@h2"]
+    assert spec.ssh_options == ["-i", "/k0"] and spec.hosts[1].ssh_options == ["-i", "/k2", "-o", "X=1"]
+
+
 def test_defaults_and_waves(tmp_path):
     from pydist.up import _levels, load_spec
 
