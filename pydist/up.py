@@ -68,7 +68,7 @@ from .errors import ConfigError, PydistError, VersionMismatch
 log = logging.getLogger(__name__)
 
 __all__ = ["ClusterSpec", "HostSpec", "VersionRow", "load_spec", "check_versions", "up", "down",
-           "format_versions"]
+           "format_versions", "format_tree"]
 
 SECRET_FILE: Any = type("SecretFile", (), {"__repr__": lambda self: "<remote secret file>"})()
 SSH_BASE = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15")
@@ -535,6 +535,32 @@ def _wait_tree(root: str, secret: bytes, n: int, timeout: float) -> list:
                               f"within {timeout:g} s: {sorted(s['name'] for s in nodes)}")
             return nodes
         threading.Event().wait(0.1)   # poll interval
+
+
+def format_tree(nodes: Sequence[dict]) -> str:
+    """Node statuses as a tree (by their ``parent``): name, address, workers."""
+    by_name = {st["name"]: st for st in nodes}
+    kids: dict = {}
+    roots = []
+    for st in nodes:
+        p = st.get("parent")
+        if p and p in by_name:
+            kids.setdefault(p, []).append(st["name"])
+        else:
+            roots.append(st["name"])
+    lines: list = []
+
+    def walk(name: str, prefix: str, last: bool, top: bool) -> None:
+        st = by_name[name]
+        label = f"{name}  {st.get('address', '?')}  {st.get('workers', '?')} workers"
+        lines.append(label if top else f"{prefix}{'└── ' if last else '├── '}{label}")
+        children = sorted(kids.get(name, ()))
+        for i, c in enumerate(children):
+            walk(c, "" if top else prefix + ("    " if last else "│   "), i == len(children) - 1, False)
+
+    for r in sorted(roots):
+        walk(r, "", True, True)
+    return "\n".join(lines)
 
 
 # ============================================================================================ down

@@ -186,6 +186,8 @@ def test_up_then_tasks_then_down(sshd, tmp_path):
             assert f"READY {n} " in r.stdout, r.stdout
         assert set(pids) == {"nameserver", "n1", "n2", "n3"}
         # the status tree: every node, with its parent
+        assert "n1  127.0.0.2:" in r.stdout and "└── n2  127.0.0.3:" in r.stdout, r.stdout
+        assert "    └── n3  127.0.0.4:" in r.stdout, r.stdout
         table = r.stdout[r.stdout.index("node "):]
         assert all(n in table for n in ("n1", "n2", "n3")), table
         rows = {ln.split()[0]: ln.split() for ln in table.splitlines()[1:4]}
