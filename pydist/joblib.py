@@ -14,8 +14,8 @@ How it maps onto joblib::
        └── callback (joblib dispatches the next batch) ◀── future done ◀─────┘
 
 * ``n_jobs=-1`` is the cluster's worker count (every node's workers, read from the entry node when the
-  ``Parallel`` call starts; at most the executor's ``max_workers``); ``n_jobs=-k`` that count + 1 - k; a positive ``n_jobs`` is taken as is
-  and only bounds how many batches joblib keeps in flight.
+  ``Parallel`` call starts; at most the executor's ``max_workers``); ``n_jobs=-k`` that count + 1 - k;
+  a positive ``n_jobs`` is taken as is and only bounds how many batches joblib keeps in flight.
 * Batching is joblib's auto batching (``batch_size="auto"``), tuned to hide a network round trip.
 * ``return_as="generator"`` and callbacks work as with loky (``supports_retrieve_callback``).
 * When a call raises, joblib aborts: every batch not yet started is withdrawn from the cluster (it never
