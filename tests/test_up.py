@@ -344,6 +344,15 @@ def test_bad_cluster_files_name_the_problem(tmp_path, text, message):
     assert "c.toml" in str(ei.value) or "cluster c" in str(ei.value)
 
 
+def test_the_example_file_reads():
+    from pydist.up import _levels, load_spec
+
+    spec = load_spec(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                                  "cluster.toml"))
+    assert spec.name == "lab" and spec.ns_address == "10.0.0.1:9090"
+    assert [[h.name for h in w] for w in _levels(spec)] == [["head"], ["10.0.0.2"], ["10.0.0.3"]]
+
+
 def test_aliases(tmp_path):
     from pydist.up import load_spec
 
