@@ -408,9 +408,10 @@ def _put_secret(spec: ClusterSpec, h: HostSpec, secret: bytes) -> None:
         raise UpError(f"host {h.name}: cannot write the secret file in {spec.remote_dir}: {_err(r)}")
 
 
-def _start_detached(spec: ClusterSpec, h: HostSpec, tag: str, argv: list, wait_ready: bool) -> str:
+def _start_detached(spec: ClusterSpec, h: HostSpec, tag: str, argv: list, ready: str = "READY ") -> str:
     """Start ``argv`` on ``h`` in its own session (it outlives the ssh connection), its pid in
-    ``DIR/TAG.pid`` and output in ``DIR/TAG.log``; with ``wait_ready`` wait for its READY line."""
+    ``DIR/TAG.pid`` and output in ``DIR/TAG.log``; wait for a line starting with ``ready``.  Returns
+    the third word of a ``READY name host:port`` line (else "")."""
     d = _remote_path(spec.remote_dir)
     cmd = " ".join('"$D/secret"' if a is SECRET_FILE else shlex.quote(a) for a in argv)
     steps = int(spec.start_timeout * 10)
@@ -418,7 +419,7 @@ def _start_detached(spec: ClusterSpec, h: HostSpec, tag: str, argv: list, wait_r
 umask 077; D={d}; mkdir -p "$D" || exit 9
 pidf="$D"/{tag}.pid; logf="$D"/{tag}.log
 if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
-  echo "ALREADY $(cat "$pidf")"; grep -m1 '^READY ' "$logf"; exit 0
+  echo "ALREADY $(cat "$pidf")"; grep -m1 {shlex.quote('^' + ready)} "$logf"; exit 0
 fi
 : > "$logf"
 if command -v setsid >/dev/null 2>&1; then S=setsid; else S=; fi
@@ -426,10 +427,9 @@ nohup $S {cmd} > "$logf" 2>&1 < /dev/null &
 pid=$!
 echo "$pid" > "$pidf"
 echo "PID $pid"
-[ {1 if wait_ready else 0} = 1 ] || exit 0
 i=0
 while [ $i -lt {steps} ]; do
-  if grep -m1 '^READY ' "$logf"; then exit 0; fi
+  if grep -m1 {shlex.quote('^' + ready)} "$logf"; then exit 0; fi
   if ! kill -0 "$pid" 2>/dev/null; then echo "EXITED"; tail -n 20 "$logf" >&2; exit 3; fi
   sleep 0.1; i=$((i+1))
 done
@@ -443,13 +443,56 @@ echo "TIMEOUT"; tail -n 20 "$logf" >&2; exit 4
         tail = (r.stderr or b"").decode(errors="replace").strip()
         raise UpError(f"host {h.name}: {tag} {why} (log: {spec.remote_dir}/{tag}.log)"
                       + (f":\n{tail}" if tail else ""))
-    ready = next((ln for ln in out.splitlines() if ln.startswith("READY ")), "")
-    return ready.split()[2] if wait_ready and len(ready.split()) >= 3 else ""
+    line = next((ln for ln in out.splitlines() if ln.startswith(ready)), "")
+    return line.split()[2] if line.startswith("READY ") and len(line.split()) >= 3 else ""
 
 
-def _node_argv(spec: ClusterSpec, h: HostSpec, parent_addr: Optional[str]) -> list:
-    argv = [h.python, "-m", "pydist.cli", "node", "--host", h.address, "--port", str(h.port), "--name", h.name,
-            "--ns", spec.ns_address, "--secret-file", SECRET_FILE]
+def bind_addresses(spec: ClusterSpec) -> dict:
+    """host name -> the IP its node binds and advertises.  A host given by name is resolved here: on
+    Debian and Ubuntu a machine's own name resolves to 127.0.1.1 *on that machine*, which a node bound
+    by name would advertise and nobody else could reach.  A name that resolves to loopback here while
+    other hosts are not loopback is refused (ConfigError naming it)."""
+    import ipaddress
+    import socket
+
+    out = {}
+    for h in spec.hosts:
+        try:
+            out[h.name] = str(ipaddress.ip_address(h.address))
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(h.address, None, socket.AF_INET, socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ConfigError(f"cluster {spec.name}: host {h.name}: cannot resolve {h.address}: {exc.strerror}") \
+                from None
+        out[h.name] = str(infos[0][4][0])
+    loop = {n for n, ip in out.items() if ipaddress.ip_address(ip).is_loopback}
+    if loop and len(loop) < len(out):
+        bad = sorted(n for n in loop if not _is_ip(spec.host(n).address))
+        if bad:
+            raise ConfigError(
+                f"cluster {spec.name}: {', '.join(bad)} resolve(s) to a loopback address here "
+                f"({', '.join(out[n] for n in bad)}; on Debian/Ubuntu a machine's own name maps to 127.0.1.1), "
+                "which the other hosts cannot reach: give each host's network IP as its address")
+    return out
+
+
+def _is_ip(a: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(a)
+        return True
+    except ValueError:
+        return False
+
+
+def _node_argv(spec: ClusterSpec, h: HostSpec, parent_addr: Optional[str], bind: Optional[str] = None,
+               ns: Optional[str] = None) -> list:
+    argv = [h.python, "-m", "pydist.cli", "node", "--host", bind or h.address, "--port", str(h.port),
+            "--name", h.name, "--ns", ns or spec.ns_address, "--secret-file", SECRET_FILE]
     if h.workers is not None:
         argv += ["--workers", str(h.workers)]
     if parent_addr:
@@ -472,6 +515,7 @@ def up(spec: ClusterSpec, secret_file: Optional[str] = None, report: Callable[[s
        check: bool = True) -> UpResult:
     """Check versions, distribute the secret, start the name server and every node, wait for READY and
     for the root to see the whole tree.  On failure the processes started so far are stopped."""
+    binds = bind_addresses(spec)
     if check:
         rows = check_versions(spec)
         report(format_versions(rows))
@@ -482,15 +526,17 @@ def up(spec: ClusterSpec, secret_file: Optional[str] = None, report: Callable[[s
     started: list = []
     try:
         ns_host = next(h for h in spec.hosts if h.address == spec.ns_host)
-        _start_detached(spec, ns_host, "nameserver", [ns_host.python, "-m", "Pyro5.nameserver", "-n", spec.ns_host,
-                                                      "-p", str(spec.ns_port), "-x"], wait_ready=False)
+        ns = f"{binds[ns_host.name]}:{spec.ns_port}"
+        _start_detached(spec, ns_host, "nameserver", [ns_host.python, "-u", "-m", "Pyro5.nameserver",
+                                                      "-n", binds[ns_host.name], "-p", str(spec.ns_port), "-x"],
+                        ready="NS running on")
         started.append(("nameserver", ns_host))
-        report(f"name server on {spec.ns_address}")
+        report(f"name server on {ns}")
         addrs: dict = {}
         for wave in _levels(spec):
             def start(h: HostSpec) -> str:
                 parent = addrs[h.parent] if h.parent else None
-                return _start_detached(spec, h, h.name, _node_argv(spec, h, parent), wait_ready=True)
+                return _start_detached(spec, h, h.name, _node_argv(spec, h, parent, binds[h.name], ns))
 
             got = _parallel(start, wave)
             for h, a in zip(wave, got):
@@ -504,7 +550,7 @@ def up(spec: ClusterSpec, secret_file: Optional[str] = None, report: Callable[[s
     except BaseException:
         _stop(spec, [h for tag, h in reversed(started) if tag != "nameserver"], with_ns=bool(started))
         raise
-    return UpResult(addrs, spec.ns_address, addrs[spec.root.name], path, statuses)
+    return UpResult(addrs, ns, addrs[spec.root.name], path, statuses)
 
 
 def _unique_targets(spec: ClusterSpec) -> list:

@@ -318,6 +318,26 @@ def test_a_node_that_cannot_start_stops_the_rest(sshd, tmp_path):
     assert not [p for p in left.values() if _alive(p)], f"left running: {left}"
 
 
+def test_a_name_server_port_in_use_is_reported(sshd, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.2", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        hosts = f"""
+            [[hosts]]
+            address = "127.0.0.2"
+            user = "{sshd.user}"
+            ssh_port = {sshd.port}
+            workers = 1
+            """
+        path = write_cluster(sshd, tmp_path, hosts, name="nsbusy", ns_port=port)
+        r = pydist_cli("up", path)
+    assert r.returncode != 0
+    assert "nameserver exited before it was ready" in r.stderr and "nsbusy/nameserver.log" in r.stderr, r.stderr
+    left = remote_pids(tmp_path, "nsbusy")
+    assert not [p for p in left.values() if _alive(p)], f"left running: {left}"
+
+
 # ======================================================================================= the file
 @pytest.mark.parametrize("text, message", [
     ("[cluster]\nname = 'x'\n", "no [[hosts]]"),
@@ -351,6 +371,21 @@ def test_the_example_file_reads():
                                   "cluster.toml"))
     assert spec.name == "lab" and spec.ns_address == "10.0.0.1:9090"
     assert [[h.name for h in w] for w in _levels(spec)] == [["head"], ["10.0.0.2"], ["10.0.0.3"]]
+
+
+def test_host_names_are_resolved_and_loopback_names_refused_in_a_real_network(tmp_path):
+    from pydist.errors import ConfigError
+    from pydist.up import bind_addresses, load_spec
+
+    p = tmp_path / "names.toml"
+    p.write_text("[[hosts]]\naddress = 'localhost'\n[[hosts]]\naddress = '127.0.0.3'\n")
+    assert bind_addresses(load_spec(str(p))) == {"localhost": "127.0.0.1", "127.0.0.3": "127.0.0.3"}
+    p.write_text("[[hosts]]\naddress = '10.1.2.3'\n[[hosts]]\naddress = 'localhost'\n")
+    with pytest.raises(ConfigError, match="localhost resolve.*loopback.*network IP"):
+        bind_addresses(load_spec(str(p)))
+    p.write_text("[[hosts]]\naddress = 'no-such-host.invalid'\n")
+    with pytest.raises(ConfigError, match="cannot resolve no-such-host.invalid"):
+        bind_addresses(load_spec(str(p)))
 
 
 def test_aliases(tmp_path):
