@@ -37,8 +37,11 @@ import threading
 import weakref
 from typing import Any, Callable, Optional, Set
 
-import joblib as _joblib   # absolute import: the real joblib, never this module
-from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
+try:
+    import joblib as _joblib   # absolute import: the real joblib, never this module
+    from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
+except ImportError as exc:   # pragma: no cover - depends on the environment
+    raise ImportError(f"pydist.joblib needs joblib ({exc}): pip install 'pydist[joblib]'") from exc
 
 from .executor import ClusterExecutor, PydistFuture
 
