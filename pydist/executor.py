@@ -33,12 +33,12 @@ from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures._base import PENDING as _PENDING
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
-import cloudpickle
-
 from . import security, wire
 from .config import ClientConfig
 from .errors import AuthenticationError, BrokenCluster, ClusterUnavailable, SerializationError, VersionMismatch
+from .output import FORWARD_OUTPUT, emit as emit_output, split as split_output
 from .scripts import run_script
+from .sources import dumps_function
 
 if TYPE_CHECKING:
     from .aio import AsyncClusterExecutor
@@ -96,14 +96,16 @@ class ClusterExecutor(Executor):
     Accepts what ``ProcessPoolExecutor`` accepts (``max_workers``, ``mp_context`` (ignored),
     ``initializer``, ``initargs``, ``max_tasks_per_child`` (ignored)), plus ``secret`` (else
     ``PYDIST_SECRET``), ``code`` (paths uploaded at start, see ``upload_code``), TLS files and
-    ``connect_timeout`` (seconds before ``ClusterUnavailable``).
+    ``connect_timeout`` (seconds before ``ClusterUnavailable``) and ``forward_output`` (print what tasks
+    print and log here, each line prefixed ``[node/wN task-id]``; default: on for the embedded cluster).
     """
 
     def __init__(self, address: Optional[str] = None, max_workers: Optional[int] = None, mp_context: Any = None,
                  initializer: Optional[Callable] = None, initargs: tuple = (), *, ns: Optional[str] = None,
                  secret: Optional[bytes] = None, code: Optional[Sequence[str]] = None,
                  max_tasks_per_child: Optional[int] = None, connect_timeout: Optional[float] = None,
-                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None):
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None,
+                 forward_output: Optional[bool] = None):
         if isinstance(address, int) and not isinstance(address, bool):
             # ProcessPoolExecutor's positional order: (max_workers, mp_context, initializer, initargs)
             address, max_workers, mp_context, initializer, initargs = (
@@ -147,6 +149,8 @@ class ClusterExecutor(Executor):
             self._cluster.start()
             address = self._cluster.address
             self._cfg.secret = self._cluster.secret
+        # print()/logging of tasks shown here (prefixed "[node/wN task]"): default on for the embedded cluster
+        self._forward_output = (self._cluster is not None) if forward_output is None else bool(forward_output)
         if self._cfg.secret is None:   # a LocalCluster of this process? it knows its secret
             from .cluster import local_secret
 
@@ -195,13 +199,16 @@ class ClusterExecutor(Executor):
         import Pyro5.api
         import Pyro5.errors
 
-        host, _, port = _parse_address(ns).rpartition(":")
+        from .diagnose import parse_ns
+
+        host, port = parse_ns(ns)   # no port: Pyro5's 9090
+        ns = f"{host}:{port}"
         deadline = time.monotonic() + self._cfg.connect_timeout
         last: Optional[BaseException] = None
         refused: Dict[str, BaseException] = {}
         while True:
             try:
-                with Pyro5.api.locate_ns(host, int(port)) as nsp:
+                with Pyro5.api.locate_ns(host, port) as nsp:
                     entries = nsp.list(prefix="pydist.node.", return_metadata=True)
                 roots = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" in meta]
                 others = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" not in meta]
@@ -244,6 +251,8 @@ class ClusterExecutor(Executor):
             fut._pydist_exec = self._wref
             self._pending[tid] = fut
             code = self._bundle if bundle is False else bundle
+            if self._forward_output:
+                kind |= FORWARD_OUTPUT
             self._outbox.append(((tid, key, payload, code, 0, [], kind, self._cid), blob))
             # A lone submit (no other task of this executor outstanding) is sent from this thread: no
             # hand-off to the sender thread.  Submits while others are in flight go through the sender,
@@ -281,7 +290,7 @@ class ClusterExecutor(Executor):
             self._fns.move_to_end(id(fn))
             return entry[1], entry[2]
         try:
-            blob = cloudpickle.dumps(fn, wire.PICKLE_PROTOCOL)
+            blob = dumps_function(fn, wire.PICKLE_PROTOCOL)   # file names and source lines kept (pydist.sources)
         except Exception as exc:
             raise SerializationError(f"cannot pickle the function {fn!r}: {type(exc).__name__}: {exc}") from exc
         key = f"{self._cid}.f{next(self._fn_seq)}"
@@ -291,9 +300,10 @@ class ClusterExecutor(Executor):
         return key, blob
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None, chunksize: int = 1,
-            buffersize: Optional[int] = None) -> Iterator:
+            buffersize: Optional[int] = None, progress: bool = False) -> Iterator:
         """Like ``Executor.map``: results lazily, in order.  ``chunksize > 1`` sends that many calls as
-        one task (one pickle, one result message); ``buffersize`` bounds tasks in flight (Python 3.14)."""
+        one task (one pickle, one result message); ``buffersize`` bounds tasks in flight (Python 3.14);
+        ``progress=True`` shows a tqdm bar (rate, ETA) of the calls finished (``pip install 'pydist[progress]'``)."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
@@ -303,14 +313,31 @@ class ClusterExecutor(Executor):
         calls = zip(*iterables)
         kind = wire.KIND_CALL if chunksize == 1 else wire.KIND_CHUNK
 
+        bar = None
+        if progress:
+            from .progressbar import ProgressBar
+
+            bar = ProgressBar(None, desc=getattr(fn, "__name__", None), unit="call")
+
         def make(group):
             if kind == wire.KIND_CALL:
-                return self._enqueue(key, blob, wire.dumps_call(group, {}), kind)
-            return self._enqueue(key, blob, wire.dumps(list(group), "map arguments"), kind)
+                f = self._enqueue(key, blob, wire.dumps_call(group, {}), kind)
+            else:
+                group = list(group)
+                f = self._enqueue(key, blob, wire.dumps(group, "map arguments"), kind)
+            if bar is not None:
+                bar.attach(f, 1 if kind == wire.KIND_CALL else len(group))
+            return f
 
         groups = calls if chunksize == 1 else _chunks(calls, chunksize)
         if buffersize is None:
-            fs = collections.deque(make(g) for g in groups)
+            if bar is None:
+                fs = collections.deque(make(g) for g in groups)
+            else:
+                calls = list(calls)
+                bar.set_total(len(calls))
+                groups = iter(calls) if chunksize == 1 else _chunks(iter(calls), chunksize)
+                fs = collections.deque(make(g) for g in groups)
             more = iter(())
         else:
             more = iter(groups)
@@ -333,28 +360,25 @@ class ClusterExecutor(Executor):
             finally:
                 for f in fs:
                     f.cancel()
+                if bar is not None:
+                    bar.close()
 
         return result_iterator()
 
-    def spawn_group(self, fn: Callable, size: int, *args: Any, **kwargs: Any) -> List[PydistFuture]:
-        """Start ``size`` tasks that can talk to each other: rank ``r`` runs ``fn(comm, *args, **kwargs)``
-        where ``comm`` (a ``pydist.comm.Comm``) has ``rank``, ``size``, ``send(obj, to, tag=0)``,
-        ``recv(source=ANY, tag=ANY)``, ``bcast``, ``scatter``, ``gather``, ``reduce``, ``allreduce`` and
-        ``barrier``.  Returns the ranks' futures, in rank order.  All ranks must run at once, so
-        ``size`` may not exceed the cluster's worker count (ValueError)."""
-        from .comm import Comm, run_rank
+    def spawn_group(self, fn: Callable, size: int, /, *args: Any, restart: int = 0, **kwargs: Any):
+        """Start ``size`` ranks that start together and fail together: rank ``r`` runs
+        ``fn(comm, *args, **kwargs)`` with ``comm`` a ``pydist.comm.Comm`` (mpi4py's lowercase API).
+        Returns a ``TaskGroup`` (list-like: the ranks' futures in rank order).  The group starts once
+        ``size`` workers are free at once; a group the cluster can never hold raises ValueError here.
+        If a rank fails the others' futures fail with ``GroupAborted``; ``restart=N`` re-runs the
+        whole group up to N times.  See ``pydist.taskgroup``."""
+        from .taskgroup import TaskGroup
 
-        if not isinstance(size, int) or size < 1:
-            raise ValueError("size must be a positive int")
-        st = self.status()
-        total = st["workers"] + sum(l["workers"] for l in st["links"] if l["alive"] and l["role"] != "parent")
-        if size > total:
-            raise ValueError(f"a group of {size} ranks must run at once, but the cluster has {total} workers")
-        if self._max_inflight is not None and size > self._max_inflight:
+        if isinstance(size, int) and not isinstance(size, bool) and self._max_inflight is not None \
+                and size > self._max_inflight:
             raise ValueError(f"a group of {size} ranks must run at once, but this executor's max_workers="
                              f"{self._max_inflight} lets only {self._max_inflight} of its tasks run at once")
-        gid = f"{self._cid}.g{next(self._fn_seq)}"
-        return [self.submit(run_rank, fn, Comm(gid, r, size, self._uri), args, kwargs) for r in range(size)]
+        return TaskGroup(self, fn, size, args, kwargs, restart)
 
     def submit_script(self, path: str, args: Sequence[str] = (), *, cwd: Optional[str] = None,
                       env: Optional[dict] = None, timeout: Optional[float] = None,
@@ -444,6 +468,17 @@ class ClusterExecutor(Executor):
     def node_name(self) -> str:
         """Name of the node this executor talks to."""
         return self._node_name
+
+    @property
+    def dashboard_url(self) -> Optional[str]:
+        """URL of the live dashboard (token included): the embedded cluster's, else the one served by the
+        node this executor talks to (None if that node serves none: start it with --dashboard PORT)."""
+        if self._cluster is not None:
+            return self._cluster.dashboard_url
+        url = getattr(self, "_dashboard_url", None)
+        if url is None:
+            url = self._dashboard_url = self.status().get("dashboard")
+        return url
 
     @property
     def cluster(self):
@@ -595,6 +630,14 @@ class ClusterExecutor(Executor):
             if self._outbox and self._max_inflight is not None:
                 self._cond.notify_all()   # room for tasks held back by max_workers
         for f, r in futs:
+            if r[wire.R_BLOB][:1] == b"\x00":   # the task printed: its output rides in front (pydist.output)
+                items, blob = split_output(r[wire.R_BLOB])
+                r = tuple(r[:wire.R_BLOB]) + (blob,) + tuple(r[wire.R_BLOB + 1:])
+                if items:
+                    try:
+                        emit_output(items, r[wire.R_NODE], r[wire.R_WORKER], r[0])
+                    except Exception as exc:   # a closed sys.stdout must not lose the result
+                        log.warning("could not print the output of task %s: %s", r[0], exc)
             if f is None:
                 continue
             status = r[wire.R_STATUS]

@@ -41,6 +41,7 @@ R_ID, R_STATUS, R_BLOB, R_NODE, R_WORKER, R_RUNTIME = range(6)
 
 KIND_CALL = 0
 KIND_CHUNK = 1
+KIND_RANK = 2    # a rank of a task group (runs like KIND_CALL; nodes never re-place it on its own)
 
 OK, ERROR, LOST, INIT_FAILED, CANCELLED = range(5)
 STATUS_NAMES = {OK: "ok", ERROR: "error", LOST: "lost", INIT_FAILED: "init-failed", CANCELLED: "cancelled"}
@@ -189,6 +190,20 @@ def dumps_exception(exc: BaseException) -> bytes:
     return pickle.dumps((blob, tb, name, message), PICKLE_PROTOCOL)
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):   # an error report is a tuple of bytes and str: no class needed
+        raise pickle.UnpicklingError(f"error reports hold no objects ({module}.{name})")
+
+
+def error_report(data: bytes) -> tuple:
+    """``(exception blob, traceback text, type name, message)`` of an ERROR result, read without
+    unpickling the exception (a node shows failures it cannot, and should not, rebuild)."""
+    import io
+
+    blob, tb, name, message = _PlainUnpickler(io.BytesIO(data)).load()
+    return blob, str(tb), str(name), str(message)
+
+
 def loads_exception(data: bytes) -> BaseException:
     """Rebuild a task's exception with the remote traceback attached as ``__cause__``."""
     from .errors import TaskError
@@ -204,6 +219,9 @@ def loads_exception(data: bytes) -> BaseException:
     except Exception as err:   # e.g. the exception's class does not exist here
         exc = TaskError(f"{name}: {message} (the exception could not be rebuilt here: {err})")
     exc.__cause__ = RemoteError(tb)
+    resolve = getattr(exc, "_resolve_cause", None)   # GroupAborted: the failing rank's error as cause
+    if resolve is not None:
+        resolve(tb, loads_exception)
     return exc
 
 
