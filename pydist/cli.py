@@ -115,6 +115,7 @@ def node_main(argv: Optional[List[str]] = None) -> None:
             raise ConfigError(f"--dashboard {cfg.dashboard}: a port from 0 (any free one) to 65535")
     except ConfigError as exc:
         sys.exit(f"pydist-node: {exc}")
+    os.environ.pop("PYDIST_SECRET", None)     # read once: nothing this node starts inherits it
     logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO), stream=sys.stderr,
                         format=f"%(asctime)s {cfg.name} %(name)s %(levelname)s: %(message)s")
     if not explicit:
@@ -502,6 +503,7 @@ def _cmd_up(a) -> int:
     spec = up.load_spec(a.file)
     res = up.up(spec, secret_file=a.secret_file, report=print, check=not a.no_version_check)
     print(f"cluster {spec.name} is up: {len(res.nodes)} nodes, name server {res.ns}, root {res.root}")
+    print(up.format_tree(res.statuses))
     print(format_status(res.statuses))
     print(f"connect with: ClusterExecutor(ns=\"{res.ns}\", secret=open(\"{res.secret_file}\").read()) "
           f"or: pydist status --ns {res.ns} --secret-file {res.secret_file}")
