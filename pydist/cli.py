@@ -115,6 +115,7 @@ def node_main(argv: Optional[List[str]] = None) -> None:
             raise ConfigError(f"--dashboard {cfg.dashboard}: a port from 0 (any free one) to 65535")
     except ConfigError as exc:
         sys.exit(f"pydist-node: {exc}")
+    os.environ.pop("PYDIST_SECRET", None)     # read once: nothing this node starts inherits it
     logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO), stream=sys.stderr,
                         format=f"%(asctime)s {cfg.name} %(name)s %(levelname)s: %(message)s")
     if not explicit:

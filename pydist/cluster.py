@@ -162,9 +162,20 @@ class LocalCluster:
         if env.get("PYTHONPATH"):
             path.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
-        env["PYDIST_SECRET"] = self.secret.decode() if isinstance(self.secret, bytes) else self.secret
+        # the nodes read the secret from a 0600 file (--secret-file), not from their environment, so it is
+        # not in /proc/<node>/environ for their tasks to read
+        env.pop("PYDIST_SECRET", None)
+        env.pop("PYDIST_SECRET_FILE", None)
         env.update(self.extra_env)
         return env
+
+    def _secret_file(self) -> str:
+        path = os.path.join(self._tmp or ".", "secret")
+        if not os.path.exists(path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.secret if isinstance(self.secret, bytes) else self.secret.encode())
+        return path
 
     def start(self) -> "LocalCluster":
         """Start the name server and every node; return once the root sees the whole cluster."""
@@ -225,7 +236,7 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "pydist.cli", "node", "--host", _node_host(k), "--port", "0",
                "--name", self.names[k], "--ns", self.ns_address, "--watch-stdin",
                "--code-cache", os.path.join(self._tmp or ".", self.names[k], "code"),
-               "--log-level", self.log_level]
+               "--log-level", self.log_level, "--secret-file", self._secret_file()]
         w = self.workers_per_node
         if isinstance(w, (list, tuple)):
             w = w[k]

@@ -53,6 +53,7 @@ import Pyro5.socketutil
 import Pyro5.svr_threads
 from Pyro5 import config as pyro_config
 from Pyro5 import protocol, serializers
+from Pyro5.callcontext import current_context
 
 from . import auth
 from .auth import (PROTOCOL_VERSION, TAG_AUTH, TAG_BUSY, TAG_REFUSED, TAG_VERSION, UserSecret,  # noqa: F401
@@ -283,6 +284,20 @@ class _ScopedObjects(dict):
         return self.daemon.scoped(scope)
 
 
+def daemon_options(cfg) -> dict:
+    """``SecureDaemon`` keywords from a ``NodeConfig`` (its handshake and connection limits)."""
+    return {"handshake_timeout": cfg.handshake_timeout, "max_pending_handshakes": cfg.max_pending_handshakes,
+            "idle_timeout": cfg.idle_timeout, "refusal_log_interval": cfg.refusal_log_interval}
+
+
+def connection_id(conn=None) -> Optional[int]:
+    """An id of the connection (default: the one whose call this thread is serving), e.g. to own what a
+    client's calls make the node hold and free it in a ``SecureDaemon.on_disconnect`` hook."""
+    if conn is None:
+        conn = getattr(current_context, "client", None)
+    return None if conn is None else id(conn)
+
+
 class _Serve:
     """A Pyro5 pool job: finish the handshake of a connection whose mac the gate has checked, then serve it
     (one worker thread for the connection's life, as Pyro5's thread server does)."""
@@ -361,6 +376,7 @@ class SecureDaemon(Pyro5.server.Daemon):
         self.refusals = auth.RefusalLog(log, refusal_log_interval)
         self._gate: Optional[Gate] = None
         self._accept_pause = threading.Event()
+        self._pydist_hooks: list = []
         super().__init__(host, port, **kw)
         objects = _ScopedObjects(self.objectsById)
         objects.daemon = self
@@ -505,6 +521,18 @@ class SecureDaemon(Pyro5.server.Daemon):
 
     def validateHandshake(self, conn, data):       # pragma: no cover - the gate replaces Pyro5's handshake
         raise Pyro5.errors.SecurityError("pydist nodes check hellos in the gate")
+
+    # -- connections ---------------------------------------------------------------------------------------
+    def on_disconnect(self, hook: Callable[[object], None]) -> None:
+        """Call ``hook(connection_id)`` whenever an authenticated connection ends (free what it held)."""
+        self._pydist_hooks.append(hook)
+
+    def clientDisconnect(self, conn) -> None:
+        for hook in list(self._pydist_hooks):
+            try:
+                hook(connection_id(conn))
+            except Exception:  # noqa: BLE001 - one hook's bug must not keep the others from running
+                log.exception("disconnect hook %r failed", hook)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def pending_handshakes(self) -> int:
