@@ -517,7 +517,8 @@ class Dispatch:
         c = self.sessions.touch(cid)
         want = set(wanted)
         held = lg.ids_from(("c", cid))
-        extra = [tid for tid in held if tid not in want]
+        # (a group's ranks are not the client's to reconcile: pydist.groups aborts a group whose client goes)
+        extra = [tid for tid in held if tid not in want and lg.tasks[tid].rec[wire.T_KIND] != KIND_RANK]
         c.rounds += 1
         act = self._suspects(c.suspects, extra, c.rounds)
         if act:
