@@ -63,7 +63,7 @@ def _default_text(f: dataclasses.Field) -> str:
     d = f.default
     if d is None or d is False:
         return "default: off" if "bool" in str(f.type) else "default: none"
-    if f.name in ("code_cache_max", "max_message_size"):
+    if f.name in ("code_cache_max", "max_message_size") and isinstance(d, int):
         return f"default: {_size_text(d)}"
     return f"default: {d}"
 

@@ -97,7 +97,8 @@ class LocalCluster:
     Use as a context manager; ``.address`` is the root node's ``host:port``, ``.ns_address`` the name
     server's, ``.secret`` the cluster secret (random unless given), ``.pids`` every process started.
     ``topology``: ``"tree"`` (binary), ``"chain"`` or ``"star"``.  The secret is ``PYDIST_SECRET`` if set,
-    else random; clients in this process find it by address (``ClusterExecutor(cluster.address)``).  ``tls_cert``/``tls_key``/``tls_ca``
+    else random; clients in this process find it by address (``ClusterExecutor(cluster.address)``).
+    ``tls_cert``/``tls_key``/``tls_ca``
     turn TLS on for the nodes, the name server and this process (see ``pydist make-certs``).  ``dashboard``
     (default True): the root serves the live web dashboard on a free port of its address; its URL, token
     included, is ``.dashboard_url``.

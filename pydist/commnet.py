@@ -38,7 +38,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class Mailbox:
         self.queued: Dict[int, int] = collections.Counter()   # bytes waiting, per source
         self.cap = cap
         self.aborted: Optional[BaseException] = None
-        self.before_wait = None                # the endpoint's flush: written before we wait
+        self.before_wait: Optional[Callable[[], None]] = None   # the endpoint's flush: written before we wait
 
     @staticmethod
     def _match(m: Message, ctx: int, src: int, tag: int) -> bool:
@@ -384,7 +384,8 @@ class Endpoint:
         ctl.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         nonce = _read_exact(ctl, 16)
         g = self.group.encode()
-        ctl.sendall(struct.pack("!H", len(g)) + g + struct.pack("!I", self.rank) + mac(self.token, nonce, self.group, self.rank))
+        ctl.sendall(struct.pack("!H", len(g)) + g + struct.pack("!I", self.rank)
+                    + mac(self.token, nonce, self.group, self.rank))
         host = ctl.getsockname()[0]
         tcp = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         tcp.bind((host, 0))
@@ -508,8 +509,11 @@ class Endpoint:
 
     def _ctl_loop(self) -> None:
         try:
+            ctl = self.ctl
+            if ctl is None:
+                raise EOFError("no control line")
             while True:
-                self._on_ctl(_read_ctl(self.ctl))
+                self._on_ctl(_read_ctl(ctl))
         except (OSError, EOFError, ValueError) as exc:
             if not self.closed.is_set():
                 self._set_abort(-1, f"lost its connection to the group's home node ({type(exc).__name__})", None)

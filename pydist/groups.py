@@ -70,7 +70,7 @@ class GroupRec:
 class GroupTable:
     """Every group-related piece of a node's state; all methods run under ``node.lock``."""
 
-    def __init__(self, node):
+    def __init__(self, node: Any) -> None:
         self.node = node
         self.groups: Dict[str, GroupRec] = {}           # home groups, in arrival order
         self.reserved: Dict[int, list] = {}             # worker index -> [gid, tid or None, expiry]
@@ -166,7 +166,7 @@ class GroupTable:
         by_group: Dict[str, List[str]] = {}
         for tid in self.held:
             by_group.setdefault(split_tid(tid)[0], []).append(tid)
-        for gid, tids in by_group.items():
+        for _gid, tids in by_group.items():
             if any(n.worker_inflight[self.held[t]] or not n.worker_up[self.held[t]] for t in tids
                    if t in n.tasks and not n.tasks[t].cancelled):
                 continue
@@ -506,7 +506,7 @@ class GroupServer:
         except (OSError, EOFError, ValueError, TypeError, IndexError):
             pass
         finally:
-            if g is not None:
+            if g is not None and rank is not None:
                 with lock:
                     t.rank_gone(g, rank)
             try:

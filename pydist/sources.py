@@ -13,7 +13,7 @@ import linecache
 import threading
 import types
 from collections import ChainMap
-from typing import Callable, Dict
+from typing import Any, Callable, Dict
 
 import cloudpickle
 
@@ -84,7 +84,7 @@ def _load(sources: Dict[str, list], blob: bytes):
     import pickle
 
     for name, lines in sources.items():
-        cached = linecache.cache.get(name)
-        if cached is None or cached[1] is None:   # never shadow a file the worker has on disk
+        cached: Any = linecache.cache.get(name)
+        if cached is None or len(cached) < 2 or cached[1] is None:   # never shadow a file the worker has on disk
             linecache.cache[name] = (sum(len(ln) for ln in lines), None, list(lines), name)
     return pickle.loads(blob)
