@@ -295,6 +295,13 @@ class Comm:
             source = buf
         return self._recv(self._ctx, source, tag, status, timeout)
 
+    def recv_with_status(self, source: int = ANY_SOURCE, tag: int = ANY_TAG,
+                         timeout: Optional[float] = None) -> tuple:
+        """Like ``recv`` but returns ``(obj, source, tag)`` (kept from pydist's first API)."""
+        st = Status()
+        value = self._recv(self._ctx, source, tag, st, timeout)
+        return value, st.source, st.tag
+
     def _recv(self, ctx: int, source: int, tag: int, status: Optional[Status], timeout: Optional[float]) -> Any:
         h = self._post_recv(ctx, source, tag)
         value, st = self._finish_recv(h, timeout)

@@ -42,6 +42,7 @@ from .sources import dumps_function
 
 if TYPE_CHECKING:
     from .aio import AsyncClusterExecutor
+    from .taskgroup import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +366,7 @@ class ClusterExecutor(Executor):
 
         return result_iterator()
 
-    def spawn_group(self, fn: Callable, size: int, /, *args: Any, restart: int = 0, **kwargs: Any):
+    def spawn_group(self, fn: Callable, size: int, *args: Any, restart: int = 0, **kwargs: Any) -> "TaskGroup":
         """Start ``size`` ranks that start together and fail together: rank ``r`` runs
         ``fn(comm, *args, **kwargs)`` with ``comm`` a ``pydist.comm.Comm`` (mpi4py's lowercase API).
         Returns a ``TaskGroup`` (list-like: the ranks' futures in rank order).  The group starts once
