@@ -24,7 +24,7 @@ import time
 import types
 from typing import Any, Callable, List, Optional, Sequence
 
-from . import commnet
+from . import commbox, commnet
 from .commnet import Aborted
 from .errors import GroupAborted
 
@@ -331,7 +331,7 @@ class Comm:
                 tg = "any tag" if h[2] == ANY_TAG else f"tag {h[2]}"
                 raise CommTimeout(f"rank {self.rank} of group {self.group}: no message from {src} "
                                   f"({tg}) within {timeout} s")
-        return commnet.loads(m.flags, m.meta, m.bufs), Status(self._local(m.src), m.tag, m.size)
+        return commbox.loads(m.flags, m.meta, m.bufs), Status(self._local(m.src), m.tag, m.size)
 
     def irecv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
         """Post a receive; returns a ``Request`` whose ``wait()`` gives the object."""

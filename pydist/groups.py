@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from . import commnet, security, wire
 from .errors import GroupAborted, NodeLost, TaskError
