@@ -601,19 +601,18 @@ class Node:
         _check_str(group, "group")
         if not isinstance(want, int) or isinstance(want, bool):
             raise TypeError("want must be an int")
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl):
+            raise TypeError("ttl must be a number of seconds")
         with self.lock:
             if sender not in self.links:
                 raise ProtocolError(f"node {sender!r} reserves workers on {self.name} without joining first")
-            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl):
-                raise TypeError("ttl must be a number of seconds")
-            return self.groups.reserve(group, want, ttl)
+        return self.groups.reserve_tree(sender, group, want, ttl)   # (may ask the nodes behind us)
 
     def group_release(self, sender: str, group: str) -> None:
         """A linked node gives back the workers it had reserved for ``group``."""
         _check_str(sender, "sender")
         _check_str(group, "group")
-        with self.lock:
-            self.groups.release(group)
+        self.groups.release_tree(group)
 
     # ======================================================================================== code
     def code_has(self, digests: list) -> list:
