@@ -293,23 +293,24 @@ class Endpoint:
     def close(self) -> None:
         if self.closed.is_set():
             return
-        try:
-            self.flush()
-        except BaseException:
-            pass
+        with self.peer_lock:
+            peers = list(self.peers.values())
+        deadline = time.monotonic() + 30
+        for p in peers:   # graceful: every queued frame is written first (unless the group aborted)
+            while self.mailbox.aborted is None and p.error is None and time.monotonic() < deadline:
+                try:
+                    p.flush()            # (returns at once if another thread is writing)
+                except BaseException:
+                    break
+                with p.cond:
+                    if not p.queue and not p.writing:
+                        break
+                    p.cond.wait(POLL)
         self.closed.set()
         with self.flush_cond:
             self.flusher_idle = False
             self.flush_cond.notify_all()
-        with self.peer_lock:
-            peers = list(self.peers.values())
-        for p in peers:   # graceful: queued frames are written first (unless the group aborted)
-            if p.thread is not None or p.writing:
-                with p.cond:
-                    deadline = time.monotonic() + 30
-                    while (p.queue or p.writing) and p.error is None and time.monotonic() < deadline \
-                            and self.mailbox.aborted is None:
-                        p.cond.wait(POLL)
+        for p in peers:
             p.close()
         for s in self.socks + ([self.ctl] if self.ctl else []):
             try:
