@@ -209,7 +209,7 @@ class Node:
         self._last_touched: Optional[str] = None
         from .codesync import CodeStore
 
-        self.store = CodeStore(config.code_cache, config.code_cache_max)
+        self.store = CodeStore.for_node(config)
         self.pinned: List[str] = []          # bundles on every task's sys.path (pydist sync-code --pin)
         from .codesync import write_pins
 
@@ -632,7 +632,7 @@ class Node:
 
             raise BundleTooLarge(f"bundle {digest[:12]} is {size} bytes, over node {self.name}'s cache "
                                  f"limit of {self.cfg.code_cache_max} bytes (--code-cache-max)")
-        self.store.begin(digest, size)
+        self.store.begin(digest, size, owner=security.connection_id())
 
     def code_chunk(self, digest: str, offset: int, data: bytes) -> None:
         """One chunk of a bundle being received."""
@@ -653,8 +653,7 @@ class Node:
         _check_str(digest, "digest")
         if not isinstance(offset, int) or not isinstance(size, int) or size < 0 or offset < 0:
             raise TypeError("offset and size must be non-negative ints")
-        data = self.store.read(digest)
-        return data[offset:offset + min(size, 16 << 20)]
+        return self.store.read_chunk(digest, offset, min(size, 16 << 20))   # only these bytes are read
 
     def code_pin(self, digest: str, pinned: bool = True) -> list:
         """Pin (``pinned=True``) or unpin a bundle this node holds: a pinned bundle is on the
@@ -681,7 +680,7 @@ class Node:
     def code_size(self, digest: str) -> int:
         """Size of a bundle's archive, or -1 if absent."""
         _check_str(digest, "digest")
-        return len(self.store.read(digest)) if self.store.has(digest) else -1
+        return self.store.size(digest) if self.store.has(digest) else -1
 
     def _code_installed(self, digest: str, push: bool) -> int:
         with self.lock:
@@ -1356,8 +1355,10 @@ def serve(config: NodeConfig, on_ready=None) -> None:
                             tls=tls, server=True)
     node = Node(config)
     daemon = security.SecureDaemon(config.host, config.port, secret=config.secret, name=config.name,
+                                   **security.daemon_options(config),
                                    nathost=diagnose.advertise_host(config.host, config.advertise))
     try:
+        daemon.on_disconnect(node.store.abort_owner)   # uploads a connection left unfinished
         node.start(daemon)
         if on_ready is not None:
             on_ready(node)

@@ -341,6 +341,54 @@ def test_unfinished_uploads_are_bounded_and_hold_no_descriptor(start_node):
     served(node.address)
 
 
+# ------------------------------------------------------------------------------------------ 7, 8. uploads, code_read
+def test_uploads_a_connection_left_unfinished_are_freed_when_it_ends(start_node, tmp_path):
+    node = start_node("--host", "127.0.0.2", "--log-level", "ERROR", "--max-uploads-per-client", "3")
+    cache = str(node.log_path) + ".code"
+    parts = lambda: [n for n in os.listdir(cache) if n.startswith(".upload-")]      # noqa: E731
+    p = S.connect(node.address, secret=SECRET)
+    for i in range(3):
+        p.code_begin(hashlib.sha256(b"u%d" % i).hexdigest(), 5000)
+    with pytest.raises(CodeSyncError, match="this connection already has 3"):
+        p.code_begin(hashlib.sha256(b"u9").hexdigest(), 5000)
+    assert len(parts()) == 3
+    S.release(p)
+    wait_for(lambda: not parts(), 10, "the node to drop the uploads of the connection that ended")
+
+
+def _bundle_of(size: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("blob.bin")
+        info.size = size
+        t.addfile(info, io.BytesIO(os.urandom(size)))
+    return buf.getvalue()
+
+
+def test_code_read_and_code_size_read_only_what_they_return(start_node):
+    node = start_node("--host", "127.0.0.2", "--log-level", "ERROR")
+    data = _bundle_of(16 * MIB)
+    digest = hashlib.sha256(data).hexdigest()
+    p = S.connect(node.address, secret=SECRET)
+    p.code_begin(digest, len(data))
+    for off in range(0, len(data), 4 * MIB):
+        p.code_chunk(digest, off, data[off:off + 4 * MIB])
+    p.code_finish(digest, False)
+    io0 = psutil.Process(node.pid).io_counters().read_chars
+    before = usage(node.pid)
+    assert p.code_size(digest) == len(data)
+    got = b"".join(p.code_read(digest, off, MIB) for off in range(0, len(data), MIB))
+    assert got == data
+    for _ in range(20):
+        p.code_size(digest)
+    read = psutil.Process(node.pid).io_counters().read_chars - io0
+    after = usage(node.pid)
+    report("fetch a 16 MiB bundle in 1 MiB chunks + 21 code_size", before, after,
+           f"; node read {read / MIB:.0f} MiB from disk")
+    S.release(p)
+    assert read < 3 * len(data), f"the node read {read / MIB:.0f} MiB to serve {len(data) / MIB:.0f} MiB"
+
+
 # ------------------------------------------------------------------------------------------ 12. local users
 def _make_user():
     if os.geteuid() != 0:
