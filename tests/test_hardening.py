@@ -389,6 +389,29 @@ def test_code_read_and_code_size_read_only_what_they_return(start_node):
     assert read < 3 * len(data), f"the node read {read / MIB:.0f} MiB to serve {len(data) / MIB:.0f} MiB"
 
 
+# ------------------------------------------------------------------------------------------ 11. dropped executors
+def _client_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name.startswith("pydist-client") and t.is_alive())
+
+
+def _node_connections(pid: int) -> int:
+    return sum(1 for c in psutil.Process(pid).net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED)
+
+
+def test_executors_dropped_without_shutdown_let_go_of_threads_and_connections(start_node):
+    import gc
+    node = start_node("--host", "127.0.0.2", "--log-level", "ERROR", "--threadpool", "16")
+    threads0, conns0 = _client_threads(), _node_connections(node.pid)
+    for _ in range(10):                     # more than a --threadpool 16 node could hold at 2-3 each
+        ex = ClusterExecutor(node.address, secret=SECRET, connect_timeout=10)
+        assert ex.submit(square, 3).result(timeout=30) == 9
+        del ex
+        gc.collect()
+    wait_for(lambda: _client_threads() <= threads0, 20, "the dropped executors' threads to end")
+    wait_for(lambda: _node_connections(node.pid) <= conns0, 20, "the node to see their connections close")
+    served(node.address)
+
+
 # ------------------------------------------------------------------------------------------ 12. local users
 def _make_user():
     if os.geteuid() != 0:
