@@ -8,7 +8,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pydist", "pydist.*"]),
-    package_data={"pydist": ["dashboard_static/*.html", "dashboard_static/*.js", "dashboard_static/*.css"]},
+    # the dashboard's static files, and py.typed: the package ships its type hints (PEP 561)
+    package_data={"pydist": ["dashboard_static/*.html", "dashboard_static/*.js", "dashboard_static/*.css",
+                             "py.typed"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[

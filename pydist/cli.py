@@ -492,6 +492,7 @@ def _cmd_up(a) -> int:
     spec = up.load_spec(a.file)
     res = up.up(spec, secret_file=a.secret_file, report=print, check=not a.no_version_check)
     print(f"cluster {spec.name} is up: {len(res.nodes)} nodes, name server {res.ns}, root {res.root}")
+    print(up.format_tree(res.statuses))
     print(format_status(res.statuses))
     print(f"connect with: ClusterExecutor(ns=\"{res.ns}\", secret=open(\"{res.secret_file}\").read()) "
           f"or: pydist status --ns {res.ns} --secret-file {res.secret_file}")

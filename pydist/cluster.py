@@ -208,6 +208,8 @@ class LocalCluster:
             self.stop()
             raise
         self._register()
+        if self.dashboard and log.isEnabledFor(logging.INFO):
+            log.info("LocalCluster dashboard: %s", self.dashboard_url)
         return self
 
     def _register(self) -> None:

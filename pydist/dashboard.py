@@ -252,10 +252,14 @@ def _code(nodes: Dict[str, dict]) -> List[dict]:
 
 
 def _groups(nodes: Dict[str, dict]) -> List[dict]:
+    """Task groups by home node, with their state (waiting, running, aborted: why) where the node says it."""
     out = []
     for st in nodes.values():
-        for g in st.get("groups", ()):
-            out.append({"group": g if isinstance(g, str) else str(g), "node": st["name"]})
+        tg = st.get("task_groups") or {}
+        states = tg.get("groups") or {}
+        reserved = len(tg.get("reserved_workers") or ())
+        for g in dict.fromkeys(list(states) + [str(x) for x in st.get("groups", ())]):
+            out.append({"group": g, "node": st["name"], "state": states.get(g, ""), "reserved": reserved})
     return out
 
 

@@ -239,3 +239,21 @@ def test_a_node_started_by_hand_serves_it(tmp_path, proc_guard):
         p.stdin.close()
         p.wait(15)
         p.stdout.close()
+
+
+def _ring(comm):
+    comm.barrier()
+    return comm.rank
+
+
+def test_groups_and_code_bundles_are_listed(cluster4, tmp_path):
+    pkg = tmp_path / "dashmod"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("X = 1\n")
+    url = cluster4.dashboard_url.replace("/?", "/api/status?")
+    with ClusterExecutor(cluster4.address) as ex:
+        info = ex.upload_code(str(pkg))
+        wait_for(lambda: any(b["digest"] == info.digest for b in json.loads(get(url)[2])["code"]), 20,
+                 "the bundle to be listed")
+        futs = ex.spawn_group(_ring, 2)
+        assert sorted(f.result(timeout=60) for f in futs) == [0, 1]

@@ -410,6 +410,20 @@ def test_executors_dropped_without_shutdown_let_go_of_threads_and_connections(st
     wait_for(lambda: _client_threads() <= threads0, 20, "the dropped executors' threads to end")
     wait_for(lambda: _node_connections(node.pid) <= conns0, 20, "the node to see their connections close")
     served(node.address)
+# ------------------------------------------------------------------------------------------ 4. joining
+def test_a_child_that_cannot_join_says_why_at_warning_once_per_interval(start_node):
+    parent = start_node("--host", "127.0.0.2", "--log-level", "WARNING", "--refusal-log-interval", "1")
+    child = start_node("--host", "127.0.0.3", "--log-level", "WARNING", "--parent", parent.address,
+                       secret=b"another-cluster-secret-0123456789")
+    wait_for(lambda: "cannot join" in child.log(), 15, "the child's warning")
+    line = next(l for l in child.log().splitlines() if "cannot join" in l)
+    assert "WARNING" in line and parent.address in line and "wrong cluster secret" in line, line
+    # the parent counts many more refused attempts meanwhile; the child has still said it once
+    import re
+    wait_for(lambda: sum(int(n) for n in re.findall(r"refused (\d+) more connections", parent.log())) >= 5, 20,
+             "the child to retry")
+    assert sum("cannot join" in l for l in child.log().splitlines()) == 1, child.log()
+    assert child.alive() and parent.alive()
 
 
 # ------------------------------------------------------------------------------------------ 12. local users
