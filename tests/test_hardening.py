@@ -28,7 +28,8 @@ from Pyro5 import protocol
 from pydist import ClusterExecutor, LocalCluster
 from pydist import security as S
 from pydist.codesync import CodeStore
-from pydist.errors import AuthenticationError, BundleTooLarge, ClusterUnavailable, CodeSyncError, UnsafeArchive
+from pydist.errors import (AuthenticationError, BundleTooLarge, ClusterUnavailable, CodeSyncError, ResourceLimit,
+                           UnsafeArchive)
 from conftest import wait_for
 from test_hostile import NodeProc, node_env, read_reply, reply_type
 
@@ -387,6 +388,83 @@ def test_code_read_and_code_size_read_only_what_they_return(start_node):
            f"; node read {read / MIB:.0f} MiB from disk")
     S.release(p)
     assert read < 3 * len(data), f"the node read {read / MIB:.0f} MiB to serve {len(data) / MIB:.0f} MiB"
+
+
+# ------------------------------------------------------------------------------------------ 10. queued tasks, blobs
+def _task(cid: str, i: int, fn: str, payload: bytes = b"\x80\x05N.") -> tuple:
+    from pydist import wire
+    return wire.make_task(f"{cid}.{i}", fn, payload, client=cid)
+
+
+def _error_of(result: tuple) -> BaseException:
+    from pydist import wire
+    loads = getattr(wire, "loads_exception", wire.loads)
+    return loads(result[wire.R_BLOB])
+
+
+def _collect(p, cid: str, n: int, timeout: float = 30.0) -> dict:
+    got: dict = {}
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        results, _ = p.collect(cid, 0.5)
+        for r in results:
+            got[r[0]] = r
+    return got
+
+
+def test_queued_tasks_are_bounded_per_client_with_a_clear_error(start_node, tmp_path):
+    import cloudpickle
+    from pydist import wire
+    node = start_node("--host", "127.0.0.2", "--log-level", "ERROR", "--workers", "0",
+                      "--max-client-tasks", "50", "--max-client-bytes", "1M")
+    p = S.connect(node.address, secret=SECRET, call_timeout=15)
+    cid = "quota-client"
+    p.open_client(cid, None)
+    fn = cloudpickle.dumps(square)
+    before = usage(node.pid)
+    assert p.submit(cid, {"f": fn}, [_task(cid, i, "f") for i in range(80)]) == 50   # no workers: they wait
+    got = _collect(p, cid, 30)
+    assert len(got) == 30 and all(r[wire.R_STATUS] != wire.OK for r in got.values())
+    err = _error_of(next(iter(got.values())))
+    assert isinstance(err, ResourceLimit) and "--max-client-tasks 50" in str(err), err
+    # bytes: one task with a 2 MiB argument is refused by --max-client-bytes, the node keeps serving
+    other = "quota-bytes"
+    p.open_client(other, None)
+    assert p.submit(other, {"f": fn}, [_task(other, 0, "f", b"x" * (2 * MIB))]) == 0
+    err = _error_of(_collect(p, other, 1)[f"{other}.0"])
+    assert isinstance(err, ResourceLimit) and "--max-client-bytes" in str(err), err
+    st = p.status()
+    assert st["held"] == 50 and st["refused_limit"] == 31
+    p.close_client(cid)
+    p.close_client(other)
+    wait_for(lambda: p.status()["held"] == 0 and p.status()["fns"] == 0, 10, "the closed clients' tasks to go")
+    after = usage(node.pid)
+    report("81 tasks over --max-client-tasks 50 / --max-client-bytes 1M", before, after)
+    S.release(p)
+
+
+def test_function_blobs_no_task_keeps_are_not_kept(start_node):
+    import cloudpickle
+    node = start_node("--host", "127.0.0.2", "--log-level", "ERROR", "--workers", "1")
+    p = S.connect(node.address, secret=SECRET, call_timeout=15)
+    cid = "blob-client"
+    p.open_client(cid, None)
+    big = cloudpickle.dumps(square)
+    before = usage(node.pid)
+    p.submit(cid, {f"unused-{i}": b"\0" * MIB for i in range(20)}, [])          # blobs no task names
+    with pytest.raises(Exception):
+        p.submit(cid, {f"bad-{i}": b"\0" * MIB for i in range(20)}, [("not", "a", "task")])   # fails validation
+    assert p.submit(cid, {"f": big}, [_task(cid, 0, "f")]) == 1
+    for i in range(20):                                                          # the same id again, new blob
+        p.submit(cid, {f"again-{i}": b"\0" * MIB}, [_task(cid, 0, f"again-{i}")])
+    _collect(p, cid, 1)
+    st = p.status()
+    after = usage(node.pid)
+    report("60 stray 1 MiB function blobs", before, after, f"; node keeps {st['fns']} blobs")
+    assert st["fns"] <= 1, st
+    p.close_client(cid)
+    wait_for(lambda: p.status()["fns"] == 0, 10, "the client's blobs to go")
+    S.release(p)
 
 
 # ------------------------------------------------------------------------------------------ 11. dropped executors
