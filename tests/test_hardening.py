@@ -420,8 +420,11 @@ def test_a_child_that_cannot_join_says_why_at_warning_once_per_interval(start_no
     assert "WARNING" in line and parent.address in line and "wrong cluster secret" in line, line
     # the parent counts many more refused attempts meanwhile; the child has still said it once
     import re
-    wait_for(lambda: sum(int(n) for n in re.findall(r"refused (\d+) more connections", parent.log())) >= 5, 20,
-             "the child to retry")
+    def refused() -> int:
+        log = parent.log()
+        return log.count("refused connection from") + sum(int(n) for n in re.findall(r"refused (\d+) more", log))
+
+    wait_for(lambda: refused() >= 5, 30, "the child to retry")
     assert sum("cannot join" in l for l in child.log().splitlines()) == 1, child.log()
     assert child.alive() and parent.alive()
 
