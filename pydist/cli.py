@@ -160,8 +160,10 @@ def node_main(argv: Optional[List[str]] = None) -> None:
     def stop(signum, frame) -> None:
         node = state.get("node")
         if node is not None:
-            if not node.stopping.is_set():
-                log.info("received %s", signal.Signals(signum).name)
+            if state.get("signalled"):
+                return   # already stopping
+            state["signalled"] = True
+            log.info("received %s", signal.Signals(signum).name)
             threading.Thread(target=stop_and_exit, args=(node,), daemon=True).start()
         else:
             os._exit(0)

@@ -337,7 +337,12 @@ class ClusterExecutor(Executor):
         if progress:
             from .progressbar import ProgressBar
 
-            bar = ProgressBar(None, desc=getattr(fn, "__name__", None), unit="call")
+            total = None
+            if buffersize is None:   # everything is submitted at once: the total is known up front
+                calls = list(calls)
+                total = len(calls)
+                calls = iter(calls)
+            bar = ProgressBar(total, desc=getattr(fn, "__name__", None), unit="call")
 
         def make(group):
             if kind == wire.KIND_CALL:
@@ -351,13 +356,7 @@ class ClusterExecutor(Executor):
 
         groups = calls if chunksize == 1 else _chunks(calls, chunksize)
         if buffersize is None:
-            if bar is None:
-                fs = collections.deque(make(g) for g in groups)
-            else:
-                calls = list(calls)
-                bar.set_total(len(calls))
-                groups = iter(calls) if chunksize == 1 else _chunks(iter(calls), chunksize)
-                fs = collections.deque(make(g) for g in groups)
+            fs = collections.deque(make(g) for g in groups)
             more = iter(())
         else:
             more = iter(groups)
