@@ -30,7 +30,8 @@ setup(
         "joblib": ["joblib>=1.3", "scikit-learn>=1.2"],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "cryptography>=41", "tqdm>=4.60",
                  "selenium>=4.10"],
-        "bench": ["loky>=3.4", "dask[distributed]>=2024.1", "ray>=2.9"],
+        # matplotlib: the scale model's plot (benchmarks/simulate.py)
+        "bench": ["loky>=3.4", "dask[distributed]>=2024.1", "ray>=2.9", "matplotlib>=3.5"],
     },
     entry_points={
         "console_scripts": [

@@ -41,6 +41,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -298,6 +299,56 @@ def connection_id(conn=None) -> Optional[int]:
     return None if conn is None else id(conn)
 
 
+class _ServedConnection(Pyro5.socketutil.SocketConnection):
+    """A served connection whose idle timeout is the kernel's (``SO_RCVTIMEO``/``SO_SNDTIMEO``) on a
+    blocking socket, where the platform allows it (not TLS).  A Python socket timeout makes the socket
+    non-blocking inside Python, so ``recv(n, MSG_WAITALL)`` returned part of a large message and Pyro5
+    read the rest in 60,000-byte chunks into a bytearray that it then copied again: 20 task arguments of
+    16 MiB went at 174 MB/s instead of 430 (#15).  Every read and write still gives up after the idle
+    timeout, so a peer cannot hold the connection's thread with a message it never finishes."""
+
+    kernel_timeouts = False
+
+    def use_idle_timeout(self, idle: Optional[float]) -> None:
+        """Apply the idle timeout (None/0: none) to every read and write of this connection."""
+        sock = self.sock
+        if not idle:
+            sock.settimeout(None)
+            return
+        if not isinstance(sock, ssl.SSLSocket):
+            try:
+                tv = struct.pack("@ll", int(idle), int((idle % 1) * 1_000_000))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+                sock.settimeout(None)
+                self.kernel_timeouts = True
+                return
+            except (OSError, AttributeError, struct.error):
+                pass
+        sock.settimeout(idle)
+
+    def recv(self, size: int) -> bytes:
+        if not self.kernel_timeouts:
+            return super().recv(size)
+        sock, parts, got = self.sock, [], 0
+        while got < size:
+            try:
+                chunk = sock.recv(size - got, socket.MSG_WAITALL)
+            except InterruptedError:
+                continue
+            except BlockingIOError:   # SO_RCVTIMEO expired
+                raise Pyro5.errors.TimeoutError("receiving: timeout") from None
+            except OSError as exc:
+                raise Pyro5.errors.ConnectionClosedError(f"receiving: connection lost: {exc}") from None
+            if not chunk:
+                raise Pyro5.errors.ConnectionClosedError("receiving: connection lost")
+            if len(chunk) == size:
+                return chunk
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
+
 class _Serve:
     """A Pyro5 pool job: finish the handshake of a connection whose mac the gate has checked, then serve it
     (one worker thread for the connection's life, as Pyro5's thread server does)."""
@@ -308,7 +359,7 @@ class _Serve:
 
     def __call__(self) -> None:
         d = self.daemon
-        conn = Pyro5.socketutil.SocketConnection(self.sock)
+        conn = _ServedConnection(self.sock)
         conn.pydist_scope = self.hello.scope or None
         _scope.value = conn.pydist_scope
         ok = False
@@ -317,7 +368,7 @@ class _Serve:
             ok = d._finish_handshake(conn, self.hello, self.peer, self.seq, self.deadline)
             if not ok:
                 return
-            self.sock.settimeout(d.idle_timeout or None)
+            conn.use_idle_timeout(d.idle_timeout or None)
             while True:
                 try:
                     d.handleRequest(conn)

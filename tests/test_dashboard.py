@@ -257,3 +257,22 @@ def test_groups_and_code_bundles_are_listed(cluster4, tmp_path):
                  "the bundle to be listed")
         futs = ex.spawn_group(_ring, 2)
         assert sorted(f.result(timeout=60) for f in futs) == [0, 1]
+
+
+def test_a_tls_cluster_serves_it_over_https(tmp_path, proc_guard):
+    import ssl
+
+    from pydist import security
+
+    p = security.make_certs(str(tmp_path / "certs"), hosts=["127.0.0.1", "127.0.0.2", "localhost"], names=["node"])
+    with LocalCluster(nodes=1, workers_per_node=0, tls_cert=p["node"], tls_key=p["node_key"], tls_ca=p["ca"]) as c:
+        url = c.dashboard_url
+        assert url.startswith("https://127.0.0.2:"), url
+        ctx = ssl.create_default_context(cafile=p["ca"])
+        with urllib.request.urlopen(url.replace("/?", "/api/status?"), timeout=10, context=ctx) as r:
+            assert json.loads(r.read())["root"] == "node0"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url.split("?")[0], timeout=10, context=ctx)
+        assert e.value.code == 403
+        with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):   # no plain HTTP
+            urllib.request.urlopen(url.replace("https://", "http://"), timeout=5)

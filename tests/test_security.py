@@ -22,6 +22,7 @@ import pytest
 import Pyro5.core
 import Pyro5.errors
 import Pyro5.server
+import Pyro5.serializers
 from Pyro5 import protocol
 
 from pydist import auth
@@ -482,3 +483,30 @@ def test_disconnect_hooks_see_the_connection_that_ended(node):
         d.unregister(S.NODE_OBJECT_ID)
         d.shutdown()
         t.join(5)
+
+
+
+# ------------------------------------------------------------------------------------------------------
+# idle timeout of authenticated connections (kernel timeouts on a blocking socket, #15)
+# ------------------------------------------------------------------------------------------------------
+def test_large_message_arrives_whole_and_an_idle_connection_is_closed(node):
+    d = node(idle_timeout=0.5)
+    p = S.connect(d.locationStr, secret=SECRET)
+    big = os.urandom(1 << 20) * 12                      # 12 MiB: many socket buffers
+    assert p.echo(big) == big
+    sock = p._pyroConnection.sock
+    assert closed_by_server(sock, 10), "an idle connection stays open past the idle timeout"
+    p._pyroRelease()
+
+
+def test_a_message_stalled_halfway_is_dropped_after_the_idle_timeout(node):
+    # an authenticated peer that sends half a message cannot hold the connection's thread
+    d = node(idle_timeout=0.5)
+    p = S.connect(d.locationStr, secret=SECRET)
+    assert p.echo(1) == 1
+    sock = p._pyroConnection.sock
+    marshal_id = Pyro5.serializers.serializers["marshal"].serializer_id
+    msg = protocol.SendingMessage(protocol.MSG_INVOKE, 0, 7, marshal_id, b"x" * 4096).data
+    sock.sendall(msg[: len(msg) // 2])
+    assert closed_by_server(sock, 10), "a half-sent message held the connection open"
+    p._pyroRelease()
