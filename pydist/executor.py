@@ -42,6 +42,7 @@ from .sources import dumps_function
 
 if TYPE_CHECKING:
     from .aio import AsyncClusterExecutor
+    from .taskgroup import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,15 @@ class PydistFuture(Future):
 
     _pydist_tid: str = ""
     _pydist_exec: Any = None
+    _pydist_owner: Any = None
+
+    def set_result(self, result):
+        self._pydist_owner = None
+        super().set_result(result)
+
+    def set_exception(self, exception):
+        self._pydist_owner = None
+        super().set_exception(exception)
 
     def cancel(self) -> bool:
         with self._condition:
@@ -179,10 +189,15 @@ class ClusterExecutor(Executor):
         self._wref = weakref.ref(self)
         self._send_lock = threading.Lock()
         self._submit_proxy = self._connect()
-        for target, name in ((self._sender, "sender"), (self._collector, "collector")):
-            t = threading.Thread(target=target, name=f"pydist-client-{name}", daemon=True)
+        # The threads see the executor through a weak proxy: an executor dropped without shutdown() is
+        # collected once nothing is pending (a pending future keeps it alive, as ProcessPoolExecutor's
+        # do), and its finalizer wakes the threads, which end and close their connections.
+        me = weakref.proxy(self)
+        for method, name in ((ClusterExecutor._sender, "sender"), (ClusterExecutor._collector, "collector")):
+            t = threading.Thread(target=_run_weakly, args=(method, me), name=f"pydist-client-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        weakref.finalize(self, _dropped, self._cond, self._closed, self._connect_args(), self._cid)
         if code:
             try:
                 for p in ([code] if isinstance(code, (str, os.PathLike)) else code):
@@ -192,6 +207,10 @@ class ClusterExecutor(Executor):
                 raise
 
     # ------------------------------------------------------------------------------------ connecting
+    def _connect_args(self) -> tuple:
+        # what the finalizer of a dropped executor needs to tell the node (no reference to the executor)
+        return (self._uri, {"secret": self._cfg.secret, "timeout": 1.0, "tls": self._tls})
+
     def _connect(self, timeout: Optional[float] = None):
         return security.connect(self._uri, secret=self._cfg.secret,
                                 timeout=self._cfg.connect_timeout if timeout is None else timeout, tls=self._tls)
@@ -249,6 +268,7 @@ class ClusterExecutor(Executor):
             self._check_open()
             tid = f"{self._cid}.{next(self._seq)}"
             fut._pydist_tid = tid
+            fut._pydist_owner = self          # until it is done: the executor lives while work is pending
             fut._pydist_exec = self._wref
             self._pending[tid] = fut
             code = self._bundle if bundle is False else bundle
@@ -365,7 +385,7 @@ class ClusterExecutor(Executor):
 
         return result_iterator()
 
-    def spawn_group(self, fn: Callable, size: int, /, *args: Any, restart: int = 0, **kwargs: Any):
+    def spawn_group(self, fn: Callable, size: int, *args: Any, restart: int = 0, **kwargs: Any) -> "TaskGroup":
         """Start ``size`` ranks that start together and fail together: rank ``r`` runs
         ``fn(comm, *args, **kwargs)`` with ``comm`` a ``pydist.comm.Comm`` (mpi4py's lowercase API).
         Returns a ``TaskGroup`` (list-like: the ranks' futures in rank order).  The group starts once
@@ -701,6 +721,33 @@ class ClusterExecutor(Executor):
                 self._cluster.stop()
         except Exception:
             pass
+
+
+def _run_weakly(method, me) -> None:
+    """Run a client thread's loop on a weak proxy of its executor; end quietly once it is collected."""
+    try:
+        method(me)
+    except ReferenceError:
+        pass
+
+
+def _dropped(cond, closed, connect_args, cid) -> None:
+    """Finalizer of an executor dropped without shutdown(): wake its threads (they end) and tell the node."""
+    if closed.is_set():
+        return
+    closed.set()
+    with cond:
+        cond.notify_all()
+
+    def close():
+        try:
+            p = security.connect(*connect_args[:1], **connect_args[1])
+            p._pyroTimeout = 2.0
+            p.close_client(cid)
+            p._pyroRelease()
+        except Exception:
+            pass
+    threading.Thread(target=close, daemon=True, name="pydist-client-dropped").start()
 
 
 def _add_code_path(paths: "collections.OrderedDict[str, str]", path) -> "collections.OrderedDict[str, str]":
