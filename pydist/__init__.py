@@ -28,7 +28,7 @@ _EXPORTS = {
     "ANY_TAG": "comm",
 }
 _ERRORS = ("PydistError", "ClusterUnavailable", "BrokenCluster", "VersionMismatch", "AuthenticationError",
-           "ConfigError", "TaskError", "SerializationError", "WorkerLost", "NodeLost", "RemoteError",
+           "ConfigError", "TaskError", "SerializationError", "DeserializationError", "WorkerLost", "NodeLost", "RemoteError",
            "CodeSyncError", "BundleTooLarge", "UnsafeArchive", "BundleNotFound", "ProtocolError")
 for _e in _ERRORS:
     _EXPORTS[_e] = "errors"

@@ -193,7 +193,7 @@ def _cmd_run(a) -> int:
 
     secret, tls = _secret_tls(a)
     kw = {"ns": a.ns} if a.ns else {}
-    with ClusterExecutor(a.node if a.node else None, secret=secret, connect_timeout=a.timeout, **kw) as ex:
+    with ClusterExecutor(address=a.node if a.node else None, secret=secret, connect_timeout=a.timeout, **kw) as ex:
         r = ex.submit_script(a.script, a.args, timeout=a.script_timeout).result()
     sys.stdout.write(r.stdout)
     sys.stderr.write(r.stderr)

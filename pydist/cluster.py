@@ -32,7 +32,7 @@ class _Running:
     """The process-wide state pydist keeps, in one place: the LocalClusters this process runs.
 
     ``secrets`` maps every node and name-server address of a running LocalCluster to its secret, so
-    ``ClusterExecutor(cluster.address)`` needs no ``secret=``.  While any LocalCluster runs, its secret
+    ``ClusterExecutor(address=cluster.address)`` needs no ``secret=``.  While any LocalCluster runs, its secret
     is also exported as ``PYDIST_SECRET`` (unless that was already set) so that tools this process
     starts (``pydist status``, scripts) reach it too; it is removed when the last one stops.
     """
@@ -97,7 +97,7 @@ class LocalCluster:
     Use as a context manager; ``.address`` is the root node's ``host:port``, ``.ns_address`` the name
     server's, ``.secret`` the cluster secret (random unless given), ``.pids`` every process started.
     ``topology``: ``"tree"`` (binary), ``"chain"`` or ``"star"``.  The secret is ``PYDIST_SECRET`` if set,
-    else random; clients in this process find it by address (``ClusterExecutor(cluster.address)``).  ``tls_cert``/``tls_key``/``tls_ca``
+    else random; clients in this process find it by address (``ClusterExecutor(address=cluster.address)``).  ``tls_cert``/``tls_key``/``tls_ca``
     turn TLS on for the nodes, the name server and this process (see ``pydist make-certs``).
     """
 

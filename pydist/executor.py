@@ -37,7 +37,7 @@ import cloudpickle
 
 from . import security, wire
 from .config import ClientConfig
-from .errors import BrokenCluster, ClusterUnavailable, SerializationError
+from .errors import BrokenCluster, ClusterUnavailable, DeserializationError, RemoteError, SerializationError
 from .scripts import run_script
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,43 @@ class PydistFuture(Future):
             return False
         return super().cancel()
 
+    def _invoke_callbacks(self) -> None:
+        # concurrent.futures catches only Exception here: a callback raising SystemExit or
+        # KeyboardInterrupt would end the thread that resolved the future (our collector) for good
+        for callback in self._done_callbacks:
+            try:
+                callback(self)
+            except BaseException:
+                log.exception("exception calling callback for %r", self)
+
     def _mark_running(self) -> None:
         with self._condition:
             if self._state == _PENDING:
                 self.set_running_or_notify_cancel()
+
+
+def _check_pool_args(max_workers, mp_context, initializer, initargs, max_tasks_per_child) -> None:
+    """ProcessPoolExecutor's checks of its own arguments, with its exception types and messages."""
+    if isinstance(mp_context, (int, str)) and not isinstance(mp_context, bool):
+        raise TypeError(f"mp_context must be a multiprocessing context or None, got {mp_context!r}: the "
+                        f"positional arguments are ProcessPoolExecutor's (max_workers, mp_context, "
+                        f"initializer, initargs); give the cluster as address=... or ns=...")
+    if max_workers is not None:
+        if not isinstance(max_workers, int):
+            raise TypeError(f"max_workers must be an int or None, got {type(max_workers).__name__}")
+        if max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+    if initializer is not None and not callable(initializer):
+        raise TypeError("initializer must be a callable")
+    try:
+        tuple(initargs)
+    except TypeError:
+        raise TypeError(f"initargs must be a tuple (or another iterable), got {type(initargs).__name__}") from None
+    if max_tasks_per_child is not None:
+        if not isinstance(max_tasks_per_child, int):
+            raise TypeError("max_tasks_per_child must be an integer")
+        if max_tasks_per_child <= 0:
+            raise ValueError("max_tasks_per_child must be >= 1")
 
 
 def _parse_address(address: str) -> str:
@@ -83,30 +116,35 @@ def _parse_address(address: str) -> str:
 class ClusterExecutor(Executor):
     """Run callables on a pydist cluster through the ``concurrent.futures`` interface.
 
-    ``ClusterExecutor()`` starts an embedded ``LocalCluster`` (a name server and one node with
-    ``max_workers`` worker processes on loopback) and stops it on shutdown.
-    ``ClusterExecutor("host:port")`` (or a Pyro5 URI) connects to a running node;
-    ``ClusterExecutor(ns="host:port")`` finds the cluster's root node in a Pyro5 name server.
+    The positional parameters are ``ProcessPoolExecutor``'s, in its order: ``max_workers``,
+    ``mp_context`` (accepted, unused: workers are the nodes' processes), ``initializer``, ``initargs``;
+    ``max_tasks_per_child`` is keyword-only there and here (validated, unused).  Where to run is
+    keyword-only:
 
-    Accepts what ``ProcessPoolExecutor`` accepts (``max_workers``, ``mp_context`` (ignored),
-    ``initializer``, ``initargs``, ``max_tasks_per_child`` (ignored)), plus ``secret`` (else
-    ``PYDIST_SECRET``), ``code`` (paths uploaded at start, see ``upload_code``), TLS files and
-    ``connect_timeout`` (seconds before ``ClusterUnavailable``).
+    * ``ClusterExecutor()`` / ``ClusterExecutor(4)`` starts an embedded ``LocalCluster`` (a name server
+      and one node with ``max_workers`` worker processes on loopback) and stops it on shutdown;
+    * ``ClusterExecutor(address="host:port")`` (or a Pyro5 URI) connects to a running node
+      (``ClusterExecutor("host:port")``, a string where ``max_workers`` goes, is taken as the address);
+    * ``ClusterExecutor(ns="host:port")`` finds the cluster's root node in a Pyro5 name server.
+
+    Also keyword-only: ``secret`` (else ``PYDIST_SECRET``), ``code`` (paths uploaded at start, see
+    ``upload_code``), TLS files and ``connect_timeout`` (seconds before ``ClusterUnavailable``).
+    ``_max_workers`` is ``max_workers`` if given, else the cluster's worker count at connection time.
     """
 
-    def __init__(self, address: Optional[str] = None, max_workers: Optional[int] = None, mp_context: Any = None,
-                 initializer: Optional[Callable] = None, initargs: tuple = (), *, ns: Optional[str] = None,
-                 secret: Optional[bytes] = None, code: Optional[Sequence[str]] = None,
-                 max_tasks_per_child: Optional[int] = None, connect_timeout: Optional[float] = None,
-                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None):
-        if isinstance(address, int) and not isinstance(address, bool):
-            # ProcessPoolExecutor's positional order: (max_workers, mp_context, initializer, initargs)
-            address, max_workers, mp_context, initializer, initargs = (
-                None, address, max_workers, mp_context, initializer if initializer is not None else ())
-        if max_workers is not None and max_workers < 1:
-            raise ValueError("max_workers must be greater than 0")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
+    def __init__(self, max_workers: Optional[int] = None, mp_context: Any = None,
+                 initializer: Optional[Callable] = None, initargs: tuple = (), *,
+                 max_tasks_per_child: Optional[int] = None, address: Optional[str] = None,
+                 ns: Optional[str] = None, secret: Optional[bytes] = None, code: Optional[Sequence[str]] = None,
+                 connect_timeout: Optional[float] = None, tls_cert: Optional[str] = None,
+                 tls_key: Optional[str] = None, tls_ca: Optional[str] = None):
+        if isinstance(max_workers, (str, os.PathLike)):
+            # ClusterExecutor("host:port"): the short form of pydist's first release (and its brief)
+            if address is not None or ns is not None:
+                raise TypeError(f"ClusterExecutor got an address twice ({max_workers!r} and "
+                                f"{'address' if address is not None else 'ns'}=...)")
+            address, max_workers = os.fspath(max_workers), None
+        _check_pool_args(max_workers, mp_context, initializer, initargs, max_tasks_per_child)
         self._cfg = ClientConfig.from_env(secret=secret, connect_timeout=connect_timeout,
                                           tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
         self._cluster = None
@@ -156,6 +194,8 @@ class ClusterExecutor(Executor):
                 init_blob = wire.dumps((initializer, tuple(initargs)), "the initializer")
             self._node_info = proxy.open_client(self._cid, init_blob)
             self._node_name = self._node_info["name"]
+            # dask's compute(scheduler=ex) and others size their concurrency by _max_workers
+            self._max_workers = max_workers if max_workers is not None else max(1, _total_workers(proxy.status()))
             proxy._pyroRelease()
         except BaseException:
             if self._cluster is not None:
@@ -210,12 +250,32 @@ class ClusterExecutor(Executor):
 
     # ------------------------------------------------------------------------------------ Executor API
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> PydistFuture:
-        """Schedule ``fn(*args, **kwargs)`` on the cluster; returns a Future."""
+        """Schedule ``fn(*args, **kwargs)`` on the cluster; returns a Future.
+
+        As with ``ProcessPoolExecutor``, a function or argument that cannot be pickled fails the
+        returned future (with ``SerializationError``, a ``pickle.PicklingError``); ``submit`` itself
+        raises only ``RuntimeError`` after shutdown and ``BrokenCluster`` once the cluster is gone."""
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
-        key, blob = self._fn_key(fn)
-        payload = wire.dumps_call(args, kwargs)
+        try:
+            key, blob = self._fn_key(fn)
+            payload = wire.dumps_call(args, kwargs)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:   # a __reduce__ may even raise SystemExit: the future fails
+            return self._failed_future(exc)
         return self._enqueue(key, blob, payload, wire.KIND_CALL)
+
+    def _failed_future(self, exc: BaseException) -> PydistFuture:
+        with self._lock:
+            self._check_open()
+        if not isinstance(exc, SerializationError):
+            err = SerializationError(f"cannot pickle the task: {type(exc).__name__}: {exc}")
+            err.__cause__ = exc
+            exc = err
+        fut = PydistFuture()
+        fut.set_exception(exc)
+        return fut
 
     def _enqueue(self, key: str, blob: bytes, payload: bytes, kind: int) -> PydistFuture:
         fut = PydistFuture()
@@ -235,7 +295,7 @@ class ClusterExecutor(Executor):
         if direct and self._send_lock.acquire(blocking=False):
             try:
                 self._send_outbox()
-            except BaseException as exc:
+            except Exception as exc:
                 self._break(exc)
             finally:
                 self._send_lock.release()
@@ -257,8 +317,11 @@ class ClusterExecutor(Executor):
             return entry[1], entry[2]
         try:
             blob = cloudpickle.dumps(fn, wire.PICKLE_PROTOCOL)
-        except Exception as exc:
-            raise SerializationError(f"cannot pickle the function {fn!r}: {type(exc).__name__}: {exc}") from exc
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            raise SerializationError(f"cannot pickle the function {wire._short_repr(fn)}: "
+                                     f"{type(exc).__name__}: {exc}") from exc
         key = f"{self._cid}.f{next(self._fn_seq)}"
         self._fns[id(fn)] = (fn, key, blob)
         if len(self._fns) > FN_CACHE:
@@ -274,14 +337,28 @@ class ClusterExecutor(Executor):
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
             raise ValueError("buffersize must be None or > 0")
         end_time = None if timeout is None else timeout + time.monotonic()
-        key, blob = self._fn_key(fn)
+        try:
+            key, blob = self._fn_key(fn)
+        except SerializationError as exc:
+            key = blob = None
+            fn_error = exc
         calls = zip(*iterables)
         kind = wire.KIND_CALL if chunksize == 1 else wire.KIND_CHUNK
 
         def make(group):
-            if kind == wire.KIND_CALL:
-                return self._enqueue(key, blob, wire.dumps_call(group, {}), kind)
-            return self._enqueue(key, blob, wire.dumps(list(group), "map arguments"), kind)
+            # as submit: what cannot be pickled fails its own future (raised when iteration reaches it)
+            if key is None:
+                return self._failed_future(fn_error)
+            try:
+                if kind == wire.KIND_CALL:
+                    payload = wire.dumps_call(group, {})
+                else:
+                    payload = wire.dumps(list(group), "map arguments")
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                return self._failed_future(exc)
+            return self._enqueue(key, blob, payload, kind)
 
         groups = calls if chunksize == 1 else _chunks(calls, chunksize)
         if buffersize is None:
@@ -321,8 +398,7 @@ class ClusterExecutor(Executor):
 
         if not isinstance(size, int) or size < 1:
             raise ValueError("size must be a positive int")
-        st = self.status()
-        total = st["workers"] + sum(l["workers"] for l in st["links"] if l["alive"] and l["role"] != "parent")
+        total = _total_workers(self.status())
         if size > total:
             raise ValueError(f"a group of {size} ranks must run at once, but the cluster has {total} workers")
         gid = f"{self._cid}.g{next(self._fn_seq)}"
@@ -493,7 +569,22 @@ class ClusterExecutor(Executor):
             for rec, blob in batch:
                 fns[rec[1]] = blob
                 recs.append(rec)
-            proxy.submit(self._cid, fns, recs)
+            try:
+                proxy.submit(self._cid, fns, recs)
+            except Exception:
+                raise   # the node is gone: the caller breaks the executor
+            except BaseException:
+                # KeyboardInterrupt / SystemExit (a signal handler) in the caller's thread mid-call: the
+                # batch goes back (a resent task id is ignored by the node), the connection is dropped
+                # (half a message may be on it; the next call reconnects), the executor stays usable
+                with self._lock:
+                    self._outbox[:0] = batch
+                    self._cond.notify_all()
+                try:
+                    proxy._pyroRelease()
+                except Exception:
+                    pass
+                raise
 
     def _sender(self) -> None:
         try:
@@ -544,6 +635,9 @@ class ClusterExecutor(Executor):
                     pass
 
     def _deliver(self, results: List[tuple]) -> None:
+        """Resolve the futures of finished tasks.  Nothing a result or a callback does may end the
+        collector thread: a result whose unpickling raises (even ``SystemExit``) fails its own future
+        with ``DeserializationError``; callbacks run under ``PydistFuture._invoke_callbacks``."""
         broken = None
         with self._lock:
             futs = [(self._pending.pop(r[0], None), r) for r in results]
@@ -551,25 +645,22 @@ class ClusterExecutor(Executor):
             if f is None:
                 continue
             status = r[wire.R_STATUS]
-            try:
-                if status == wire.OK:
-                    try:
-                        value = wire.loads(r[wire.R_BLOB])
-                    except Exception as exc:
-                        f.set_exception(SerializationError(
-                            f"the result of task {r[0]} could not be unpickled here: {type(exc).__name__}: {exc}"))
-                        continue
-                    f.set_result(value)
-                elif status == wire.INIT_FAILED:
-                    cause = wire.loads_exception(r[wire.R_BLOB])
-                    broken = BrokenCluster(f"the executor's initializer failed on node {r[wire.R_NODE]}: "
-                                           f"{type(cause).__name__}: {cause}")
-                    broken.__cause__ = cause
-                    f.set_exception(broken)
-                else:
-                    f.set_exception(wire.loads_exception(r[wire.R_BLOB]))
-            except InvalidStateError:
-                pass   # cancelled meanwhile
+            if status == wire.OK:
+                try:
+                    value = wire.loads(r[wire.R_BLOB])
+                except BaseException as exc:
+                    _resolve(f, exc=_unpickling_error(f"the result of task {r[0]}", exc))
+                    continue
+                _resolve(f, value)
+                del value
+            elif status == wire.INIT_FAILED:
+                cause = wire.loads_exception(r[wire.R_BLOB])
+                broken = BrokenCluster(f"the executor's initializer failed on node {r[wire.R_NODE]}: "
+                                       f"{type(cause).__name__}: {cause}")
+                broken.__cause__ = cause
+                _resolve(f, exc=broken)
+            else:
+                _resolve(f, exc=wire.loads_exception(r[wire.R_BLOB]))
         if broken is not None:
             self._break(broken, already=True)
 
@@ -608,6 +699,32 @@ class ClusterExecutor(Executor):
                 self._cluster.stop()
         except Exception:
             pass
+
+
+def _unpickling_error(what: str, exc: BaseException) -> DeserializationError:
+    import traceback
+
+    err = DeserializationError(f"{what} could not be unpickled here: {type(exc).__name__}: {exc}")
+    err.__cause__ = RemoteError("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    return err
+
+
+def _resolve(f: Future, value: Any = None, exc: Optional[BaseException] = None) -> None:
+    """Set a future's outcome; a future cancelled meanwhile keeps its state."""
+    try:
+        if exc is not None:
+            f.set_exception(exc)
+        else:
+            f.set_result(value)
+    except InvalidStateError:
+        pass
+    except BaseException:   # only from a foreign Future subclass's callbacks: never end our thread
+        log.exception("setting the outcome of %r raised", f)
+
+
+def _total_workers(st: dict) -> int:
+    """Workers of a node and of everything below it or beside it, from its status."""
+    return st["workers"] + sum(l["workers"] for l in st["links"] if l["alive"] and l["role"] != "parent")
 
 
 def _result_or_cancel(fut: Future, timeout: Optional[float] = None):

@@ -139,17 +139,18 @@ def dumps_call(args: tuple, kwargs: dict):
 
 
 def loads_payload(payload) -> Any:
-    """Unpickle a task payload (bytes, or ``[pickle, buffer, ...]``)."""
-    if isinstance(payload, (bytes, bytearray)):
-        return pickle.loads(payload)
-    return pickle.loads(payload[0], buffers=payload[1:])
+    """Unpickle a task payload: one buffer (bytes, or the bytearray / read-only memoryview a frame's
+    out-of-band part arrives as), or the list form ``[pickle, buffer, ...]``."""
+    if isinstance(payload, (list, tuple)):
+        return pickle.loads(payload[0], buffers=payload[1:])
+    return pickle.loads(payload)
 
 
 def payload_size(payload) -> int:
     """Bytes in a payload of either form."""
-    if isinstance(payload, (bytes, bytearray)):
-        return len(payload)
-    return sum(len(p) for p in payload)
+    if isinstance(payload, (list, tuple)):
+        return sum(memoryview(p).nbytes for p in payload)
+    return memoryview(payload).nbytes
 
 
 def loads(data: bytes) -> Any:
@@ -174,16 +175,19 @@ def dumps_exception(exc: BaseException) -> bytes:
     """
     from .errors import TaskError
 
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException as err:
+        tb = f"(the traceback could not be formatted: {type(err).__name__})\n"
     name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     try:
         message = str(exc)
-    except Exception:
+    except BaseException:
         message = "<unprintable>"
     try:
         blob = cloudpickle.dumps(exc, PICKLE_PROTOCOL)
         pickle.loads(blob)
-    except Exception as err:
+    except BaseException as err:   # a __reduce__ may raise anything, SystemExit included
         blob = pickle.dumps(TaskError(f"{name}: {message} (the original exception cannot be pickled: {err})"),
                             PICKLE_PROTOCOL)
     return pickle.dumps((blob, tb, name, message), PICKLE_PROTOCOL)
@@ -195,13 +199,13 @@ def loads_exception(data: bytes) -> BaseException:
 
     try:
         blob, tb, name, message = pickle.loads(data)
-    except Exception as err:
+    except BaseException as err:
         return SerializationError(f"the task failed and its error report could not be read: {err}")
     try:
         exc = pickle.loads(blob)
         if not isinstance(exc, BaseException):
             raise TypeError(f"not an exception: {type(exc).__name__}")
-    except Exception as err:   # e.g. the exception's class does not exist here
+    except BaseException as err:   # e.g. the exception's class does not exist here
         exc = TaskError(f"{name}: {message} (the exception could not be rebuilt here: {err})")
     exc.__cause__ = RemoteError(tb)
     return exc

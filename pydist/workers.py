@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from . import wire
-from .errors import SerializationError, TaskError
+from .errors import DeserializationError, TaskError
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +131,12 @@ class _Worker:
             raise TaskError(f"function {key[1]} was not sent with its task (node bug)")
         try:
             fn = wire.loads(blob)
-        except Exception as exc:
+        except BaseException as exc:
             hint = ""
             if isinstance(exc, (ModuleNotFoundError, ImportError)):
                 hint = " (upload the code it needs with ClusterExecutor.upload_code(...))"
-            raise SerializationError(f"cannot unpickle the task's function on node {self.node}: "
-                                     f"{type(exc).__name__}: {exc}{hint}") from exc
+            raise DeserializationError(f"cannot unpickle the task's function on node {self.node}: "
+                                       f"{type(exc).__name__}: {exc}{hint}") from exc
         self.fns[key] = fn
         if len(self.fns) > FN_CACHE:
             self.fns.popitem(last=False)
@@ -181,6 +181,11 @@ class _Worker:
                 slot[0:1] = b"\0"
 
     def _run_one(self, fns, tid, key, payload, bundle, hops, path, kind, client) -> tuple:
+        """Run one task and return its result record.  Every outcome is a record, as
+        ``ProcessPoolExecutor`` reports it: what the function raises (``SystemExit`` and
+        ``KeyboardInterrupt`` included) comes back as itself; a function or arguments that cannot be
+        unpickled here as ``DeserializationError``; a result that cannot be pickled as
+        ``SerializationError`` (``SystemExit`` while pickling it, as itself)."""
         if client:
             err = self.initialize(client)
             if err is not None:
@@ -192,22 +197,18 @@ class _Worker:
             fn = self.function(fns, key)
             try:
                 call = wire.loads_payload(payload)
-            except Exception as exc:
-                raise SerializationError(f"cannot unpickle the arguments of task {tid}: "
-                                         f"{type(exc).__name__}: {exc}") from exc
+            except BaseException as exc:   # a __reduce__ may call sys.exit: still the task's failure
+                raise DeserializationError(f"cannot unpickle the arguments of task {tid} on node {self.node}: "
+                                           f"{type(exc).__name__}: {exc}") from exc
             if kind == wire.KIND_CHUNK:
                 value = [fn(*a) for a in call]
             else:
                 args, kwargs = call
                 value = fn(*args, **kwargs) if kwargs else fn(*args)
+            del call
             runtime = time.perf_counter() - t0
             blob = wire.dumps(value, f"the result of task {tid} ({type(value).__qualname__})")
             return (tid, wire.OK, blob, self.node, self.index, runtime)
-        except SystemExit as exc:
-            err = TaskError(f"task {tid} called sys.exit({exc.code!r}); a task cannot stop its worker")
-            err.__context__ = exc
-            return (tid, wire.ERROR, wire.dumps_exception(err), self.node, self.index,
-                    time.perf_counter() - t0)
         except BaseException as exc:
             return (tid, wire.ERROR, wire.dumps_exception(exc), self.node, self.index,
                     time.perf_counter() - t0)
