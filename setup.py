@@ -14,10 +14,14 @@ setup(
         "serpent>=1.41",
         "cloudpickle>=3.0",
         "psutil>=5.9",
+        # TOML for pydist.toml and `pydist up cluster.toml` (tomllib is in the standard library from 3.11)
+        "tomli>=1.1; python_version < '3.11'",
     ],
     extras_require={
         # cryptography: writes the CA and node certificates of `pydist make-certs`
         "tls": ["cryptography>=41"],
+        # the joblib backend (pydist.joblib) and its scikit-learn test
+        "joblib": ["joblib>=1.3", "scikit-learn>=1.2"],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "cryptography>=41"],
         "bench": ["loky>=3.4", "dask[distributed]>=2024.1", "ray>=2.9"],
     },

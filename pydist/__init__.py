@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ClusterExecutor": "executor",
     "PydistFuture": "executor",
+    "AsyncClusterExecutor": "aio",
     "LocalCluster": "cluster",
     "task_context": "workers",
     "TaskContext": "workers",

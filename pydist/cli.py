@@ -45,6 +45,8 @@ def _node_parser(prog: str = "pydist-node") -> argparse.ArgumentParser:
             p.add_argument(flag, dest=f.name, type=float, default=None, help=help_)
         else:
             p.add_argument(flag, dest=f.name, default=None, help=help_)
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="TOML config file ([node] table; default ./pydist.toml or ~/.config/pydist/pydist.toml)")
     p.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -61,11 +63,11 @@ def _is_loopback(host: str) -> bool:
 def node_main(argv: Optional[List[str]] = None) -> None:
     """``pydist-node``: run one node until SIGTERM/SIGINT."""
     args = _node_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "watch_stdin"}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("watch_stdin", "config")}
     try:
         from . import security
 
-        cfg = NodeConfig.from_env(**overrides)
+        cfg = NodeConfig.from_env(config_file=args.config, **overrides)
         if cfg.secret is None:
             cfg.secret = security.load_secret(None, cfg.secret_file)
     except ConfigError as exc:
@@ -194,7 +196,7 @@ def _cmd_run(a) -> int:
     secret, tls = _secret_tls(a)
     kw = {"ns": a.ns} if a.ns else {}
     with ClusterExecutor(address=a.node if a.node else None, secret=secret, connect_timeout=a.timeout, **kw) as ex:
-        r = ex.submit_script(a.script, a.args, timeout=a.script_timeout).result()
+        r = ex.submit_script(a.script, a.args, timeout=a.script_timeout, code=a.code).result()
     sys.stdout.write(r.stdout)
     sys.stderr.write(r.stderr)
     return r.returncode
@@ -219,11 +221,48 @@ def _cmd_sync(a) -> int:
 
     secret, tls = _secret_tls(a)
     uri = _root_uri(a, secret, tls)
+    if a.pin and a.unpin:
+        raise ConfigError("--pin and --unpin exclude each other")
+    if a.unpin:
+        return _unpin(a, uri, secret, tls)
     info, data = codesync.build_bundle(a.paths, exclude=a.exclude or ())
     t0 = time.monotonic()
     names = _upload_bundle(uri, secret, tls, info, data, a.upload_timeout)
     print(f"{info} on {len(names)} nodes ({', '.join(names)}) in {time.monotonic() - t0:.2f} s")
     print(f"digest {info.digest}")
+    if a.pin:
+        names = _pin_everywhere(uri, secret, tls, info.digest, True)
+        print(f"pinned {info.digest} on {len(names)} nodes: every task imports it until "
+              f"'pydist sync-code --unpin {info.digest[:12]}...'")
+    return 0
+
+
+def _pin_everywhere(uri: str, secret, tls, digest: str, pinned: bool) -> List[str]:
+    from . import security
+    from .executor import _walk_nodes
+
+    names = []
+    for st in _walk_nodes(uri, secret, tls):
+        p = security.connect(st["uri"], secret=secret, timeout=5.0, tls=tls)
+        try:
+            p.code_pin(digest, pinned)
+        finally:
+            p._pyroRelease()
+        names.append(st["name"])
+    return names
+
+
+def _unpin(a, uri: str, secret, tls) -> int:
+    import re
+
+    from . import codesync
+
+    if len(a.paths) == 1 and re.fullmatch(r"[0-9a-f]{64}", a.paths[0]) and not os.path.exists(a.paths[0]):
+        digest = a.paths[0]
+    else:
+        digest = codesync.build_bundle(a.paths, exclude=a.exclude or ())[0].digest
+    names = _pin_everywhere(uri, secret, tls, digest, False)
+    print(f"unpinned {digest} on {len(names)} nodes ({', '.join(names)})")
     return 0
 
 
@@ -236,10 +275,41 @@ def _cmd_certs(a) -> int:
     return 0
 
 
+def _cmd_up(a) -> int:
+    from . import up
+
+    spec = up.load_spec(a.file)
+    res = up.up(spec, secret_file=a.secret_file, report=print, check=not a.no_version_check)
+    print(f"cluster {spec.name} is up: {len(res.nodes)} nodes, name server {res.ns}, root {res.root}")
+    print(format_status(res.statuses))
+    print(f"connect with: ClusterExecutor(ns=\"{res.ns}\", secret=open(\"{res.secret_file}\").read()) "
+          f"or: pydist status --ns {res.ns} --secret-file {res.secret_file}")
+    return 0
+
+
+def _cmd_down(a) -> int:
+    from . import up
+
+    spec = up.load_spec(a.file)
+    out = up.down(spec, report=print)
+    return 1 if any(isinstance(v, BaseException) for v in out.values()) else 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``pydist``: cluster tools."""
     p = argparse.ArgumentParser(prog="pydist", description="pydist cluster tools")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="TOML config file (same as PYDIST_CONFIG=FILE; default ./pydist.toml or "
+                        "~/.config/pydist/pydist.toml)")
     sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("up", help="start a whole cluster over ssh from a cluster.toml")
+    s.add_argument("file")
+    s.add_argument("--secret-file", default=None, help="the cluster secret (default: the file's secret_file)")
+    s.add_argument("--no-version-check", action="store_true", help=argparse.SUPPRESS)
+    s.set_defaults(fn=_cmd_up)
+    s = sub.add_parser("down", help="stop every node and the name server of a cluster.toml")
+    s.add_argument("file")
+    s.set_defaults(fn=_cmd_down)
     s = sub.add_parser("status", help="the tree of nodes: workers, load, queues")
     _connect_args(s)
     s.add_argument("--json", action="store_true")
@@ -251,6 +321,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("script")
     s.add_argument("args", nargs=argparse.REMAINDER)
     s.add_argument("--script-timeout", type=float, default=None)
+    s.add_argument("--code", action="append", help="code path the script imports (repeatable)")
     s.set_defaults(fn=_cmd_run)
     s = sub.add_parser("stop", help="stop a node")
     _connect_args(s)
@@ -260,6 +331,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("paths", nargs="+")
     s.add_argument("--exclude", action="append")
     s.add_argument("--upload-timeout", type=float, default=300.0)
+    s.add_argument("--pin", action="store_true",
+                   help="make the bundle importable by every task of the cluster until --unpin")
+    s.add_argument("--unpin", action="store_true",
+                   help="undo --pin (give the same paths, or the bundle's digest)")
     s.set_defaults(fn=_cmd_sync)
     s = sub.add_parser("make-certs", help="write a CA and node certificates for a test cluster")
     s.add_argument("dir")
@@ -274,6 +349,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if a.config:
+        if not os.path.isfile(a.config):
+            print(f"pydist: config file {a.config} (from --config) does not exist", file=sys.stderr)
+            return 2
+        os.environ[ENV_PREFIX + "CONFIG"] = a.config   # every ClientConfig of this process reads it
     try:
         return a.fn(a)
     except PydistError as exc:

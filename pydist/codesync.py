@@ -911,3 +911,72 @@ def activate(bundle_path: Optional[str]) -> None:
 def _remove_from_path(p: str) -> None:
     while p in sys.path:
         sys.path.remove(p)
+
+
+# ------------------------------------------------------------------------------------- pinned bundles
+# ``pydist sync-code --pin`` makes a bundle importable by every task of a node, whatever bundle the task
+# itself carries.  The node writes the pinned digests to ``<code_cache>/.pins-<node>`` (one file per
+# node: nodes of one user may share a cache folder); its workers look at the file's stat before each
+# batch and put the pinned trees on ``sys.path`` right after the task's own bundle.
+
+_pins_seen: Optional[tuple] = None    # (path, mtime_ns, size) of the pins file last read
+_pinned_paths: list[str] = []
+
+
+def pins_file(code_cache: str, node: str) -> str:
+    """Where a node keeps the digests of its pinned bundles."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", node)
+    return os.path.join(code_cache, f".pins-{safe}")
+
+
+def write_pins(code_cache: str, node: str, digests: Iterable[str]) -> None:
+    """Replace a node's pinned set (atomically: its workers never see half a file)."""
+    path = pins_file(code_cache, node)
+    os.makedirs(code_cache, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "w", encoding="ascii") as f:
+        f.write("".join(f"{d}\n" for d in digests))
+    os.replace(tmp, path)
+
+
+def read_pins(code_cache: str, node: str) -> list[str]:
+    """The digests a node has pinned (in pin order); empty when none."""
+    try:
+        with open(pins_file(code_cache, node), encoding="ascii") as f:
+            return [d for d in (line.strip() for line in f) if _DIGEST_RE.fullmatch(d)]
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def sync_pinned(code_cache: str, node: str) -> None:
+    """(worker) Bring ``sys.path`` in line with the node's pinned bundles: one ``stat`` when unchanged."""
+    global _pins_seen, _pinned_paths
+    path = pins_file(code_cache, node)
+    try:
+        st = os.stat(path)
+        seen: Optional[tuple] = (path, st.st_mtime_ns, st.st_size)
+    except OSError:
+        seen = None
+    if seen == _pins_seen:
+        return
+    new = [p for p in (os.path.join(code_cache, d, "tree") for d in read_pins(code_cache, node))
+           if os.path.isdir(p)]
+    old = _pinned_paths
+    for p in old:
+        _remove_from_path(p)
+        sys.path_importer_cache.pop(p, None)
+    gone = [p for p in old if p not in new]
+    roots: set = set()
+    for p in gone + [p for p in new if p not in old]:
+        roots.update(_roots_of_dir(p))
+    dropped = _purge(roots, None) + sum(_purge((), p) for p in gone)
+    at = 1 if _active_path is not None and sys.path and sys.path[0] == _active_path else 0
+    sys.path[at:at] = new
+    importlib.invalidate_caches()
+    _pins_seen, _pinned_paths = seen, new
+    log.debug("pinned bundles on sys.path: %s (%d modules dropped)", new, dropped)
+
+
+def active_paths() -> list[str]:
+    """(worker) The code trees a task sees: its own bundle's first, then the pinned ones."""
+    return ([_active_path] if _active_path else []) + [p for p in _pinned_paths if p != _active_path]

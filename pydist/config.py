@@ -2,12 +2,19 @@
 
 ``NodeConfig`` is shared by ``pydist-node`` (cli.py builds its argparse flags from the field table) and
 by ``LocalCluster``; ``ClientConfig`` by ``ClusterExecutor``.  Precedence: explicit argument / CLI flag >
-``PYDIST_*`` environment variable > default.
+``PYDIST_*`` environment variable > config file > default.
+
+The config file is TOML, with a ``[node]`` and a ``[client]`` table whose keys are the field names below
+(``workers = 4``, ``heartbeat_timeout = 10.0``, ...).  It is the first of: ``--config FILE`` (or
+``PYDIST_CONFIG=FILE``), ``./pydist.toml``, ``$XDG_CONFIG_HOME/pydist/pydist.toml`` (default
+``~/.config/pydist/pydist.toml``).  ``python -m pydist.config`` prints the table of every setting (the
+one in the README, checked by a test).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -17,8 +24,8 @@ from .errors import ConfigError
 ENV_PREFIX = "PYDIST_"
 
 
-def _meta(env: Optional[str], flag: Optional[str], help: str) -> dict:
-    return {"env": env, "flag": flag, "help": help}
+def _meta(env: Optional[str], flag: Optional[str], help: str, default_doc: Optional[str] = None) -> dict:
+    return {"env": env, "flag": flag, "help": help, "default_doc": default_doc}
 
 
 def _default_cache_dir() -> str:
@@ -76,7 +83,8 @@ class NodeConfig:
     max_message_size: int = field(default=256 << 20, metadata=_meta("MAX_MESSAGE_SIZE", "--max-message-size",
                                                                     "largest accepted message, bytes"))
     code_cache: str = field(default_factory=_default_cache_dir, metadata=_meta("CODE_CACHE", "--code-cache",
-                                                                               "folder for code bundles"))
+                                                                               "folder for code bundles",
+                                                                               "~/.cache/pydist/code"))
     code_cache_max: int = field(default=2 << 30, metadata=_meta("CODE_CACHE_MAX", "--code-cache-max",
                                                                 "bundle cache size limit, bytes (e.g. 2G)"))
     client_lease: float = field(default=60.0, metadata=_meta("CLIENT_LEASE", "--client-lease",
@@ -105,9 +113,11 @@ class NodeConfig:
             self.name = f"{self.host}-{self.port}" if self.port else f"{self.host}-{os.getpid()}"
 
     @classmethod
-    def from_env(cls, environ: Optional[dict] = None, **overrides: Any) -> "NodeConfig":
-        """Defaults, then ``PYDIST_*`` variables, then ``overrides`` (those not None)."""
-        return cls(**_values_from_env(cls, environ, overrides))
+    def from_env(cls, environ: Optional[dict] = None, config_file: Optional[str] = None,
+                 **overrides: Any) -> "NodeConfig":
+        """Defaults, then the config file's ``[node]`` table, then ``PYDIST_*`` variables, then
+        ``overrides`` (those not None)."""
+        return cls(**_values_from_env(cls, environ, overrides, config_file))
 
 
 @dataclass
@@ -128,9 +138,11 @@ class ClientConfig:
         self.secret = normalize_secret(self.secret)
 
     @classmethod
-    def from_env(cls, environ: Optional[dict] = None, **overrides: Any) -> "ClientConfig":
-        """Defaults, then ``PYDIST_*`` variables, then ``overrides`` (those not None)."""
-        return cls(**_values_from_env(cls, environ, overrides))
+    def from_env(cls, environ: Optional[dict] = None, config_file: Optional[str] = None,
+                 **overrides: Any) -> "ClientConfig":
+        """Defaults, then the config file's ``[client]`` table, then ``PYDIST_*`` variables, then
+        ``overrides`` (those not None)."""
+        return cls(**_values_from_env(cls, environ, overrides, config_file))
 
 
 def normalize_secret(secret) -> Optional[bytes]:
@@ -179,9 +191,9 @@ def _convert(value: str, f: dataclasses.Field) -> Any:
     return value
 
 
-def _values_from_env(cls, environ: Optional[dict], overrides: dict) -> dict:
+def _values_from_env(cls, environ: Optional[dict], overrides: dict, config_file: Optional[str] = None) -> dict:
     environ = os.environ if environ is None else environ
-    values: dict = {}
+    values: dict = dict(file_values(cls, find_config_file(config_file, environ)))
     for f in fields(cls):
         env = f.metadata.get("env")
         if env and ENV_PREFIX + env in environ:
@@ -190,3 +202,141 @@ def _values_from_env(cls, environ: Optional[dict], overrides: dict) -> dict:
         if v is not None:
             values[k] = v
     return values
+
+
+# ================================================================================== the config file
+CONFIG_NAME = "pydist.toml"
+_TABLES = {"NodeConfig": "node", "ClientConfig": "client"}
+
+
+def load_toml(path: str) -> dict:
+    """Parse a TOML file (``tomllib``, or ``tomli`` before Python 3.11); ConfigError naming the file."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:   # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"cannot read {path}: not valid TOML: {exc}") from None
+
+
+def user_config_dir(environ: Optional[dict] = None) -> str:
+    """``$XDG_CONFIG_HOME/pydist`` (default ``~/.config/pydist``)."""
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "pydist")
+
+
+def find_config_file(explicit: Optional[str] = None, environ: Optional[dict] = None) -> Optional[str]:
+    """The config file in force: ``explicit`` (``--config``), ``$PYDIST_CONFIG``, ``./pydist.toml``,
+    the user's ``pydist.toml``; None when there is none.  A file named explicitly must exist."""
+    environ = os.environ if environ is None else environ
+    named = explicit or environ.get(ENV_PREFIX + "CONFIG")
+    if named:
+        if not os.path.isfile(named):
+            how = "--config" if explicit else f"{ENV_PREFIX}CONFIG"
+            raise ConfigError(f"config file {named} (from {how}) does not exist")
+        return named
+    for p in (os.path.join(os.getcwd(), CONFIG_NAME), os.path.join(user_config_dir(environ), CONFIG_NAME)):
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def _check_file_value(path: str, table: str, f: dataclasses.Field, v: Any) -> Any:
+    typ = str(f.type)
+    where = f"{path} [{table}] {f.name}"
+    if f.name in ("code_cache_max", "max_message_size"):
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise ConfigError(f"{where}: expected a size (bytes or e.g. \"2G\"), got {v!r}")
+        return v
+    if "bool" in typ:
+        ok = isinstance(v, bool)
+    elif typ.startswith("list"):
+        ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+    elif "int" in typ:
+        ok = isinstance(v, int) and not isinstance(v, bool)
+    elif "float" in typ:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        v = float(v) if ok else v
+    else:
+        ok = isinstance(v, str)
+    if not ok:
+        raise ConfigError(f"{where}: expected {_type_name(f)}, got {type(v).__name__} {v!r}")
+    return v
+
+
+def file_values(cls, path: Optional[str]) -> dict:
+    """The values ``path``'s table for ``cls`` sets (``[node]`` or ``[client]``), checked."""
+    if not path:
+        return {}
+    data = load_toml(path)
+    table = _TABLES[cls.__name__]
+    unknown_tables = set(data) - set(_TABLES.values())
+    if unknown_tables:
+        raise ConfigError(f"{path}: unknown table(s) {sorted(unknown_tables)}: use [node] and [client]")
+    section = data.get(table, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [{table}] must be a table")
+    by_name = {f.name: f for f in fields(cls)}
+    out = {}
+    for k, v in section.items():
+        f = by_name.get(k)
+        if f is None:
+            raise ConfigError(f"{path} [{table}]: unknown setting {k!r}; known: {', '.join(sorted(by_name))}")
+        if k == "secret":
+            raise ConfigError(f"{path} [{table}]: do not put the secret itself in a config file: put it in a "
+                              "file readable only by you and name that file with secret_file")
+        out[k] = _check_file_value(path, table, f, v)
+    return out
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    typ = str(f.type)
+    if f.name in ("code_cache_max", "max_message_size"):
+        return "size"
+    for word, name in (("bool", "bool"), ("list", "list of str"), ("int", "int"), ("float", "float"),
+                       ("bytes", "str"), ("str", "str")):
+        if word in typ:
+            return name
+    return typ
+
+
+def _default_doc(f: dataclasses.Field) -> str:
+    if f.metadata.get("default_doc"):
+        return str(f.metadata["default_doc"])
+    if f.default is not dataclasses.MISSING:
+        d = f.default
+        if d is None:
+            return "-"
+        if f.name in ("code_cache_max", "max_message_size") and isinstance(d, int):
+            for unit, m in (("G", 1 << 30), ("M", 1 << 20)):
+                if d % m == 0:
+                    return f"{d // m}{unit}"
+        return str(d)
+    if f.default_factory is list:   # type: ignore[comparison-overlap]
+        return "[]"
+    return "computed"
+
+
+def settings_table() -> str:
+    """Every setting as a Markdown table: config file key, CLI flag, environment variable, default."""
+    rows = ["| file table | key | CLI flag | environment | default | meaning |",
+            "|---|---|---|---|---|---|"]
+    for cls in (NodeConfig, ClientConfig):
+        table = _TABLES[cls.__name__]
+        for f in fields(cls):
+            m = f.metadata
+            file_key = "-" if f.name == "secret" else f"`{f.name}`"
+            flag = f"`{m['flag']}`" if m.get("flag") else "-"
+            env = f"`{ENV_PREFIX}{m['env']}`" if m.get("env") else "-"
+            rows.append(f"| `[{table}]` | {file_key} | {flag} | {env} | `{_default_doc(f)}` | {m['help']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

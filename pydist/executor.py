@@ -31,7 +31,7 @@ import uuid
 import weakref
 from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures._base import PENDING as _PENDING
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import cloudpickle
 
@@ -39,6 +39,9 @@ from . import security, wire
 from .config import ClientConfig
 from .errors import BrokenCluster, ClusterUnavailable, DeserializationError, RemoteError, SerializationError
 from .scripts import run_script
+
+if TYPE_CHECKING:
+    from .aio import AsyncClusterExecutor
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +121,9 @@ class ClusterExecutor(Executor):
 
     The positional parameters are ``ProcessPoolExecutor``'s, in its order: ``max_workers``,
     ``mp_context`` (accepted, unused: workers are the nodes' processes), ``initializer``, ``initargs``;
-    ``max_tasks_per_child`` is keyword-only there and here (validated, unused).  Where to run is
-    keyword-only:
+    ``max_tasks_per_child`` is keyword-only there and here (validated, unused).  On a running cluster
+    ``max_workers`` caps how many of *this client's* tasks run at once (the rest wait on the client,
+    where ``cancel()`` always succeeds); other clients are not affected.  Where to run is keyword-only:
 
     * ``ClusterExecutor()`` / ``ClusterExecutor(4)`` starts an embedded ``LocalCluster`` (a name server
       and one node with ``max_workers`` worker processes on loopback) and stops it on shutdown;
@@ -148,6 +152,9 @@ class ClusterExecutor(Executor):
         self._cfg = ClientConfig.from_env(secret=secret, connect_timeout=connect_timeout,
                                           tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
         self._cluster = None
+        # on a running cluster max_workers caps this client's tasks sent and unfinished (so running at
+        # once); the rest wait in the outbox, where cancel() withdraws them at no cost
+        self._max_inflight: Optional[int] = max_workers if (address is not None or ns is not None) else None
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._pending: Dict[str, PydistFuture] = {}
@@ -277,7 +284,7 @@ class ClusterExecutor(Executor):
         fut.set_exception(exc)
         return fut
 
-    def _enqueue(self, key: str, blob: bytes, payload: bytes, kind: int) -> PydistFuture:
+    def _enqueue(self, key: str, blob: bytes, payload: bytes, kind: int, bundle: Any = False) -> PydistFuture:
         fut = PydistFuture()
         with self._lock:
             self._check_open()
@@ -285,11 +292,12 @@ class ClusterExecutor(Executor):
             fut._pydist_tid = tid
             fut._pydist_exec = self._wref
             self._pending[tid] = fut
-            self._outbox.append(((tid, key, payload, self._bundle, 0, [], kind, self._cid), blob))
+            code = self._bundle if bundle is False else bundle
+            self._outbox.append(((tid, key, payload, code, 0, [], kind, self._cid), blob))
             # A lone submit (no other task of this executor outstanding) is sent from this thread: no
             # hand-off to the sender thread.  Submits while others are in flight go through the sender,
             # which batches everything queued meanwhile into one call.
-            direct = len(self._pending) == 1 and len(self._outbox) == 1
+            direct = len(self._pending) == 1 and len(self._outbox) == 1 and self._room() > 0
             if len(self._outbox) == 1 and not direct:
                 self._cond.notify_all()
         if direct and self._send_lock.acquire(blocking=False):
@@ -303,6 +311,12 @@ class ClusterExecutor(Executor):
             with self._cond:
                 self._cond.notify_all()
         return fut
+
+    def _room(self) -> int:
+        """How many more tasks may be sent now (caller holds ``_lock``)."""
+        if self._max_inflight is None:
+            return len(self._outbox)
+        return self._max_inflight - (len(self._pending) - len(self._outbox))
 
     def _check_open(self) -> None:
         if self._broken is not None:
@@ -401,21 +415,36 @@ class ClusterExecutor(Executor):
         total = _total_workers(self.status())
         if size > total:
             raise ValueError(f"a group of {size} ranks must run at once, but the cluster has {total} workers")
+        if self._max_inflight is not None and size > self._max_inflight:
+            raise ValueError(f"a group of {size} ranks must run at once, but this executor's max_workers="
+                             f"{self._max_inflight} lets only {self._max_inflight} of its tasks run at once")
         gid = f"{self._cid}.g{next(self._fn_seq)}"
         return [self.submit(run_rank, fn, Comm(gid, r, size, self._uri), args, kwargs) for r in range(size)]
 
     def submit_script(self, path: str, args: Sequence[str] = (), *, cwd: Optional[str] = None,
-                      env: Optional[dict] = None, timeout: Optional[float] = None) -> PydistFuture:
+                      env: Optional[dict] = None, timeout: Optional[float] = None,
+                      code: Optional[Sequence[str]] = None) -> PydistFuture:
         """Run a Python script file on the cluster; the future gives a ``ScriptResult``
-        (``returncode``, ``stdout``, ``stderr``, ``node``).  The file's content is shipped."""
+        (``returncode``, ``stdout``, ``stderr``, ``node``).  The file's content is shipped.
+
+        The script can import what this executor's tasks can (code sent with ``upload_code`` and
+        bundles pinned with ``pydist sync-code --pin``); ``code=[paths]`` ships more for this script
+        only (uploaded with the executor's own paths as one bundle; later tasks are unaffected)."""
         p = os.fspath(path)
         try:
             with open(p, "rb") as f:
                 source = f.read()
         except OSError as exc:
             raise FileNotFoundError(f"cannot read script {p}: {exc.strerror}") from None
-        return self.submit(run_script, source, os.path.basename(p), [str(a) for a in args], cwd,
-                           dict(env) if env else None, timeout)
+        call = (source, os.path.basename(p), [str(a) for a in args], cwd, dict(env) if env else None, timeout)
+        if not code:
+            return self.submit(run_script, *call)
+        paths = self._code_paths
+        for c in ([code] if isinstance(code, (str, os.PathLike)) else code):
+            paths = _add_code_path(paths, c)
+        info = self._ship(paths, self._code_exclude)
+        key, blob = self._fn_key(run_script)
+        return self._enqueue(key, blob, wire.dumps_call(call, {}), wire.KIND_CALL, bundle=info.digest)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; optionally cancel pending ones; with ``wait`` block until all are done.
@@ -470,6 +499,12 @@ class ClusterExecutor(Executor):
             self._cluster = None
 
     # ------------------------------------------------------------------------------------ extras
+    def asyncio(self) -> "AsyncClusterExecutor":
+        """This executor for asyncio code: ``await ex.asyncio().submit(fn, x)`` (see ``pydist.aio``)."""
+        from .aio import AsyncClusterExecutor
+
+        return AsyncClusterExecutor(executor=self)
+
     @property
     def node_name(self) -> str:
         """Name of the node this executor talks to."""
@@ -496,22 +531,21 @@ class ClusterExecutor(Executor):
         is not sent again.  Returns a ``BundleInfo`` (digest, size, files).  Every path uploaded so far
         is part of the bundle (a path providing the same top-level name replaces the older one).
         """
-        from . import codesync
-
-        p = os.path.abspath(os.fspath(path))
-        if not os.path.exists(p):
-            raise codesync.CodeSyncError(f"code path not found: {p}")
-        paths = collections.OrderedDict(self._code_paths)
-        name = os.path.splitext(os.path.basename(p.rstrip(os.sep)))[0]
-        paths.pop(name, None)
-        paths[name] = p
+        paths = _add_code_path(self._code_paths, path)
         excl = tuple(self._code_exclude) + tuple(exclude)
-        info, data = codesync.build_bundle(list(paths.values()), exclude=excl, progress=progress)
-        _upload_bundle(self._uri, self._cfg.secret, self._tls, info, data, timeout, progress)
+        info = self._ship(paths, excl, timeout, progress)
         with self._lock:
             self._code_paths = paths
             self._code_exclude = excl
             self._bundle = info.digest
+        return info
+
+    def _ship(self, paths: "collections.OrderedDict[str, str]", exclude: Sequence[str], timeout: float = 300.0,
+              progress=None):
+        from . import codesync
+
+        info, data = codesync.build_bundle(list(paths.values()), exclude=exclude, progress=progress)
+        _upload_bundle(self._uri, self._cfg.secret, self._tls, info, data, timeout, progress)
         return info
 
     # ------------------------------------------------------------------------------------ threads
@@ -555,7 +589,7 @@ class ClusterExecutor(Executor):
                 # at most max_batch tasks and about BATCH_BYTES per call, so large arguments stream to
                 # the node (its workers start on the first while the next are on the wire)
                 n = size = 0
-                for rec, _ in self._outbox[:self._cfg.max_batch]:
+                for rec, _ in self._outbox[:min(self._cfg.max_batch, self._room())]:
                     n += 1
                     size += wire.payload_size(rec[2])
                     if size >= BATCH_BYTES:
@@ -590,7 +624,7 @@ class ClusterExecutor(Executor):
         try:
             while True:
                 with self._cond:
-                    while not self._outbox and not self._closed.is_set():
+                    while (not self._outbox or self._room() <= 0) and not self._closed.is_set():
                         self._cond.wait()
                     if self._closed.is_set() and not self._outbox:
                         return
@@ -641,6 +675,8 @@ class ClusterExecutor(Executor):
         broken = None
         with self._lock:
             futs = [(self._pending.pop(r[0], None), r) for r in results]
+            if self._outbox and self._max_inflight is not None:
+                self._cond.notify_all()   # room for tasks held back by max_workers
         for f, r in futs:
             if f is None:
                 continue
@@ -725,6 +761,20 @@ def _resolve(f: Future, value: Any = None, exc: Optional[BaseException] = None) 
 def _total_workers(st: dict) -> int:
     """Workers of a node and of everything below it or beside it, from its status."""
     return st["workers"] + sum(l["workers"] for l in st["links"] if l["alive"] and l["role"] != "parent")
+
+
+def _add_code_path(paths: "collections.OrderedDict[str, str]", path) -> "collections.OrderedDict[str, str]":
+    """A copy of ``paths`` (top-level name -> path) with ``path`` added (replacing one of the same name)."""
+    from .errors import CodeSyncError
+
+    p = os.path.abspath(os.fspath(path))
+    if not os.path.exists(p):
+        raise CodeSyncError(f"code path not found: {p}")
+    out = collections.OrderedDict(paths)
+    name = os.path.splitext(os.path.basename(p.rstrip(os.sep)))[0]
+    out.pop(name, None)
+    out[name] = p
+    return out
 
 
 def _result_or_cancel(fut: Future, timeout: Optional[float] = None):

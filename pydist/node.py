@@ -208,6 +208,10 @@ class Node:
         from .codesync import CodeStore
 
         self.store = CodeStore(config.code_cache, config.code_cache_max)
+        self.pinned: List[str] = []          # bundles on every task's sys.path (pydist sync-code --pin)
+        from .codesync import write_pins
+
+        write_pins(config.code_cache, self.name, ())
         env = dict(os.environ)
         if config.secret:   # ranks of a task group talk to their home node (pydist.comm)
             env["PYDIST_SECRET"] = config.secret.decode() if isinstance(config.secret, bytes) else config.secret
@@ -593,6 +597,28 @@ class Node:
             raise TypeError("offset and size must be non-negative ints")
         data = self.store.read(digest)
         return data[offset:offset + min(size, 16 << 20)]
+
+    def code_pin(self, digest: str, pinned: bool = True) -> list:
+        """Pin (``pinned=True``) or unpin a bundle this node holds: a pinned bundle is on the
+        ``sys.path`` of every task run here and is never evicted.  Returns the pinned digests."""
+        from .codesync import CodeStore, write_pins
+        from .errors import BundleNotFound, CodeSyncError
+
+        CodeStore._check_digest(digest)
+        with self.lock:
+            if pinned and digest not in self.pinned:
+                if not self.store.has(digest):
+                    raise BundleNotFound(f"code bundle {digest[:12]} is not on node {self.name}: upload it "
+                                         "before pinning it")
+                self.store.pin(digest)
+                self.pinned.append(digest)
+            elif not pinned:
+                if digest not in self.pinned:
+                    raise CodeSyncError(f"code bundle {digest[:12]} is not pinned on node {self.name}")
+                self.pinned.remove(digest)
+                self.store.unpin(digest)
+            write_pins(self.cfg.code_cache, self.name, self.pinned)
+            return list(self.pinned)
 
     def code_size(self, digest: str) -> int:
         """Size of a bundle's archive, or -1 if absent."""

@@ -55,6 +55,12 @@ def run_script(source: bytes, filename: str, args: Sequence[str], cwd: Optional[
         full_env = dict(os.environ)
         if env:
             full_env.update({str(k): str(v) for k, v in env.items()})
+        # the script imports what the task could: the executor's bundle and the pinned ones
+        from .codesync import active_paths
+
+        code = active_paths()
+        if code:
+            full_env["PYTHONPATH"] = os.pathsep.join(code + [p for p in [full_env.get("PYTHONPATH")] if p])
         if cwd is not None and not os.path.isdir(cwd):
             raise FileNotFoundError(f"script working directory {cwd!r} does not exist on node {node}")
         try:

@@ -107,6 +107,9 @@ class _Worker:
                 return
 
     def run_batch(self, fns: Dict[str, bytes], tasks: List[tuple]) -> None:
+        from .codesync import sync_pinned
+
+        sync_pinned(self.code_cache, self.node)   # bundles pinned with `pydist sync-code --pin`
         out = []
         last = time.perf_counter()
         for t in tasks:
