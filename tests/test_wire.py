@@ -89,14 +89,17 @@ def _through_pipe(payload):
     rec = ("t.1", "f", wire.frame_payload(payload) if big else payload, None, 0, [], 0, "c")
     r, w = os.pipe()
     out = {}
-    t = threading.Thread(target=lambda: out.setdefault("msg", wire.read_frame(r)))
+    t = threading.Thread(target=lambda: out.setdefault("msg", wire.read_frame(r)), daemon=True)
     t.start()
-    parts = wire.frame(("run", {}, [rec]), big=big)
-    while parts:
-        parts = wire.skip(parts, os.writev(w, parts))
-    t.join(30)
-    os.close(r)
-    os.close(w)
+    try:
+        parts = wire.frame(("run", {}, [rec]), big=big)
+        while parts:
+            parts = wire.skip(parts, os.writev(w, parts))
+        t.join(30)
+    finally:
+        os.close(w)   # a failed write ends the reader (EOF) instead of leaving it blocked
+        t.join(30)
+        os.close(r)
     return out["msg"][2][0][2]
 
 
