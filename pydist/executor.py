@@ -22,11 +22,14 @@ later ``submit`` raises it: nothing hangs.
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
+import types
 import uuid
 import weakref
 from concurrent.futures import Executor, Future, InvalidStateError
@@ -159,7 +162,7 @@ class ClusterExecutor(Executor):
         self._cond = threading.Condition(self._lock)
         self._pending: Dict[str, PydistFuture] = {}
         self._outbox: List[tuple] = []
-        self._fns: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+        self._fns: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()   # by-reference only
         self._fn_seq = itertools.count()
         self._seq = itertools.count()
         self._cid = uuid.uuid4().hex[:16]
@@ -325,21 +328,30 @@ class ClusterExecutor(Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
 
     def _fn_key(self, fn: Callable) -> tuple:
-        entry = self._fns.get(id(fn))
-        if entry is not None and entry[0] is fn:
-            self._fns.move_to_end(id(fn))
-            return entry[1], entry[2]
+        """``(key, blob)`` for a function: its pickle, named by the pickle's digest.
+
+        Functions are not cached by identity: a bound method must not keep its instance alive, and a
+        ``__main__`` function whose globals changed must be sent anew.  Only what pickles by reference
+        (an importable module-level function, class or builtin: its pickle is its name) is kept, in a
+        small LRU keyed by identity; holding it costs nothing (its module holds it anyway)."""
+        stable = _pickles_by_reference(fn)
+        if stable:
+            entry = self._fns.get(id(fn))
+            if entry is not None and entry[0] is fn:
+                self._fns.move_to_end(id(fn))
+                return entry[1], entry[2]
         try:
-            blob = cloudpickle.dumps(fn, wire.PICKLE_PROTOCOL)
+            blob = wire.dumps_function(fn)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:
             raise SerializationError(f"cannot pickle the function {wire._short_repr(fn)}: "
                                      f"{type(exc).__name__}: {exc}") from exc
-        key = f"{self._cid}.f{next(self._fn_seq)}"
-        self._fns[id(fn)] = (fn, key, blob)
-        if len(self._fns) > FN_CACHE:
-            self._fns.popitem(last=False)
+        key = f"{self._cid}.f{hashlib.blake2b(blob, digest_size=12).hexdigest()}"
+        if stable:
+            self._fns[id(fn)] = (fn, key, blob)
+            if len(self._fns) > FN_CACHE:
+                self._fns.popitem(last=False)
         return key, blob
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None, chunksize: int = 1,
@@ -756,6 +768,30 @@ def _resolve(f: Future, value: Any = None, exc: Optional[BaseException] = None) 
         pass
     except BaseException:   # only from a foreign Future subclass's callbacks: never end our thread
         log.exception("setting the outcome of %r raised", f)
+
+
+def _pickles_by_reference(fn: Any) -> bool:
+    """Whether ``fn`` pickles as a reference (module + qualified name) whose target is ``fn`` itself."""
+    if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, type)):
+        return False
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and not isinstance(owner, types.ModuleType):
+        return False   # a bound builtin method ([].append): its instance travels with it
+    mod, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not isinstance(mod, str) or mod == "__main__" or "<" in qual or mod in _BY_VALUE_MODULES():
+        return False
+    obj: Any = sys.modules.get(mod)
+    for part in qual.split("."):
+        obj = getattr(obj, part, None)
+    return obj is fn
+
+
+def _BY_VALUE_MODULES() -> set:
+    try:
+        from cloudpickle.cloudpickle import _PICKLE_BY_VALUE_MODULES
+        return _PICKLE_BY_VALUE_MODULES
+    except ImportError:
+        return set()
 
 
 def _total_workers(st: dict) -> int:

@@ -25,11 +25,14 @@ out of band (written with ``writev``, read into place), never copied into the pi
 """
 from __future__ import annotations
 
+import collections
+import io
 import os
 import pickle
 import struct
 import traceback
-from typing import Any, Optional
+import types
+from typing import Any, Callable, Optional
 
 import cloudpickle
 
@@ -56,6 +59,43 @@ def make_task(task_id: str, fn_key: str, payload: bytes, bundle: Optional[str] =
 
 
 # -- pickling ---------------------------------------------------------------------------------------------
+def _code_reduce_keeping_file(code: types.CodeType):
+    # cloudpickle >= 3.1 writes every code object's file name as "<dynamic-code>" (deterministic
+    # pickles), so a remote traceback could name neither the file nor, on the client, its source lines
+    rv = _cp_code_reduce(code)
+    try:
+        ctor, args = rv[0], rv[1]
+        if "<dynamic-code>" in args:
+            return (ctor, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)) + tuple(rv[2:])
+    except Exception:   # another cloudpickle layout: its own reduction is still right
+        pass
+    return rv
+
+
+try:
+    from cloudpickle.cloudpickle import _code_reduce as _cp_code_reduce
+
+    class _Pickler(cloudpickle.Pickler):
+        """cloudpickle's pickler, except that code objects keep their file name."""
+
+        dispatch_table = collections.ChainMap({types.CodeType: _code_reduce_keeping_file},
+                                              cloudpickle.Pickler.dispatch_table)
+except (ImportError, AttributeError):   # pragma: no cover - an older or newer cloudpickle
+    _Pickler = cloudpickle.Pickler
+
+
+def cp_dumps(obj: Any, protocol: int = PICKLE_PROTOCOL, buffer_callback=None) -> bytes:
+    """``cloudpickle.dumps`` with code objects that keep their file name (see ``_Pickler``)."""
+    f = io.BytesIO()
+    _Pickler(f, protocol=protocol, buffer_callback=buffer_callback).dump(obj)
+    return f.getvalue()
+
+
+def dumps_function(fn: Any) -> bytes:
+    """Pickle a task's function (raises what pickling raises)."""
+    return cp_dumps(fn, PICKLE_PROTOCOL)
+
+
 def _is_plain(obj: Any, depth: int = 0) -> bool:
     t = type(obj)
     if t in _PLAIN:
@@ -75,7 +115,7 @@ def dumps(obj: Any, what: str = "object") -> bytes:
     try:
         if _is_plain(obj):
             return pickle.dumps(obj, PICKLE_PROTOCOL)
-        return cloudpickle.dumps(obj, PICKLE_PROTOCOL)
+        return cp_dumps(obj, PICKLE_PROTOCOL)
     except Exception as exc:  # pickling raises many types: PicklingError, TypeError, AttributeError...
         raise SerializationError(f"cannot pickle {what} ({_short_repr(obj)}): {type(exc).__name__}: {exc}") from exc
 
@@ -129,7 +169,7 @@ def dumps_call(args: tuple, kwargs: dict):
     bufs: list = []
     obj = (tuple(_wrap_big(a) for a in args), {k: _wrap_big(v) for k, v in kwargs.items()} if kwargs else None)
     try:
-        data = cloudpickle.dumps(obj, 5, buffer_callback=bufs.append)
+        data = cp_dumps(obj, 5, buffer_callback=bufs.append)
     except Exception as exc:
         raise SerializationError(f"cannot pickle task arguments ({_short_repr(args)}): "
                                  f"{type(exc).__name__}: {exc}") from exc
@@ -138,12 +178,17 @@ def dumps_call(args: tuple, kwargs: dict):
     return [data] + [b.raw() for b in bufs]
 
 
-def loads_payload(payload) -> Any:
+def loads_payload(payload, loads: Optional[Callable] = None) -> Any:
     """Unpickle a task payload: one buffer (bytes, or the bytearray / read-only memoryview a frame's
-    out-of-band part arrives as), or the list form ``[pickle, buffer, ...]``."""
+    out-of-band part arrives as), or the list form ``[pickle, buffer, ...]``.  ``loads(data, buffers)``
+    replaces ``pickle.loads`` (the worker's per-client namespaces)."""
+    if loads is None:
+        if isinstance(payload, (list, tuple)):
+            return pickle.loads(payload[0], buffers=payload[1:])
+        return pickle.loads(payload)
     if isinstance(payload, (list, tuple)):
-        return pickle.loads(payload[0], buffers=payload[1:])
-    return pickle.loads(payload)
+        return loads(payload[0], payload[1:])
+    return loads(payload)
 
 
 def payload_size(payload) -> int:
@@ -185,7 +230,7 @@ def dumps_exception(exc: BaseException) -> bytes:
     except BaseException:
         message = "<unprintable>"
     try:
-        blob = cloudpickle.dumps(exc, PICKLE_PROTOCOL)
+        blob = cp_dumps(exc, PICKLE_PROTOCOL)
         pickle.loads(blob)
     except BaseException as err:   # a __reduce__ may raise anything, SystemExit included
         blob = pickle.dumps(TaskError(f"{name}: {message} (the original exception cannot be pickled: {err})"),
@@ -207,8 +252,40 @@ def loads_exception(data: bytes) -> BaseException:
             raise TypeError(f"not an exception: {type(exc).__name__}")
     except BaseException as err:   # e.g. the exception's class does not exist here
         exc = TaskError(f"{name}: {message} (the exception could not be rebuilt here: {err})")
-    exc.__cause__ = RemoteError(tb)
+    exc.__cause__ = RemoteError(with_source_lines(tb))
     return exc
+
+
+_FRAME_LINE = None
+
+
+def with_source_lines(tb: str) -> str:
+    """A formatted remote traceback with the source lines the remote side lacked (a ``__main__``
+    function's file exists on the client only) filled in from this machine's files, where it has them."""
+    import linecache
+    import re
+
+    global _FRAME_LINE
+    if _FRAME_LINE is None:
+        _FRAME_LINE = re.compile(r'^(\s*)File "([^"]+)", line (\d+), in ')
+    lines = tb.splitlines(keepends=True)
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        m = _FRAME_LINE.match(line)
+        if not m:
+            continue
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        indent = m.group(1)
+        if nxt.startswith(indent + "    ") and not _FRAME_LINE.match(nxt):
+            continue   # the remote side had the source line
+        try:
+            src = linecache.getline(m.group(2), int(m.group(3))).strip()
+        except Exception:
+            src = ""
+        if src:
+            out.append(f"{indent}    {src}\n")
+    return "".join(out)
 
 
 # -- frames over a pipe (node <-> its own workers) -----------------------------------------------------

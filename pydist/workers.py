@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from . import wire
+from .globalspace import ClientSpaces
 from .errors import DeserializationError, TaskError
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class _Worker:
         self.index, self.node, self.code_cache = index, node, code_cache
         self.fns: "collections.OrderedDict[str, object]" = collections.OrderedDict()
         self.init_blobs: Dict[str, bytes] = {}
+        self.spaces = ClientSpaces()   # one globals dict per client and by-value module (item 10)
         self.init_done: Dict[str, Optional[bytes]] = {}   # client -> None (ok) or exception blob
 
     def serve(self) -> None:
@@ -102,6 +104,7 @@ class _Worker:
             elif op == "forget":
                 for c in msg[1]:
                     self.init_blobs.pop(c, None)
+                    self.spaces.forget(c)
                     self.init_done.pop(c, None)
             elif op == "stop":
                 return
@@ -121,7 +124,7 @@ class _Worker:
         if out:
             wire.write_frame(self.fd_out, ("res", out))
 
-    def function(self, fns: Dict[str, bytes], key: str):
+    def function(self, fns: Dict[str, bytes], key: str, client: str = ""):
         # keyed by (bundle, key): the same function object submitted after a new upload_code must be
         # unpickled again, against the new bundle's modules
         key = (_WorkerState.active_bundle, key)
@@ -133,7 +136,7 @@ class _Worker:
         if blob is None:
             raise TaskError(f"function {key[1]} was not sent with its task (node bug)")
         try:
-            fn = wire.loads(blob)
+            fn = self.spaces.loads(blob, client)
         except BaseException as exc:
             hint = ""
             if isinstance(exc, (ModuleNotFoundError, ImportError)):
@@ -152,7 +155,7 @@ class _Worker:
         err = None
         if blob is not None:
             try:
-                fn, args = wire.loads(blob)
+                fn, args = self.spaces.loads(blob, client)
                 fn(*args)
             except BaseException as exc:  # an initializer may sys.exit too
                 err = wire.dumps_exception(exc)
@@ -197,9 +200,9 @@ class _Worker:
         _WorkerState.current = TaskContext(self.node, self.index, tid, hops, tuple(path))
         try:
             self.activate(bundle)
-            fn = self.function(fns, key)
+            fn = self.function(fns, key, client)
             try:
-                call = wire.loads_payload(payload)
+                call = wire.loads_payload(payload, lambda d, b=None: self.spaces.loads(d, client, b))
             except BaseException as exc:   # a __reduce__ may call sys.exit: still the task's failure
                 raise DeserializationError(f"cannot unpickle the arguments of task {tid} on node {self.node}: "
                                            f"{type(exc).__name__}: {exc}") from exc

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import inspect
+import json
 import multiprocessing
 import os
 import pickle
+import subprocess
 import sys
 import threading
 from concurrent.futures.process import BrokenProcessPool
@@ -285,3 +287,74 @@ def test_interrupted_direct_send_keeps_the_executor(executor):
     with pytest.raises(KeyboardInterrupt):
         executor.submit(id, InterruptAtPickle())
     assert executor.submit(pow, 2, 8).result(timeout=30) == 256
+
+
+# ------------------------------------------------------------------------------------------ 7, 8, 10: __main__
+MAIN_SCRIPT = r'''
+import json, sys, traceback, weakref, gc
+from pydist import ClusterExecutor
+
+MODEL = None
+SCALE = 2
+
+def load_model(tag):
+    global MODEL
+    MODEL = {"tag": tag}
+
+def use_model(x):
+    return (MODEL["tag"] if MODEL else None, x * SCALE)
+
+def inner(x):
+    return -x
+
+def outer(x):
+    return inner(x)
+
+def fails(x):
+    y = x - x
+    return 1 / y
+
+class Holder:
+    def method(self):
+        return 1
+
+if __name__ == "__main__":
+    out = {}
+    with ClusterExecutor(address=sys.argv[1], max_workers=1, initializer=load_model, initargs=("loaded",)) as ex:
+        out["model"] = [ex.submit(use_model, i).result(30) for i in range(3)]
+        SCALE = 10                                   # a changed global is sent anew
+        out["scale"] = ex.submit(use_model, 1).result(30)
+        out["outer1"] = ex.submit(outer, 1).result(30)
+        def inner(x):                                # a redefined helper is used by the next call
+            return x
+        out["outer2"] = ex.submit(outer, 1).result(30)
+        try:
+            ex.submit(fails, 3).result(30)
+        except ZeroDivisionError as e:
+            out["tb"] = e.__cause__.tb
+        h = Holder()
+        alive = weakref.ref(h)
+        assert ex.submit(h.method).result(30) == 1
+        del h
+        gc.collect()
+        out["stale"] = alive() is not None
+    print(json.dumps(out))
+'''
+
+
+def test_main_functions_share_globals_see_changes_and_keep_no_instance(cluster, tmp_path, proc_guard):
+    """Items 7, 8 and 10: an initializer's global is seen by the task; a changed global and a redefined
+    helper are sent anew; a bound method keeps no instance alive; the remote traceback names the
+    script's file and shows its source line."""
+    script = tmp_path / "main_globals.py"
+    script.write_text(MAIN_SCRIPT)
+    env = dict(os.environ, PYDIST_SECRET=cluster.secret.decode())
+    p = subprocess.run([sys.executable, str(script), cluster.address], capture_output=True, text=True,
+                       env=env, timeout=80, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["model"] == [["loaded", 0], ["loaded", 2], ["loaded", 4]]
+    assert out["scale"] == ["loaded", 10]
+    assert out["outer1"] == -1 and out["outer2"] == 1
+    assert out["stale"] is False
+    assert str(script) in out["tb"] and "return 1 / y" in out["tb"], out["tb"]
