@@ -17,7 +17,7 @@ import threading
 import time
 from typing import List, Optional
 
-from .config import ENV_PREFIX, NodeConfig
+from .config import ENV_PREFIX, SIZE_FIELDS, NodeConfig
 from .errors import ConfigError, PydistError
 
 log = logging.getLogger("pydist.cli")
@@ -37,7 +37,7 @@ def _node_parser(prog: str = "pydist-node") -> argparse.ArgumentParser:
             p.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_)
         elif typ.startswith("list"):
             p.add_argument(flag, dest=f.name, action="append", default=None, help=help_)
-        elif f.name in ("code_cache_max", "max_message_size"):
+        elif f.name in SIZE_FIELDS:
             p.add_argument(flag, dest=f.name, default=None, help=help_)
         elif "int" in typ:
             p.add_argument(flag, dest=f.name, type=int, default=None, help=help_)
@@ -69,21 +69,27 @@ def node_main(argv: Optional[List[str]] = None) -> None:
 
         cfg = NodeConfig.from_env(config_file=args.config, **overrides)
         if cfg.secret is None:
-            cfg.secret = security.load_secret(None, cfg.secret_file)
+            cfg.secret = security.load_secret(None, cfg.secret_file, user_default=False)
+        explicit = cfg.secret is not None
+        if not explicit and not cfg.insecure and _is_loopback(cfg.host):
+            # no secret given: this user's secret (a 0600 file), found by this user's clients, nobody else's
+            cfg.secret = security.user_secret(create=True)
     except ConfigError as exc:
         sys.exit(f"pydist-node: {exc}")
     logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO), stream=sys.stderr,
                         format=f"%(asctime)s {cfg.name} %(name)s %(levelname)s: %(message)s")
-    if cfg.secret is None:
+    if not explicit:
         if not _is_loopback(cfg.host) and not cfg.insecure:
             sys.exit(f"pydist-node: refusing to listen on {cfg.host} without a cluster secret: anyone who can "
                      "reach the port could run code. Set PYDIST_SECRET or --secret-file FILE on every node "
                      "and client (or pass --insecure on a network you fully trust).")
-        if cfg.insecure and not _is_loopback(cfg.host):
-            log.warning("INSECURE: listening on %s with no secret: anyone who reaches this port can run "
-                        "any code as this user", cfg.host)
+        if cfg.insecure:
+            log.warning("INSECURE: no cluster secret (--insecure): every user of this machine%s can run any "
+                        "code as this user through %s", "" if _is_loopback(cfg.host) else
+                        " and anyone who reaches the port", cfg.host)
         else:
-            log.info("no cluster secret: listening on loopback %s only", cfg.host)
+            log.info("no cluster secret given: using this user's secret %s (clients of this user find it; "
+                     "other users are refused)", security.user_secret_path())
     if args.watch_stdin:
         from .cluster import watch_stdin
 

@@ -86,6 +86,11 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 _UNLESS_PACKAGE = ("build", "dist")
 
 CHUNK_SIZE = 4 << 20  # bytes per upload chunk over the wire
+#: most files one bundle may extract to (--code-max-files)
+MAX_FILES = 100_000
+#: most uploads in progress on one node, and per owner (a client connection)
+MAX_UPLOADS = 16
+MAX_UPLOADS_PER_OWNER = 4
 
 _ARCHIVE = "bundle.tar"
 _TREE = "tree"
@@ -368,8 +373,13 @@ def _check_name(name: str) -> list[str]:
     return parts
 
 
-def _extract(fileobj: BinaryIO, dest: str) -> tuple[int, int]:
-    """Check every member, then extract; returns (files, bytes). Nothing is written if any member fails."""
+def _extract(fileobj: BinaryIO, dest: str, max_bytes: Optional[int] = None,
+             max_files: int = MAX_FILES) -> tuple[int, int]:
+    """Check every member, then extract; returns (files, bytes). Nothing is written if any member fails.
+
+    The *extracted* size is bounded, not just the archive's: sparse members (GNU 'S', PAX sparse), whose
+    few archive bytes stand for any number of zeros, are refused, and the sum of the members' sizes must
+    stay within ``max_bytes`` and their count within ``max_files``."""
     try:
         tar = tarfile.open(fileobj=fileobj, mode="r:")  # plain tar only: no decompression bombs
     except tarfile.TarError as exc:
@@ -383,8 +393,15 @@ def _extract(fileobj: BinaryIO, dest: str) -> tuple[int, int]:
         plan = []
         files_seen: set[str] = set()   # normalised names of file members
         dirs_seen: set[str] = set()    # folders, given as members or implied by a member's path
+        total = 0
+        if len(members) > max_files:
+            raise BundleTooLarge(f"bundle has {len(members)} members, over the limit of {max_files} "
+                                 "(--code-max-files)")
         for m in members:
             parts = _check_name(m.name)
+            if m.issparse() or m.type == tarfile.GNUTYPE_SPARSE:
+                raise UnsafeArchive(f"unsafe archive member {m.name!r}: sparse file (its size on disk is not "
+                                    "its size in the archive)")
             if not (m.isreg() or m.isdir()) or m.type == tarfile.CONTTYPE:
                 kind = ("symlink" if m.issym() else "hardlink" if m.islnk() else
                         "device" if (m.ischr() or m.isblk()) else "fifo" if m.isfifo() else
@@ -401,6 +418,11 @@ def _extract(fileobj: BinaryIO, dest: str) -> tuple[int, int]:
                                     "same name")
             dirs_seen.update(parents)
             (dirs_seen if m.isdir() else files_seen).add(key)
+            if m.isreg():
+                total += max(0, m.size)
+                if max_bytes is not None and total > max_bytes:
+                    raise BundleTooLarge(f"bundle extracts to more than {human_size(max_bytes)} (member "
+                                         f"{m.name!r}): over the code cache limit (--code-cache-max)")
             plan.append((m, target))
         os.makedirs(dest, exist_ok=True)
         files = nbytes = 0
@@ -419,6 +441,9 @@ def _extract(fileobj: BinaryIO, dest: str) -> tuple[int, int]:
                 fd = os.open(target, flags, 0o755 if m.mode & 0o111 else 0o644)
                 with os.fdopen(fd, "wb") as out, src:
                     shutil.copyfileobj(src, out, 1 << 20)
+                    if out.tell() != m.size:
+                        raise CodeSyncError(f"bundle member {m.name!r} holds {out.tell()} bytes, not the "
+                                            f"{m.size} its header says")
             except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
                 raise UnsafeArchive(f"unsafe archive member {m.name!r}: clashes with another member "
                                     f"({exc.strerror})") from None
@@ -429,35 +454,47 @@ def _extract(fileobj: BinaryIO, dest: str) -> tuple[int, int]:
         return files, nbytes
 
 
-def safe_extract(data: bytes, dest: str) -> int:
+def safe_extract(data: bytes, dest: str, max_bytes: Optional[int] = None, max_files: int = MAX_FILES) -> int:
     """Extract the tar archive ``data`` into ``dest`` (a new or empty folder) and return its file count.
 
     Every member is checked before anything is written: an absolute name, a ``..`` part, a symlink,
     hardlink, device or fifo, a duplicate name, or a path outside ``dest`` raises :class:`UnsafeArchive`
-    naming the member. Existing files are never overwritten. Modes are normalised (0644/0755).
+    naming the member; a sparse member too, and more than ``max_bytes`` extracted bytes or ``max_files``
+    members raise :class:`BundleTooLarge`. Existing files are never overwritten. Modes are normalised.
     """
-    return _extract(io.BytesIO(data), dest)[0]
+    return _extract(io.BytesIO(data), dest, max_bytes, max_files)[0]
 
 
 # -------------------------------------------------------------------------------------------- store
 
 class _Upload:
-    __slots__ = ("size", "part", "fh", "ranges", "users", "touched", "lock", "closed")
+    """One bundle being received.  It holds no file descriptor between chunks (each chunk opens, writes and
+    closes the part file), so uploads in progress cannot use up the node's descriptors."""
 
-    def __init__(self, size: int, part: str):
+    __slots__ = ("size", "part", "ranges", "users", "owners", "touched", "lock", "closed")
+
+    def __init__(self, size: int, part: str, owner):
         self.size, self.part = size, part
-        self.fh = open(part, "w+b")
-        self.fh.truncate(size)
         self.ranges: list[tuple[int, int]] = []   # merged, sorted [start, end) written so far
         self.users = 1
+        self.owners = [owner]
         self.touched = time.monotonic()
         self.lock = threading.Lock()   # one writer at a time on this file; the store lock is not held
         self.closed = False
 
+    def write(self, offset: int, data: bytes) -> None:
+        fd = os.open(self.part, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+        try:
+            os.lseek(fd, offset, os.SEEK_SET)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
         with self.lock:
             self.closed = True
-            self.fh.close()
 
     def add(self, start: int, end: int) -> None:
         merged = []
@@ -490,9 +527,13 @@ class CodeStore:
     evict each other's bundles.
     """
 
-    def __init__(self, root: _PathLike, max_bytes: int = 2 << 30):
+    def __init__(self, root: _PathLike, max_bytes: int = 2 << 30, *, max_files: int = MAX_FILES,
+                 max_uploads: int = MAX_UPLOADS, max_uploads_per_owner: int = MAX_UPLOADS_PER_OWNER):
         self.root = os.path.abspath(os.fspath(root))
         self.max_bytes = int(max_bytes)
+        self.max_files = int(max_files)
+        self.max_uploads = int(max_uploads)
+        self.max_uploads_per_owner = int(max_uploads_per_owner)
         os.makedirs(self.root, exist_ok=True)
         self._lock = threading.RLock()
         self._digest_locks: dict[str, threading.RLock] = {}
@@ -600,6 +641,11 @@ class CodeStore:
         self._touch(digest)
         return os.path.join(self._dir(digest), _TREE)
 
+    def size(self, digest: str) -> int:
+        """The archive size of an installed bundle (BundleNotFound if absent); reads no bundle bytes."""
+        self.path(digest)
+        return os.stat(os.path.join(self._dir(digest), _ARCHIVE)).st_size
+
     def read(self, digest: str) -> bytes:
         """The archive bytes of an installed bundle (to pass it on to another node)."""
         self.path(digest)
@@ -607,7 +653,11 @@ class CodeStore:
             return f.read()
 
     def read_chunk(self, digest: str, offset: int, length: int = CHUNK_SIZE) -> bytes:
-        """``length`` archive bytes from ``offset`` (to pass a large bundle on chunk by chunk)."""
+        """``length`` (at most 16 MiB) archive bytes from ``offset`` (to pass a large bundle on chunk by
+        chunk); reads only those bytes."""
+        if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length < 0:
+            raise CodeSyncError(f"invalid chunk request: offset {offset!r}, length {length!r}")
+        length = min(length, 16 << 20)
         self.path(digest)
         with open(os.path.join(self._dir(digest), _ARCHIVE), "rb") as f:
             f.seek(offset)
@@ -654,7 +704,7 @@ class CodeStore:
             try:
                 place_archive(tmp)
                 with open(os.path.join(tmp, _ARCHIVE), "rb") as f:
-                    files, nbytes = _extract(f, os.path.join(tmp, _TREE))
+                    files, nbytes = _extract(f, os.path.join(tmp, _TREE), self.max_bytes, self.max_files)
                 meta = {"digest": digest, "size": size, "files": files,
                         "roots": list(_roots_of_dir(os.path.join(tmp, _TREE))), "disk": size + nbytes,
                         "installed": time.time()}
@@ -680,9 +730,13 @@ class CodeStore:
         return self.path(digest)
 
     # -- chunked upload ------------------------------------------------------------------------------
-    def begin(self, digest: str, size: int) -> None:
+    def begin(self, digest: str, size: int, owner=None) -> None:
         """Start receiving a bundle of ``size`` bytes in chunks. A no-op if it is installed already;
-        joins an upload of the same digest in progress (the bytes are the same)."""
+        joins an upload of the same digest in progress (the bytes are the same).
+
+        Bounded: at most ``max_uploads`` in progress, ``max_uploads_per_owner`` per ``owner`` (e.g. a
+        client connection: ``abort_owner`` frees them when it ends), and their sizes together within
+        ``max_bytes``; past a bound, :class:`CodeSyncError` says which."""
         self._check_digest(digest)
         if not isinstance(size, int) or size <= 0:
             raise CodeSyncError(f"invalid bundle size {size!r} for {digest[:8]}")
@@ -696,10 +750,25 @@ class CodeStore:
                     raise CodeSyncError(f"bundle {digest[:8]} is already being uploaded with size {up.size}, "
                                         f"not {size}")
                 up.users += 1
+                up.owners.append(owner)
                 return
+            if len(self._uploads) >= self.max_uploads:
+                raise CodeSyncError(f"{len(self._uploads)} bundle uploads are already in progress on this node "
+                                    f"(limit {self.max_uploads}): finish or abort one first")
+            if owner is not None and sum(o == owner for u in self._uploads.values() for o in u.owners) \
+                    >= self.max_uploads_per_owner:
+                raise CodeSyncError(f"this connection already has {self.max_uploads_per_owner} bundle uploads "
+                                    "in progress (the limit): finish or abort one first")
+            reserved = sum(u.size for u in self._uploads.values())
+            if reserved + size > self.max_bytes:
+                raise BundleTooLarge(f"bundle uploads in progress would hold {human_size(reserved + size)}, "
+                                     f"over the code cache limit of {human_size(self.max_bytes)}")
             fd, part = tempfile.mkstemp(prefix=f".upload-{digest[:12]}-", dir=self.root)
-            os.close(fd)
-            self._uploads[digest] = _Upload(size, part)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+            self._uploads[digest] = _Upload(size, part, owner)
 
     def write_chunk(self, digest: str, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset``; refuses chunks outside ``[0, size)``."""
@@ -712,8 +781,7 @@ class CodeStore:
                                     f"{digest[:8]} of {up.size} bytes")
             with up.lock:
                 if not up.closed:
-                    up.fh.seek(offset)
-                    up.fh.write(data)
+                    up.write(offset, data)
                     up.add(offset, offset + len(data))
                     up.touched = time.monotonic()
                 return  # closed: another uploader of the same bytes is finishing it
@@ -756,7 +824,7 @@ class CodeStore:
                         del self._uploads[digest]
                 _unlink(up.part)
 
-    def abort(self, digest: str) -> None:
+    def abort(self, digest: str, owner=None) -> None:
         """Give up an upload (the last of its uploaders to abort removes the partial data)."""
         self._check_digest(digest)
         with self._lock:
@@ -764,11 +832,29 @@ class CodeStore:
             if up is None:
                 return
             up.users -= 1
+            if owner in up.owners:
+                up.owners.remove(owner)
             if up.users > 0:
                 return
             del self._uploads[digest]
         up.close()
         _unlink(up.part)
+
+    def abort_owner(self, owner) -> list[str]:
+        """Give up every upload ``owner`` began (its connection ended); returns the digests dropped."""
+        with self._lock:
+            mine = [d for d, up in self._uploads.items() if owner in up.owners]
+        for d in mine:
+            with self._lock:
+                n = sum(o == owner for o in self._uploads[d].owners) if d in self._uploads else 0
+            for _ in range(n):
+                self.abort(d, owner)
+        return mine
+
+    def uploads(self) -> int:
+        """Uploads in progress."""
+        with self._lock:
+            return len(self._uploads)
 
     def abort_stale(self, older_than: float = 300.0) -> list[str]:
         """Drop uploads that received no chunk for ``older_than`` seconds (a client went away mid-upload);

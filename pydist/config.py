@@ -22,6 +22,8 @@ from typing import Any, Optional
 from .errors import ConfigError
 
 ENV_PREFIX = "PYDIST_"
+#: fields given as sizes ("512M", "2G" or bytes)
+SIZE_FIELDS = ("code_cache_max", "max_message_size", "max_client_bytes", "max_queued_bytes")
 
 
 def _meta(env: Optional[str], flag: Optional[str], help: str, default_doc: Optional[str] = None) -> dict:
@@ -76,7 +78,8 @@ class NodeConfig:
     secret_file: Optional[str] = field(default=None, metadata=_meta("SECRET_FILE", "--secret-file",
                                                                     "file holding the cluster secret"))
     insecure: bool = field(default=False, metadata=_meta("INSECURE", "--insecure",
-                                                         "allow a non-loopback bind without a secret"))
+                                                         "no cluster secret at all (default: a per-user secret "
+                                                         "file): any local user can run code; off loopback anyone"))
     tls_cert: Optional[str] = field(default=None, metadata=_meta("TLS_CERT", "--tls-cert", "TLS certificate (PEM)"))
     tls_key: Optional[str] = field(default=None, metadata=_meta("TLS_KEY", "--tls-key", "TLS private key (PEM)"))
     tls_ca: Optional[str] = field(default=None, metadata=_meta("TLS_CA", "--tls-ca", "CA certificate(s) to trust"))
@@ -93,6 +96,32 @@ class NodeConfig:
                                                         "Pyro5 server threads (one per open connection)"))
     log_level: str = field(default="INFO", metadata=_meta("LOG_LEVEL", "--log-level", "logging level"))
 
+    # -- limits on what a peer can make the node hold (SECURITY.md lists them all) --------------------
+    handshake_timeout: float = field(default=5.0, metadata=_meta(
+        "HANDSHAKE_TIMEOUT", "--handshake-timeout", "seconds a new connection has to complete its hello"))
+    max_pending_handshakes: int = field(default=256, metadata=_meta(
+        "MAX_PENDING_HANDSHAKES", "--max-pending-handshakes",
+        "connections waiting for their hello at once (when full, the oldest is dropped)"))
+    idle_timeout: float = field(default=600.0, metadata=_meta(
+        "IDLE_TIMEOUT", "--idle-timeout", "close an authenticated connection idle this many s (0: never)"))
+    refusal_log_interval: float = field(default=10.0, metadata=_meta(
+        "REFUSAL_LOG_INTERVAL", "--refusal-log-interval", "seconds between two refusal summary lines"))
+    code_max_files: int = field(default=100_000, metadata=_meta(
+        "CODE_MAX_FILES", "--code-max-files", "most files one code bundle may hold"))
+    max_uploads: int = field(default=16, metadata=_meta(
+        "MAX_UPLOADS", "--max-uploads", "code bundle uploads in progress on the node at once"))
+    max_uploads_per_client: int = field(default=4, metadata=_meta(
+        "MAX_UPLOADS_PER_CLIENT", "--max-uploads-per-client", "uploads in progress per connection"))
+    max_client_tasks: int = field(default=200_000, metadata=_meta(
+        "MAX_CLIENT_TASKS", "--max-client-tasks", "tasks one client may have queued or running here"))
+    max_client_bytes: int = field(default=1 << 30, metadata=_meta(
+        "MAX_CLIENT_BYTES", "--max-client-bytes", "bytes of task payloads and functions one client may "
+                                                  "have held here (e.g. 1G)"))
+    max_queued_tasks: int = field(default=1_000_000, metadata=_meta(
+        "MAX_QUEUED_TASKS", "--max-queued-tasks", "tasks the node holds at once, all clients and links"))
+    max_queued_bytes: int = field(default=4 << 30, metadata=_meta(
+        "MAX_QUEUED_BYTES", "--max-queued-bytes", "bytes of task payloads the node holds at once (e.g. 4G)"))
+
     # -- secret (never a CLI flag value, never logged) ------------------------------------------------
     secret: Optional[bytes] = field(default=None, repr=False, metadata=_meta("SECRET", None,
                                                                              "cluster secret (env only)"))
@@ -107,8 +136,18 @@ class NodeConfig:
         self.secret = normalize_secret(self.secret)
         if self.secret is None and self.secret_file:
             self.secret = read_secret_file(self.secret_file)
-        self.code_cache_max = parse_size(self.code_cache_max)
-        self.max_message_size = parse_size(self.max_message_size)
+        for name in SIZE_FIELDS:
+            setattr(self, name, parse_size(getattr(self, name)))
+        for name in ("handshake_timeout",):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("idle_timeout", "refusal_log_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_pending_handshakes", "code_max_files", "max_uploads", "max_uploads_per_client",
+                     "max_client_tasks", "max_client_bytes", "max_queued_tasks", "max_queued_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.name:
             self.name = f"{self.host}-{self.port}" if self.port else f"{self.host}-{os.getpid()}"
 
@@ -176,7 +215,7 @@ def _convert(value: str, f: dataclasses.Field) -> Any:
         return value.strip().lower() in ("1", "true", "yes", "on")
     if typ.startswith("list"):
         return [v for v in (s.strip() for s in value.split(",")) if v]
-    if "int" in typ and f.name not in ("code_cache_max", "max_message_size"):
+    if "int" in typ and f.name not in SIZE_FIELDS:
         try:
             return int(value)
         except ValueError:
@@ -250,7 +289,7 @@ def find_config_file(explicit: Optional[str] = None, environ: Optional[dict] = N
 def _check_file_value(path: str, table: str, f: dataclasses.Field, v: Any) -> Any:
     typ = str(f.type)
     where = f"{path} [{table}] {f.name}"
-    if f.name in ("code_cache_max", "max_message_size"):
+    if f.name in SIZE_FIELDS:
         if isinstance(v, bool) or not isinstance(v, (int, str)):
             raise ConfigError(f"{where}: expected a size (bytes or e.g. \"2G\"), got {v!r}")
         return v

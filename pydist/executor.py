@@ -40,7 +40,8 @@ import cloudpickle
 
 from . import security, wire
 from .config import ClientConfig
-from .errors import BrokenCluster, ClusterUnavailable, DeserializationError, RemoteError, SerializationError
+from .errors import (AuthenticationError, BrokenCluster, ClusterUnavailable, DeserializationError, RemoteError,
+                     SerializationError, VersionMismatch)
 from .scripts import run_script
 
 if TYPE_CHECKING:
@@ -192,6 +193,8 @@ class ClusterExecutor(Executor):
 
             key = _parse_address(ns) if ns is not None else (_parse_address(str(address)) if address else "")
             self._cfg.secret = local_secret(key)
+        if self._cfg.secret is None:   # this user's secret file (what a pydist-node without a secret uses)
+            self._cfg.secret = security.load_secret()
         try:
             if ns is not None:
                 self._uri = self._find_root(ns)
@@ -238,6 +241,7 @@ class ClusterExecutor(Executor):
         host, _, port = _parse_address(ns).rpartition(":")
         deadline = time.monotonic() + self._cfg.connect_timeout
         last: Optional[BaseException] = None
+        refused: Dict[str, BaseException] = {}
         while True:
             try:
                 with Pyro5.api.locate_ns(host, int(port)) as nsp:
@@ -250,6 +254,13 @@ class ClusterExecutor(Executor):
                         return uri
                     except ClusterUnavailable as exc:
                         last = exc   # a stale entry
+                    except (AuthenticationError, VersionMismatch) as exc:
+                        # anyone can register in a name server: skip an entry that cannot prove the secret
+                        if uri not in refused:
+                            log.warning("skipping %s listed in name server %s: %s", uri, ns, exc)
+                        refused[uri] = exc
+                if refused and len(refused) == len(roots + others):
+                    raise next(iter(refused.values()))   # no listed node accepts us: our secret is wrong
                 last = last or ClusterUnavailable(f"name server {ns} lists no pydist node yet")
             except (Pyro5.errors.NamingError, Pyro5.errors.CommunicationError, OSError) as exc:
                 last = exc

@@ -1,224 +1,99 @@
-"""The cluster secret, checked in Pyro5's connection handshake in both directions; TLS settings.
+"""The cluster secret, proven in both directions before a node serves anything; TLS; the per-user secret.
 
-Every Pyro5 connection (client -> node, node -> node) opens with one CONNECT message from the proxy and one
-CONNECTOK / CONNECTFAIL reply from the daemon.  pydist puts a mutual HMAC proof and the version facts into
-that exchange::
+Every Pyro5 connection (client -> node, node -> node, rank -> its home node) opens with one CONNECT
+frame and one CONNECTOK / CONNECTFAIL frame.  pydist fills both with its own bounded, typed hello
+(``pydist.auth``), read on the node by one non-blocking thread (``pydist.gate``)::
 
-    SecureProxy                                             SecureDaemon
-    ───────────                                             ────────────
-    hello = {pydist, ver, py, cp, nonce_c, ts, dst,
-             mac = HMAC(secret, "pydist-client|"+fields)} ──▶  1. frame <= 64 KiB, read within a deadline
-                                                            2. protocol version, then the mac
-                                                               (compare_digest), then |now - ts| <= window,
-                                                               then nonce_c never seen (bounded cache),
-                                                               then dst is one of this node's addresses,
-                                                               then Python / cloudpickle versions
-                         ◀── reply = {pydist, ver, py, cp, name, nonce_s,
-                                      mac = HMAC(secret, "pydist-server|"+nonce_c+nonce_s+fields)}
-    3. checks the reply mac (so a rogue node that
-       does not know the secret gets no work), the
-       versions, and learns the node's name.
+    SecureProxy (pydist.proxy)                          SecureDaemon (here)
+    ──────────────────────────                          ───────────────────
+    hello: versions, nonce_c, ts, dst, object, scope,   accept thread: accept(), hand to the gate, nothing else
+           mac = HMAC(key, every byte)  ──────────────▶  gate thread: TLS handshake, 40-byte header, body
+                                                          <= 512 bytes, before the deadline; then the mac
+                                                          (compare_digest), |now - ts| <= window, nonce
+                                                          never seen; then a Pyro5 worker thread (pool full:
+                                                          "busy", a retryable refusal) checks dst and the
+                                                          versions and answers
+                         ◀── reply: versions, name, nonce_s, exposed names, idle timeout,
+                                    mac = HMAC(key, nonce_c + every byte)
+    checks the reply's mac (a rogue node without the
+    secret gets no work), the versions; learns the
+    node's name and its idle timeout.
 
-Refusals travel back as Pyro5's CONNECTFAIL text, which always starts with one of the tags below;
-``translate_connect_error`` turns the client's ``CommunicationError`` into ``AuthenticationError``,
-``VersionMismatch`` or ``ClusterUnavailable`` naming the address.
+Before the mac is checked nothing a peer sends is decoded by a general deserializer, nothing costs more
+than O(frame size), and a refusal names nothing about the node.  ``key`` is the secret, or for a scoped
+connection (a task group's ranks) the capability of that scope (``auth.capability``): such a connection
+sees only the object ``scoped(scope)`` returns, never the node itself.
+
+No secret given means "this user only": ``user_secret()`` is a random secret in a file only this user can
+read (``$XDG_CONFIG_HOME/pydist/secret`` or ``~/.config/pydist/secret``, mode 0600), made by the first node
+that needs it and found by every client of the same user.  ``--insecure`` / ``PYDIST_INSECURE=1``: no
+secret at all (anyone who reaches the port runs code as the node's user).
 
 What the handshake does NOT give (see SECURITY.md): without TLS the session after the handshake is plaintext
 and has no per-message integrity, so an active man-in-the-middle can hijack an authenticated connection.
-Use TLS (``TLSSettings``) on any network you do not fully trust.
-
-Hostile input on the daemon: the CONNECT frame is read by our own code with a total deadline (the TLS
-handshake included), a size cap and bounded decompression, so a silent or slow peer holds a server thread
-for at most ``handshake_timeout`` seconds and a peer sending garbage only loses its own connection.  After a
-successful handshake the socket goes back to Pyro5's normal (blocking) mode: idle authenticated connections
-are never dropped by pydist.
 """
 from __future__ import annotations
 
-import datetime
-import functools
-import hashlib
-import heapq
-import hmac
+import errno
 import ipaddress
+import functools
 import logging
-import marshal
-import math
 import os
-import secrets
 import socket
 import ssl
-import struct
-import sys
 import threading
 import time
-import uuid
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Optional
 
-import Pyro5.client
 import Pyro5.core
 import Pyro5.errors
 import Pyro5.server
 import Pyro5.socketutil
+import Pyro5.svr_threads
 from Pyro5 import config as pyro_config
 from Pyro5 import protocol, serializers
-from Pyro5.callcontext import current_context
 
-from .config import read_secret_file
-from .errors import AuthenticationError, ClusterUnavailable, ConfigError, VersionMismatch
+from . import auth
+from .auth import (PROTOCOL_VERSION, TAG_AUTH, TAG_BUSY, TAG_REFUSED, TAG_VERSION, UserSecret,  # noqa: F401
+                   capability, load_secret, local_versions, new_secret, user_secret, user_secret_path)
+from .certs import make_certs  # noqa: F401  (re-exported: pydist.security.make_certs)
+from .errors import AuthenticationError, ConfigError, VersionMismatch
+from .gate import HEADER, Gate
+from .proxy import HANDSHAKE_TIMEOUT, SecureProxy, translate_connect_error  # noqa: F401
 
 log = logging.getLogger("pydist.security")
 
-PROTOCOL_VERSION = 1
 NODE_OBJECT_ID = "pydist.node"
 
-#: seconds a peer may take from TCP accept to a complete CONNECT message (TLS handshake included)
-HANDSHAKE_TIMEOUT = 5.0
 #: accepted difference between the client's and the node's clocks, seconds
 CLOCK_WINDOW = 300.0
-#: the CONNECT message of a pydist client is ~250 bytes; anything over this is refused before parsing
-HANDSHAKE_MAX_BYTES = 64 * 1024
 #: nonces remembered for replay detection (memory ~ 150 bytes each)
 REPLAY_CACHE_SIZE = 65536
+#: connections that may wait in the gate for their hello at once (when full, the oldest is dropped)
+MAX_PENDING_HANDSHAKES = 256
+#: seconds an authenticated connection may stay idle before the node closes it (0: never)
+IDLE_TIMEOUT = 600.0
+#: seconds between two refusal summary lines in the log
+REFUSAL_LOG_INTERVAL = 10.0
+#: the largest CONNECT of a plain Pyro5 proxy a node reads, to tell it clearly that this is a pydist node
+_PLAIN_CONNECT_MAX = 4096
+#: kept for callers of the previous API: no hello is bigger than this
+HANDSHAKE_MAX_BYTES = auth.HELLO_MAX
 
-# Tags that start every refusal text the daemon sends back (the client sees them inside CommunicationError).
-TAG_AUTH = "pydist-auth:"
-TAG_VERSION = "pydist-version:"
-TAG_REFUSED = "pydist-refused:"
-
-_MARSHAL_ID = serializers.MarshalSerializer.serializer_id
 _now = time.time        # one indirection so tests can move the clock of one side
 
 
 # ---------------------------------------------------------------------------------------------------------
-# versions
-# ---------------------------------------------------------------------------------------------------------
-
-def _pydist_version() -> str:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-        try:
-            return version("pydist")
-        except PackageNotFoundError:
-            return "0+unknown"
-    except Exception:       # pragma: no cover - broken metadata
-        return "0+unknown"
-
-
-def _cloudpickle_version() -> str:
-    try:
-        import cloudpickle
-        major, minor = (cloudpickle.__version__.split(".") + ["0"])[:2]
-        return f"{major}.{minor}"
-    except Exception:       # pragma: no cover - cloudpickle is a dependency
-        return "0.0"
-
-
-@functools.lru_cache(maxsize=1)
-def local_versions() -> dict:
-    """This process's version facts, as sent in every handshake."""
-    return {"pydist": PROTOCOL_VERSION, "ver": _pydist_version(),
-            "py": "%d.%d" % sys.version_info[:2], "cp": _cloudpickle_version()}
-
-
-def _describe(v: Mapping) -> str:
-    return (f"pydist {v.get('ver')} (protocol {v.get('pydist')}), Python {v.get('py')}, "
-            f"cloudpickle {v.get('cp')}")
-
-
-def _version_problem(mine: Mapping, theirs: Mapping) -> Optional[str]:
-    """None if compatible, else which fact differs."""
-    if theirs.get("pydist") != mine["pydist"]:
-        return "pydist protocol versions differ"
-    if theirs.get("py") != mine["py"]:
-        return "Python major.minor versions differ (pickles of functions are not portable across them)"
-    if str(theirs.get("cp", "")).split(".")[0] != str(mine["cp"]).split(".")[0]:
-        return "cloudpickle major versions differ"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# MAC
-# ---------------------------------------------------------------------------------------------------------
-
-def _mac(secret: bytes, label: bytes, *parts) -> bytes:
-    """HMAC-SHA256 over the label and length-prefixed parts (unambiguous)."""
-    h = hmac.new(secret, label, hashlib.sha256)
-    for p in parts:
-        b = p if isinstance(p, bytes) else str(p).encode()
-        h.update(struct.pack("!I", len(b)))
-        h.update(b)
-    return h.digest()
-
-
-def _client_fields(h: Mapping) -> tuple:
-    return (h["pydist"], h["ver"], h["py"], h["cp"], h["nonce"], repr(float(h["ts"])), h["dst"])
-
-
-def _server_fields(r: Mapping, nonce_c: bytes) -> tuple:
-    return (r["pydist"], r["ver"], r["py"], r["cp"], nonce_c, r["nonce"], r["name"])
-
-
-def client_hello(secret: Optional[bytes], dst: str, *, ts: Optional[float] = None,
-                 nonce: Optional[bytes] = None, versions: Optional[Mapping] = None) -> dict:
-    """The handshake dict a client sends (fresh nonce each call).  Exposed for tests and tools."""
-    h = dict(versions or local_versions())
-    h.update(nonce=nonce or secrets.token_bytes(16), ts=float(_now() if ts is None else ts), dst=str(dst))
-    h["mac"] = _mac(secret, b"pydist-client|", *_client_fields(h)) if secret else None
-    return h
-
-
-# ---------------------------------------------------------------------------------------------------------
-# replay cache
-# ---------------------------------------------------------------------------------------------------------
-
-class _ReplayCache:
-    """Nonces seen within the clock window.  Bounded: when full, the entry with the oldest timestamp is
-    evicted and its timestamp becomes a floor: hellos at or before the floor are refused, so an evicted
-    nonce can never be replayed (the cost of overflow is refusing very old hellos, not accepting replays)."""
-
-    def __init__(self, window: float, maxsize: int):
-        self.window, self.maxsize = window, maxsize
-        self._seen: dict = {}
-        self._heap: list = []
-        self._floor = float("-inf")
-        self._lock = threading.Lock()
-
-    def check_and_add(self, nonce: bytes, ts: float, now: float) -> Optional[str]:
-        with self._lock:
-            while self._heap and self._heap[0][0] + self.window < now:     # expired: cannot be replayed anyway
-                _, old = heapq.heappop(self._heap)
-                self._seen.pop(old, None)
-            if nonce in self._seen:
-                return "replayed handshake (this nonce was already used)"
-            if ts <= self._floor:
-                return "handshake too old for the replay cache; retry"
-            if len(self._seen) >= self.maxsize:
-                old_ts, old = heapq.heappop(self._heap)
-                self._seen.pop(old, None)
-                self._floor = max(self._floor, old_ts)
-                if ts <= self._floor:
-                    return "handshake too old for the replay cache; retry"
-            self._seen[nonce] = ts
-            heapq.heappush(self._heap, (ts, nonce))
-            return None
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pyro5 configuration
+# Pyro5 configuration, TLS
 # ---------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class TLSSettings:
     """Certificate files (PEM).  Server: cert+key required; with ca, client certificates are required
     (2-way TLS).  Client: ca required (the node's certificate must chain to it and name the host you dial);
-    cert+key for 2-way TLS.  A node is both: it uses cert/key as client certificate towards other nodes."""
+    cert+key for 2-way TLS.  A node is both: it uses cert/key as client certificate towards other nodes.
+    Only ``ca`` is trusted: never the system's certificate store."""
 
     cert: Optional[str] = None
     key: Optional[str] = None
@@ -284,6 +159,8 @@ def configure_pyro(*, max_message_size: Optional[int] = None, threadpool: Option
     - Pyro5 5.x has no ``SERIALIZERS_ACCEPTED`` (that was Pyro4): a daemon answers in whatever serializer a
       request uses, all of them data-only.  The global ``SERIALIZER`` stays serpent for name-server proxies;
       ``SecureProxy`` chooses marshal per proxy, and the daemon only accepts a marshal CONNECT.
+    - TLS: the client context (used by every proxy of this process, name-server proxies included) trusts
+      only ``tls.ca``: Pyro5's own would also trust the system's certificate store.
     - TLS: Pyro5 builds its client and server ``SSLContext`` once per process on first use and caches it.
       When the TLS settings change, this function drops those cached contexts so the next connection (or
       daemon) uses the new ones; daemons already listening keep the context they were created with.
@@ -297,8 +174,8 @@ def configure_pyro(*, max_message_size: Optional[int] = None, threadpool: Option
             pyro_config.THREADPOOL_SIZE = int(threadpool)
             pyro_config.THREADPOOL_SIZE_MIN = min(pyro_config.THREADPOOL_SIZE_MIN, pyro_config.THREADPOOL_SIZE)
         if max_message_size is not None:
-            if max_message_size < HANDSHAKE_MAX_BYTES:
-                raise ConfigError(f"max_message_size must be >= {HANDSHAKE_MAX_BYTES}, got {max_message_size}")
+            if max_message_size < 64 * 1024:
+                raise ConfigError(f"max_message_size must be >= {64 * 1024}, got {max_message_size}")
             pyro_config.MAX_MESSAGE_SIZE = int(max_message_size)
         if tls is None:
             wanted: tuple = ("off",)
@@ -327,6 +204,8 @@ def configure_pyro(*, max_message_size: Optional[int] = None, threadpool: Option
                     pyro_config.SSL_SERVERKEY = tls.key or ""
                     pyro_config.SSL_REQUIRECLIENTCERT = bool(tls.ca)
             _reset_ssl_context_cache()
+            if tls is not None:
+                _install_client_context(tls)
             _applied_tls = wanted
 
 
@@ -338,36 +217,19 @@ def _reset_ssl_context_cache() -> None:
             g[name] = None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# server side
-# ---------------------------------------------------------------------------------------------------------
 
-class _HandshakeRefused(Exception):
-    """Carries a tagged refusal text back to the client (str(exc) is what it sees)."""
-
-
-def _peer_of(conn) -> str:
-    try:
-        addr = conn.sock.getpeername()
-        if isinstance(addr, tuple):
-            return "%s:%s" % addr[:2]
-        return str(addr) or "unix-socket"
-    except OSError:
-        return "?"
-
-
-def _recv_exact(sock, n: int, deadline: float) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise socket.timeout("handshake deadline")
-        sock.settimeout(left)
-        chunk = sock.recv(min(n - len(buf), 65536))
-        if not chunk:
-            raise ConnectionError("peer closed the connection during the handshake")
-        buf += chunk
-    return bytes(buf)
+def _install_client_context(tls: TLSSettings) -> None:
+    """Build the TLS client context (only ``tls.ca`` trusted, hostname checked) and put it in Pyro5's cache."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)       # CERT_REQUIRED, check_hostname; no trust anchors yet
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.ca:
+        if os.path.isdir(tls.ca):
+            ctx.load_verify_locations(capath=tls.ca)
+        else:
+            ctx.load_verify_locations(cafile=tls.ca)
+    if tls.cert:
+        ctx.load_cert_chain(tls.cert, tls.key or None)
+    vars(Pyro5.socketutil)["__ssl_client_context"] = ctx
 
 
 @functools.lru_cache(maxsize=256)
@@ -387,167 +249,274 @@ def _split_location(loc: str) -> tuple:
     return host.strip("[]").lower(), port
 
 
+
+# ---------------------------------------------------------------------------------------------------------
+# server side
+# ---------------------------------------------------------------------------------------------------------
+
+def _frame(msgtype: int, seq: int, serializer_id: int, payload: bytes) -> bytes:
+    return HEADER.pack(b"PYRO", protocol.PROTOCOL_VERSION, msgtype, serializer_id, 0, seq, len(payload), 0,
+                       b"\0" * 16, 0, protocol._magic_number) + payload
+
+
+def refusal_frame(text: str, seq: int = 0) -> bytes:
+    """A CONNECTFAIL frame in pydist's format carrying ``text``."""
+    return _frame(protocol.MSG_CONNECTFAIL, seq, auth.HELLO_SERIALIZER, auth.encode_refusal(text))
+
+
+_PRE_AUTH_REFUSAL = f"{TAG_AUTH} refused"
+
+_scope = threading.local()      # the scope of the connection this Pyro5 worker thread serves (None: full)
+
+
+class _ScopedObjects(dict):
+    """``Daemon.objectsById`` that shows a scoped connection only what its scope may reach."""
+
+    daemon: "SecureDaemon"
+
+    def get(self, key, default=None):
+        scope = getattr(_scope, "value", None)
+        if scope is None:
+            return dict.get(self, key, default)
+        if key != NODE_OBJECT_ID or self.daemon.scoped is None:
+            return default
+        return self.daemon.scoped(scope)
+
+
+class _Serve:
+    """A Pyro5 pool job: finish the handshake of a connection whose mac the gate has checked, then serve it
+    (one worker thread for the connection's life, as Pyro5's thread server does)."""
+
+    def __init__(self, daemon: "SecureDaemon", sock, peer: str, hello: auth.Hello, seq: int, deadline: float):
+        self.daemon, self.sock, self.peer, self.hello, self.seq, self.deadline = \
+            daemon, sock, peer, hello, seq, deadline
+
+    def __call__(self) -> None:
+        d = self.daemon
+        conn = Pyro5.socketutil.SocketConnection(self.sock)
+        conn.pydist_scope = self.hello.scope or None
+        _scope.value = conn.pydist_scope
+        ok = False
+        try:
+            self.sock.setblocking(True)
+            ok = d._finish_handshake(conn, self.hello, self.peer, self.seq, self.deadline)
+            if not ok:
+                return
+            self.sock.settimeout(d.idle_timeout or None)
+            while True:
+                try:
+                    d.handleRequest(conn)
+                except Pyro5.errors.TimeoutError:
+                    log.debug("closed connection from %s: idle for %.0f s", self.peer, d.idle_timeout)
+                    break
+                except (OSError, Pyro5.errors.ConnectionClosedError, Pyro5.errors.SecurityError):
+                    break
+                except Exception:  # noqa: BLE001 - one broken connection must not take the thread down
+                    log.warning("error serving %s; closing its connection", self.peer, exc_info=True)
+                    break
+        finally:
+            _scope.value = None
+            if ok:
+                try:
+                    d._clientDisconnect(conn)
+                except Exception:  # noqa: BLE001
+                    log.debug("clientDisconnect failed", exc_info=True)
+            conn.close()
+
+
 class SecureDaemon(Pyro5.server.Daemon):
-    """A Pyro5 daemon whose connections must pass the pydist handshake.
+    """A Pyro5 daemon (thread server) whose connections must pass the pydist hello.
 
     Extra keywords: ``handshake_timeout`` (s, default 5), ``clock_window`` (s, default 300),
-    ``replay_cache_size``, ``aliases`` (extra "host:port" strings clients may dial to reach this node,
-    e.g. a port mapped by Docker or a load balancer); everything else goes to ``Pyro5.server.Daemon``.
+    ``replay_cache_size``, ``aliases`` (extra "host:port" strings clients may dial to reach this node, e.g. a
+    port mapped by Docker), ``max_pending_handshakes`` (connections waiting for their hello, default 256),
+    ``idle_timeout`` (s an authenticated connection may stay idle, default 600; 0: never),
+    ``refusal_log_interval`` (s between refusal summaries), ``scoped`` (``scope -> object`` shown to scoped
+    connections in place of ``pydist.node``; None: scoped hellos are refused); everything else goes to
+    ``Pyro5.server.Daemon``.
     """
 
     def __init__(self, host=None, port=0, *, secret: Optional[bytes], name: str,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, clock_window: float = CLOCK_WINDOW,
-                 replay_cache_size: int = REPLAY_CACHE_SIZE, aliases: Iterable[str] = (), **kw):
+                 replay_cache_size: int = REPLAY_CACHE_SIZE, aliases: Iterable[str] = (),
+                 max_pending_handshakes: int = MAX_PENDING_HANDSHAKES, idle_timeout: float = IDLE_TIMEOUT,
+                 refusal_log_interval: float = REFUSAL_LOG_INTERVAL,
+                 scoped: Optional[Callable[[str], object]] = None, **kw):
         if isinstance(secret, str):
             secret = secret.encode()
         if secret is not None and not secret:
             raise ConfigError("the cluster secret is empty; give a long random one or none at all")
+        if pyro_config.SERVERTYPE != "thread":
+            raise ConfigError("pydist needs Pyro5's thread server (SERVERTYPE=thread)")
+        if handshake_timeout <= 0 or max_pending_handshakes < 1 or idle_timeout < 0:
+            raise ConfigError("handshake_timeout must be > 0, max_pending_handshakes >= 1, idle_timeout >= 0")
         self._pydist_secret = secret
         self._pydist_name = str(name)
         self._pydist_handshake_timeout = float(handshake_timeout)
         self._pydist_window = float(clock_window)
-        self._pydist_replays = _ReplayCache(self._pydist_window, replay_cache_size)
+        self._pydist_replays = auth.ReplayCache(self._pydist_window, replay_cache_size)
         self._pydist_aliases = {a.lower() for a in aliases}
+        self.idle_timeout = float(idle_timeout)
+        self.scoped = scoped
+        self.refusals = auth.RefusalLog(log, refusal_log_interval)
+        self._gate: Optional[Gate] = None
+        self._accept_pause = threading.Event()
         super().__init__(host, port, **kw)
-        sock = self.transportServer.sock
+        objects = _ScopedObjects(self.objectsById)
+        objects.daemon = self
+        self.objectsById = objects
+        ts = self.transportServer
+        sock = ts.sock
         if isinstance(sock, ssl.SSLSocket):
-            # Otherwise accept() runs the TLS handshake in the daemon's single accept thread, where one silent
-            # peer blocks every other connection.  We run it in the connection's worker, under the deadline.
-            sock.do_handshake_on_connect = False
+            sock.do_handshake_on_connect = False     # the gate runs it, without blocking, under the deadline
+        sock.setblocking(False)
+        self._gate = Gate(self._on_frame, self._on_drop, timeout=self._pydist_handshake_timeout,
+                          max_pending=max_pending_handshakes, max_body=self._max_body,
+                          name=f"pydist-gate-{self._pydist_name}")
+        self._gate.ticks = self.refusals.flush
+        self._gate.start()
+        ts.events = self._events        # Pyro5's accept loop calls this; ours never reads from a peer
 
-    # -- the frame ---------------------------------------------------------------------------------------
-
-    def _handshake(self, conn, denied_reason=None):
-        """Pyro5's handshake, with a total deadline and a size cap (replaces Daemon._handshake)."""
-        previous_timeout = conn.gettimeout()
-        budget = self._pydist_handshake_timeout if not denied_reason else min(1.0, self._pydist_handshake_timeout)
-        deadline = time.monotonic() + budget
-        sock = conn.sock
-        peer = _peer_of(conn)
-        try:
-            if isinstance(sock, ssl.SSLSocket):
-                sock.settimeout(max(0.001, deadline - time.monotonic()))
-                sock.do_handshake()
-            header = _recv_exact(sock, protocol._header_size, deadline)
-            msg = protocol.ReceivingMessage(header)      # checks tag, Pyro5 protocol version, magic, size limit
-            size = msg.data_size + msg.annotations_size
-            if msg.type != protocol.MSG_CONNECT or size > HANDSHAKE_MAX_BYTES:
-                log.info("closed connection from %s: not a valid connect message", peer)
-                return False
-            payload = _recv_exact(sock, size, deadline) if size else b""
-        except (OSError, EOFError, ValueError, Pyro5.errors.PyroError) as exc:
-            # silent (deadline), closed early, TLS failure, garbage: drop just this connection
-            level = logging.WARNING if isinstance(exc, ssl.SSLError) else logging.DEBUG
-            log.log(level, "closed connection from %s during handshake: %s", peer, exc)
-            return False
-        compressed = bool(msg.flags & protocol.FLAGS_COMPRESSED)
-        msg.flags &= ~protocol.FLAGS_COMPRESSED
-        serializer_id = msg.serializer_id if msg.serializer_id in serializers.serializers_by_id else _MARSHAL_ID
-        ok = False
-        try:
-            if msg.flags & protocol.FLAGS_CORR_ID:
-                current_context.correlation_id = uuid.UUID(bytes=msg.corr_id)
-            else:
-                current_context.correlation_id = uuid.uuid4()
-            if denied_reason:
-                raise _HandshakeRefused(f"{TAG_REFUSED} {denied_reason}")
-            msg.add_payload(payload)
-            data = bytes(msg.data)
-            if compressed:
-                dec = zlib.decompressobj()
-                data = dec.decompress(data, HANDSHAKE_MAX_BYTES)
-                if dec.unconsumed_tail or not dec.eof:
-                    raise _HandshakeRefused(f"{TAG_REFUSED} connect message too large or corrupt")
-            if msg.serializer_id != _MARSHAL_ID:
-                raise _HandshakeRefused(f"{TAG_REFUSED} this is a pydist node: connect with pydist "
-                                        "(SecureProxy, marshal serializer)")
+    # -- the accept thread ---------------------------------------------------------------------------------
+    def _events(self, eventsockets) -> None:
+        ts = self.transportServer
+        if ts is None or ts.sock is None:
+            return
+        if not ts._selector.select(pyro_config.POLLTIMEOUT):
+            return
+        for _ in range(64):        # drain the backlog, then let the loop check for shutdown
             try:
-                request = marshal.loads(data)
-            except (ValueError, EOFError, TypeError) as exc:
-                raise _HandshakeRefused(f"{TAG_REFUSED} unreadable connect message ({exc})") from None
-            if not isinstance(request, dict) or "handshake" not in request or "object" not in request:
-                raise _HandshakeRefused(f"{TAG_REFUSED} not a pydist connect message")
-            reply = self.validateHandshake(conn, request["handshake"])
-            meta = self.objectsById[Pyro5.core.DAEMON_NAME].get_metadata(request["object"])
-            out = {"handshake": reply, "meta": meta}
-            msgtype, ok = protocol.MSG_CONNECTOK, True
-        except Exception as exc:  # noqa: BLE001 - every refusal goes back to the peer as text
-            if not isinstance(exc, (_HandshakeRefused, AuthenticationError, VersionMismatch)):
-                log.debug("handshake from %s failed", peer, exc_info=True)
-            out, msgtype = str(exc), protocol.MSG_CONNECTFAIL
-        try:
-            serializer = serializers.serializers_by_id[serializer_id]
-            annotations = getattr(self, "_Daemon__annotations", dict)()
-            reply_msg = protocol.SendingMessage(msgtype, 0, msg.seq, serializer_id, serializer.dumps(out),
-                                                annotations=annotations)
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            conn.send(reply_msg.data)
-        except Exception as exc:  # noqa: BLE001
-            log.debug("could not answer the handshake of %s: %s", peer, exc)
-            return False
-        if ok:
-            conn.settimeout(previous_timeout)   # back to Pyro5's mode: idle connections are never dropped
-        return ok
+                csock, caddr = ts.sock.accept()
+            except (BlockingIOError, InterruptedError, socket.timeout):
+                return
+            except ssl.SSLError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # out of descriptors: free the oldest waiting hello, and do not spin on the backlog
+                    self.refusals.refused("out of file descriptors", "?")
+                    self._gate.shed()
+                    self._accept_pause.wait(0.05)
+                    return
+                raise
+            if ts.shutting_down:
+                csock.close()
+                return
+            self._gate.submit(csock, caddr)
 
-    # -- the content ---------------------------------------------------------------------------------------
+    # -- the gate thread: cheap checks only (O(frame size), no DNS, no waiting) ------------------------------
+    @staticmethod
+    def _max_body(fields: tuple) -> Optional[int]:
+        tag, ver, msgtype, ser, flags, _seq, size, ann, _corr, _res, magic = fields
+        if tag != b"PYRO" or ver != protocol.PROTOCOL_VERSION or magic != protocol._magic_number \
+                or msgtype != protocol.MSG_CONNECT or ann:
+            return None
+        if ser == auth.HELLO_SERIALIZER:
+            return size if size <= auth.HELLO_MAX and not flags & ~protocol.FLAGS_CORR_ID else None
+        if ser in serializers.serializers_by_id and size <= _PLAIN_CONNECT_MAX:
+            return size       # a plain Pyro5 proxy: read it (never decode it) to answer it clearly
+        return None
 
-    def validateHandshake(self, conn, data):
-        """Check a client hello (see the module docstring); return the reply dict or raise (tagged text)."""
-        peer = _peer_of(conn) if conn is not None else "?"
-        if not isinstance(data, dict):
-            raise _HandshakeRefused(f"{TAG_REFUSED} not a pydist client (plain Pyro5 proxy?)")
+    def _on_drop(self, reason: str, peer: str, quiet: bool) -> None:
+        if quiet:
+            log.debug("closed connection from %s: %s", peer, reason)
+        else:
+            self.refusals.refused(reason, peer)
+
+    def _on_frame(self, sock, peer: str, fields: tuple, body: bytes, deadline: float) -> Optional[bytes]:
+        ser, seq = fields[3], fields[5]
+        if ser != auth.HELLO_SERIALIZER:
+            self.refusals.refused("not a pydist client (plain Pyro5 proxy?)", peer)
+            text = f"{TAG_REFUSED} this is a pydist node: connect with pydist (SecureProxy)"
+            return _frame(protocol.MSG_CONNECTFAIL, seq, ser, serializers.serializers_by_id[ser].dumps(text))
         try:
-            hello = {"pydist": int(data["pydist"]), "ver": str(data["ver"]), "py": str(data["py"]),
-                     "cp": str(data["cp"]), "nonce": bytes(data["nonce"]), "ts": float(data["ts"]),
-                     "dst": str(data["dst"]), "mac": data.get("mac")}
-        except (KeyError, TypeError, ValueError):
-            raise _HandshakeRefused(f"{TAG_REFUSED} malformed pydist handshake") from None
-        if not math.isfinite(hello["ts"]):
-            raise _HandshakeRefused(f"{TAG_REFUSED} malformed pydist handshake")
-        mine = local_versions()
-        if hello["pydist"] != mine["pydist"]:
-            raise self._version_error(hello, "pydist protocol versions differ")
+            hello = auth.parse_hello(body)
+        except auth.HelloError as exc:
+            self.refusals.refused(f"malformed hello ({exc})", peer)
+            return refusal_frame(_PRE_AUTH_REFUSAL, seq)
         secret = self._pydist_secret
         if secret is not None:
-            mac = hello["mac"]
-            if not isinstance(mac, bytes):
-                log.warning("refused connection from %s: the client has no cluster secret", peer)
-                raise AuthenticationError(f"{TAG_AUTH} node {self._pydist_name} requires the cluster secret and "
-                                          "the client gave none (set PYDIST_SECRET or --secret-file)")
-            if len(hello["nonce"]) < 16 or not hmac.compare_digest(
-                    mac, _mac(secret, b"pydist-client|", *_client_fields(hello))):
-                log.warning("refused connection from %s: wrong cluster secret", peer)
-                raise AuthenticationError(f"{TAG_AUTH} node {self._pydist_name} refused the connection: "
-                                          "wrong cluster secret")
+            if not auth.hello_mac_ok(hello, secret):
+                self.refusals.refused("no cluster secret" if hello.mac is None else "wrong cluster secret", peer)
+                return refusal_frame(_PRE_AUTH_REFUSAL, seq)
+            # the peer has proved the secret (or a scope's capability): from here refusals may say why
             now = _now()
-            skew = hello["ts"] - now
+            skew = hello.ts - now
             if abs(skew) > self._pydist_window:
-                log.warning("refused connection from %s: clocks differ by %.0f s", peer, skew)
-                raise AuthenticationError(
+                self.refusals.refused("clocks differ", peer)
+                return refusal_frame(
                     f"{TAG_AUTH} handshake timestamp is {skew:+.0f} s off the clock of node {self._pydist_name} "
-                    f"(allowed ±{self._pydist_window:.0f} s): check the clocks of both machines (NTP)")
-            problem = self._pydist_replays.check_and_add(hello["nonce"], hello["ts"], now)
+                    f"(allowed ±{self._pydist_window:.0f} s): check the clocks of both machines (NTP)", seq)
+            problem = self._pydist_replays.check_and_add(hello.nonce, hello.ts, now)
             if problem:
-                log.warning("refused connection from %s: %s", peer, problem)
-                raise AuthenticationError(f"{TAG_AUTH} {problem}")
-            if conn is not None and not self._destination_ok(conn, hello["dst"]):
-                log.warning("refused connection from %s: handshake made for %s", peer, hello["dst"])
-                raise AuthenticationError(
-                    f"{TAG_AUTH} the handshake was made for {hello['dst']}, which is not an address of node "
+                self.refusals.refused(problem, peer)
+                return refusal_frame(f"{TAG_AUTH} {problem}", seq)
+        if hello.scope and self.scoped is None:
+            self.refusals.refused("scoped hello", peer)
+            return refusal_frame(f"{TAG_REFUSED} this node serves no scoped connections", seq)
+        pool = self.transportServer.pool if self.transportServer else None
+        if pool is None:
+            return b""
+        try:
+            pool.process(_Serve(self, sock, peer, hello, seq, deadline))
+        except Pyro5.svr_threads.NoFreeWorkersError:
+            self.refusals.refused("no free connection thread", peer)
+            return refusal_frame(f"{TAG_BUSY} node {self._pydist_name} has no free connection thread (all "
+                                 f"{pyro_config.THREADPOOL_SIZE} in use, see --threadpool); retry later", seq)
+        except Pyro5.svr_threads.PoolError:
+            return b""
+        return None
+
+    # -- a Pyro5 worker thread: the rest of the checks (may resolve a host name), then the reply --------------
+    def _finish_handshake(self, conn, hello: auth.Hello, peer: str, seq: int, deadline: float) -> bool:
+        sock = conn.sock
+        secret = self._pydist_secret
+        text = None
+        if secret is not None and not self._destination_ok(conn, hello.dst):
+            self.refusals.refused(f"hello made for {hello.dst}", peer)
+            text = (f"{TAG_AUTH} the handshake was made for {hello.dst}, which is not an address of node "
                     f"{self._pydist_name} ({self.locationStr}); behind NAT or port mapping, start the node "
                     "with that address as an alias")
-        problem = _version_problem(mine, hello)
-        if problem:
-            raise self._version_error(hello, problem)
-        reply = dict(mine)
-        reply.update(name=self._pydist_name, nonce=secrets.token_bytes(16))
-        reply["mac"] = _mac(secret, b"pydist-server|", *_server_fields(reply, hello["nonce"])) if secret else None
-        return reply
+        else:
+            problem = auth.version_problem(local_versions(), hello.versions())
+            if problem:
+                self.refusals.refused(problem, peer)
+                text = (f"{TAG_VERSION} {problem}: node {self._pydist_name} runs {auth.describe(local_versions())}; "
+                        f"the client runs {auth.describe(hello.versions())}")
+        if text is None:
+            try:
+                m = self.objectsById[Pyro5.core.DAEMON_NAME].get_metadata(hello.object)
+                meta = auth.encode_meta(m["methods"], m["oneway"], m["attrs"])
+            except (Pyro5.errors.DaemonError, ValueError):
+                text = f"{TAG_REFUSED} unknown object {hello.object!r}"
+        if text is None:
+            key = auth.key_for(secret, hello.scope) if secret is not None else None
+            body = auth.encode_reply(key, hello.nonce, self._pydist_name, meta, idle=self.idle_timeout)
+            frame = _frame(protocol.MSG_CONNECTOK, seq, auth.HELLO_SERIALIZER, body)
+        else:
+            frame = refusal_frame(text, seq)
+        try:
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
+            conn.send(frame)
+        except (OSError, Pyro5.errors.CommunicationError) as exc:
+            log.debug("could not answer the hello of %s: %s", peer, exc)
+            return False
+        return text is None
 
-    def _version_error(self, hello, problem) -> VersionMismatch:
-        log.warning("refused connection: %s", problem)
-        return VersionMismatch(f"{TAG_VERSION} {problem}: node {self._pydist_name} runs "
-                               f"{_describe(local_versions())}; the client runs {_describe(hello)}")
+    def validateHandshake(self, conn, data):       # pragma: no cover - the gate replaces Pyro5's handshake
+        raise Pyro5.errors.SecurityError("pydist nodes check hellos in the gate")
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def pending_handshakes(self) -> int:
+        """Connections waiting in the gate for their hello."""
+        return self._gate.pending() if self._gate else 0
+
+    def close(self) -> None:
+        gate, self._gate = self._gate, None
+        self._accept_pause.set()
+        if gate is not None:
+            gate.stop()
+        super().close()
 
     def _destination_ok(self, conn, dst: str) -> bool:
         """Is ``dst`` (the 'host:port' the client dialed) this node?  Stops replaying a hello sniffed on its
@@ -582,117 +551,6 @@ class SecureDaemon(Pyro5.server.Daemon):
             return local_ip in _resolve(host)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# client side
-# ---------------------------------------------------------------------------------------------------------
-
-def _uri_location(uri: Pyro5.core.URI) -> str:
-    if uri.sockname:
-        return "./u:" + uri.sockname
-    host = uri.host
-    if ":" in host:
-        host = "[%s]" % host
-    return "%s:%d" % (host, uri.port)
-
-
-class SecureProxy(Pyro5.client.Proxy):
-    """A Pyro5 proxy (marshal serializer) that proves the cluster secret and checks the node's proof on
-    every (re)connect, with a fresh nonce each time.  ``pydist_peer_name`` is the node's name once connected.
-
-    ``timeout``: Pyro5's call timeout (None = calls may take as long as they take).  The connect plus
-    handshake always has a deadline (``handshake_timeout``), even when ``timeout`` is None, so a frozen
-    or silent node cannot hang a (re)connect forever.
-    """
-
-    def __init__(self, uri, *, secret: Optional[bytes], timeout: Optional[float] = None,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT):
-        if isinstance(secret, str):
-            secret = secret.encode()
-        _set = object.__setattr__      # Proxy.__setattr__ would connect to look up remote attributes
-        _set(self, "_pydist_secret", secret or None)
-        _set(self, "_pydist_handshake_timeout", float(handshake_timeout))
-        _set(self, "_pydist_pending", None)
-        _set(self, "pydist_peer_name", None)
-        _set(self, "pydist_peer_versions", None)
-        super().__init__(uri)
-        self._pyroSerializer = "marshal"
-        self._pyroTimeout = timeout
-
-    # A property shadows the instance attribute Pyro5 reads once per connection attempt, right before it
-    # sends CONNECT: every (re)connect gets a fresh nonce and timestamp.
-    @property
-    def _pyroHandshake(self):
-        uri = self._pyroUri
-        if uri.protocol != "PYRO":
-            uri = Pyro5.core.resolve(uri)          # the same lookup the connect itself is about to do
-        hello = client_hello(self._pydist_secret, _uri_location(uri))
-        object.__setattr__(self, "_pydist_pending", hello)
-        return hello
-
-    @_pyroHandshake.setter
-    def _pyroHandshake(self, value):
-        pass    # Proxy.__init__ / __setstate__ assign a default; ours is computed per connection
-
-    def _Proxy__pyroCreateConnection(self, replaceUri=False, connected_socket=None):
-        # Wraps Pyro5's private connect so the TCP/TLS connect and the handshake always have a deadline;
-        # the call timeout chosen by the user is restored for the calls that follow.
-        if self._pyroConnection is not None:
-            return False
-        user_timeout = self._Proxy__pyroTimeout
-        hs = self._pydist_handshake_timeout
-        object.__setattr__(self, "_Proxy__pyroTimeout", hs if not user_timeout else min(user_timeout, hs))
-        try:
-            return Pyro5.client.Proxy._Proxy__pyroCreateConnection(self, replaceUri, connected_socket)
-        finally:
-            self._pyroTimeout = user_timeout     # property: also applies to the new connection's socket
-
-    def _pyroValidateHandshake(self, response):
-        hello = self._pydist_pending
-        where = _uri_location(self._pyroUri) if self._pyroUri.protocol == "PYRO" else str(self._pyroUri)
-        try:
-            check_server_reply(response, hello, self._pydist_secret, where)
-        except BaseException:
-            # Pyro5 has already stored the connection on the proxy: drop it, or the next call would use it.
-            self._pyroRelease()
-            raise
-        object.__setattr__(self, "pydist_peer_name", response["name"])
-        object.__setattr__(self, "pydist_peer_versions",
-                           {k: response[k] for k in ("pydist", "ver", "py", "cp")})
-
-    def __getstate__(self):
-        raise TypeError("a SecureProxy holds the cluster secret and cannot be pickled or copied; "
-                        "pass the node's address and connect() on the other side")
-
-    def __copy__(self):
-        raise TypeError("a SecureProxy cannot be copied; connect() again")
-
-
-assert hasattr(Pyro5.client.Proxy, "_Proxy__pyroCreateConnection"), "Pyro5 internals changed: check SecureProxy"
-
-
-def check_server_reply(response, hello: Mapping, secret: Optional[bytes], where: str) -> None:
-    """Client side: verify the node's handshake reply for the ``hello`` we sent; raise or return."""
-    if not isinstance(response, dict) or not isinstance(response.get("nonce"), bytes) \
-            or "name" not in response or "pydist" not in response:
-        raise AuthenticationError(f"{where} is not a pydist node (its handshake reply is not pydist's)")
-    mine = local_versions()
-    if secret is not None:
-        mac = response.get("mac")
-        if not isinstance(mac, bytes):
-            raise AuthenticationError(f"node {response.get('name')!r} at {where} has no cluster secret and so "
-                                      "cannot prove it belongs to the cluster; refusing it (start the node "
-                                      "with the secret, or connect without one on a loopback-only setup)")
-        try:
-            fields = _server_fields(response, hello["nonce"])
-        except (KeyError, TypeError):
-            raise AuthenticationError(f"malformed handshake reply from {where}") from None
-        if not hmac.compare_digest(mac, _mac(secret, b"pydist-server|", *fields)):
-            raise AuthenticationError(f"node at {where} failed to prove knowledge of the cluster secret "
-                                      "(wrong secret, or an impostor registered under the node's name)")
-    problem = _version_problem(mine, response)
-    if problem:
-        raise VersionMismatch(f"{problem}: node {response.get('name')!r} at {where} runs {_describe(response)}; "
-                              f"this process runs {_describe(mine)}")
 
 
 def _node_uri(uri_or_address: str) -> str:
@@ -709,44 +567,22 @@ def _node_uri(uri_or_address: str) -> str:
     return f"PYRO:{NODE_OBJECT_ID}@{host}:{port}"
 
 
-def translate_connect_error(exc: BaseException, address: str) -> Exception:
-    """Turn what a Pyro5 connect raised into the pydist error to show (returns it; does not raise)."""
-    if isinstance(exc, (AuthenticationError, VersionMismatch, ClusterUnavailable)):
-        return exc
-    text = str(exc)
-    for tag, cls in ((TAG_AUTH, AuthenticationError), (TAG_VERSION, VersionMismatch)):
-        i = text.find(tag)
-        if i >= 0:
-            return cls(f"{address}: {text[i + len(tag):].strip()}")
-    i = text.find(TAG_REFUSED)
-    if i >= 0:
-        return AuthenticationError(f"{address} refused the connection: {text[i + len(TAG_REFUSED):].strip()}")
-    chain, c = [], exc
-    while c is not None and len(chain) < 5:
-        chain.append(c)
-        c = c.__cause__ or c.__context__
-    if any(isinstance(c, ssl.SSLError) for c in chain) or "CERTIFICATE" in text.upper() \
-            or "SSL" in text.upper():
-        return AuthenticationError(f"TLS with {address} failed ({text}): check that both sides use "
-                                   "certificates signed by the cluster CA, that the node's certificate names "
-                                   "the host you dial, and that both sides have TLS on")
-    hint = "is pydist-node running there and reachable (host, port, firewall)?"
-    if isinstance(exc, Pyro5.errors.ConnectionClosedError):
-        hint = "something listens there but closed the connection: is it a pydist node, and does it use TLS?"
-    return ClusterUnavailable(f"no pydist node answers at {address} ({text}): {hint}")
-
+# ---------------------------------------------------------------------------------------------------------
+# connecting
+# ---------------------------------------------------------------------------------------------------------
 
 def _is_final(err: Exception) -> bool:
     return isinstance(err, (AuthenticationError, VersionMismatch))
 
 
 def connect(uri_or_address: str, *, secret: Optional[bytes], timeout: float = 5.0, tls=None,
-            call_timeout: Optional[float] = None) -> SecureProxy:
+            call_timeout: Optional[float] = None, scope: str = "") -> SecureProxy:
     """Connect to a node now.  'host:port' means ``PYRO:pydist.node@host:port``; a PYRO/PYRONAME URI is used
-    as is.  Refused or unreachable: retried until ``timeout``, then ``ClusterUnavailable`` naming the address.
-    Handshake refusals raise ``AuthenticationError`` / ``VersionMismatch`` at once.  ``tls``: if given,
-    ``configure_pyro(tls=tls)`` is called first (client role).  ``call_timeout`` becomes the proxy's Pyro5
-    call timeout (None: unlimited).  The proxy belongs to the calling thread (Pyro5 rule)."""
+    as is.  Refused, unreachable or busy: retried until ``timeout``, then ``ClusterUnavailable`` naming the
+    address.  Handshake refusals raise ``AuthenticationError`` / ``VersionMismatch`` at once.  ``tls``: if
+    given, ``configure_pyro(tls=tls)`` is called first (client role).  ``call_timeout`` becomes the proxy's
+    Pyro5 call timeout (None: unlimited).  ``scope``: a scoped connection, ``secret`` being that scope's
+    capability.  The proxy belongs to the calling thread (Pyro5 rule)."""
     if tls is not None:
         configure_pyro(tls=tls)
     uri = _node_uri(uri_or_address)
@@ -755,7 +591,7 @@ def connect(uri_or_address: str, *, secret: Optional[bytes], timeout: float = 5.
     delay = 0.02
     while True:
         left = deadline - time.monotonic()
-        proxy = SecureProxy(uri, secret=secret, timeout=call_timeout,
+        proxy = SecureProxy(uri, secret=secret, timeout=call_timeout, scope=scope,
                             handshake_timeout=max(0.05, min(HANDSHAKE_TIMEOUT, left)))
         try:
             proxy._pyroBind()
@@ -765,12 +601,12 @@ def connect(uri_or_address: str, *, secret: Optional[bytes], timeout: float = 5.
             err = translate_connect_error(exc, address)
             if _is_final(err) or time.monotonic() + delay >= deadline:
                 raise err from (None if err is exc else exc)
-        time.sleep(delay)      # waiting for a node that is still starting
+        time.sleep(delay)      # waiting for a node that is still starting, or busy
         delay = min(delay * 2, 0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# secrets and certificates
+# secrets
 # ---------------------------------------------------------------------------------------------------------
 
 def release(proxy) -> None:
@@ -783,98 +619,6 @@ def release(proxy) -> None:
         pass
 
 
-def load_secret(value: str | bytes | None = None, secret_file: Optional[str] = None,
-                env: Mapping = os.environ) -> Optional[bytes]:
-    """The cluster secret: explicit value > secret_file > env PYDIST_SECRET > None.  Empty is an error."""
-    if value is not None:
-        b = (value.encode() if isinstance(value, str) else bytes(value)).strip()
-        if not b:
-            raise ConfigError("the cluster secret given is empty")
-        return b
-    if secret_file:
-        return read_secret_file(secret_file)
-    v = env.get("PYDIST_SECRET")
-    if v is not None:
-        if not v.strip():
-            raise ConfigError("PYDIST_SECRET is set but empty: unset it or put a long random string in it")
-        return v.strip().encode()
-    return None
-
-
-def new_secret() -> bytes:
-    """A random secret (64 hex characters, so it can travel in an environment variable)."""
-    return secrets.token_hex(32).encode()
-
-
-def make_certs(directory, hosts: Iterable[str] = ("127.0.0.1", "localhost"),
-               names: Iterable[str] = ("node",)) -> dict:
-    """Write a CA (ca.pem, ca.key; reused if already there) and, per name, NAME.pem/NAME.key signed by it,
-    valid for every host in ``hosts`` (IP SANs for addresses) and usable as server and client certificate.
-    Returns {"ca": ..., "ca_key": ..., NAME: cert path, NAME + "_key": key path}."""
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    except ImportError:     # pragma: no cover
-        raise ConfigError("make-certs needs the 'cryptography' package: pip install 'pydist[tls]'") from None
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=3650)
-
-    def write_key(path: Path, key) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
-
-    ca_pem, ca_keyfile = d / "ca.pem", d / "ca.key"
-    if ca_pem.exists() and ca_keyfile.exists():
-        ca_cert = x509.load_pem_x509_certificate(ca_pem.read_bytes())
-        ca_key = serialization.load_pem_private_key(ca_keyfile.read_bytes(), None)
-    else:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pydist cluster CA")])
-        ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-                   .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(start).not_valid_after(end)
-                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                   .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                                content_commitment=False, key_encipherment=False,
-                                                data_encipherment=False, key_agreement=False,
-                                                encipher_only=False, decipher_only=False), critical=True)
-                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-                   .sign(ca_key, hashes.SHA256()))
-        write_key(ca_keyfile, ca_key)
-        ca_pem.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    sans = []
-    for h in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
-    paths = {"ca": str(ca_pem), "ca_key": str(ca_keyfile)}
-    for name in names:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-                .issuer_name(ca_cert.subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                               critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        cert_path, key_path = d / f"{name}.pem", d / f"{name}.key"
-        write_key(key_path, key)
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        paths[name], paths[f"{name}_key"] = str(cert_path), str(key_path)
-    return paths
-
-
 __all__ = ["PROTOCOL_VERSION", "NODE_OBJECT_ID", "TLSSettings", "configure_pyro", "SecureDaemon", "SecureProxy",
            "connect", "translate_connect_error", "make_certs", "load_secret", "new_secret", "local_versions",
-           "client_hello", "check_server_reply"]
+           "user_secret", "user_secret_path", "UserSecret", "capability", "refusal_frame"]

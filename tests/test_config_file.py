@@ -99,7 +99,8 @@ def _node(args, env, tmp_path):
     try:
         addr = read_ready(p, 30)
         assert addr, p.stderr.read().decode() if p.poll() is not None else "no READY line"
-        proxy = security.connect(addr, secret=None, timeout=10)
+        # a node without a secret uses this user's secret file (issue #11): read it as a client of that user would
+        proxy = security.connect(addr, secret=security.user_secret(env=env), timeout=10)
         try:
             st = proxy.status()
         finally:

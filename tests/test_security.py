@@ -23,6 +23,7 @@ import Pyro5.errors
 import Pyro5.server
 from Pyro5 import protocol
 
+from pydist import auth
 from pydist import security as S
 from pydist.errors import AuthenticationError, ClusterUnavailable, ConfigError, VersionMismatch
 from conftest import wait_for
@@ -66,20 +67,26 @@ def node():
         assert not t.is_alive()
 
 
-def raw_connect_message(hello, obj=S.NODE_OBJECT_ID, serializer_id=2) -> bytes:
-    payload = marshal.dumps({"handshake": hello, "object": obj})
-    return protocol.SendingMessage(protocol.MSG_CONNECT, 0, 0, serializer_id, payload).data
+def client_hello(secret, dst, obj=S.NODE_OBJECT_ID, **kw) -> bytes:
+    return auth.encode_hello(secret, dst, obj, **kw)[0]
+
+
+def raw_connect_message(hello: bytes, serializer_id=auth.HELLO_SERIALIZER) -> bytes:
+    return protocol.SendingMessage(protocol.MSG_CONNECT, 0, 0, serializer_id, hello).data
 
 
 def raw_handshake(address: str, frame: bytes):
-    """Send one CONNECT frame on a raw socket; return (msgtype, decoded reply)."""
+    """Send one CONNECT frame on a raw socket; return (msgtype, auth.Reply or the refusal text)."""
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(frame)
         from Pyro5.socketutil import SocketConnection
         conn = SocketConnection(s, keep_open=True)
         msg = protocol.recv_stub(conn, [protocol.MSG_CONNECTOK, protocol.MSG_CONNECTFAIL])
-        return msg.type, marshal.loads(msg.data)
+        assert msg.serializer_id == auth.HELLO_SERIALIZER
+        if msg.type == protocol.MSG_CONNECTOK:
+            return msg.type, auth.parse_reply(bytes(msg.data))
+        return msg.type, auth.parse_refusal(bytes(msg.data))
 
 
 def closed_by_server(s: socket.socket, timeout=5.0) -> bool:
@@ -141,20 +148,27 @@ def test_client_with_secret_refuses_a_node_without_one(node):
     assert S.connect(d.locationStr, secret=None).echo(3) == 3
 
 
-def test_client_refuses_a_node_that_cannot_prove_the_secret(node):
-    d = node(secret=b"other cluster", name="impostor")
-    # the impostor refuses us too; check the client side on its own with a forged reply:
-    hello = S.client_hello(SECRET, d.locationStr)
-    forged = S.SecureDaemon.validateHandshake(d, None, S.client_hello(b"other cluster", d.locationStr))
-    with pytest.raises(AuthenticationError, match="failed to prove"):
-        S.check_server_reply(forged, hello, SECRET, d.locationStr)
-    # and a failed proof leaves no usable connection on the proxy
-    p = S.SecureProxy(f"PYRO:{S.NODE_OBJECT_ID}@{d.locationStr}", secret=SECRET)
-    object.__setattr__(p, "_pydist_pending", hello)
-    p._pyroConnection = object.__new__(type("FakeConn", (), {"close": lambda self: None}))
-    with pytest.raises(AuthenticationError):
-        p._pyroValidateHandshake(forged)
-    assert p._pyroConnection is None
+def test_client_refuses_a_node_that_cannot_prove_the_secret():
+    """A rogue server that answers every hello with a well-formed reply MAC'd with another secret."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        address = "127.0.0.1:%d" % srv.getsockname()[1]
+
+        def rogue():
+            c, _ = srv.accept()
+            with c:
+                c.recv(4096)
+                c.sendall(protocol.SendingMessage(protocol.MSG_CONNECTOK, 0, 0, auth.HELLO_SERIALIZER,
+                                                  auth.encode_reply(b"other cluster", b"\0" * 16, "impostor",
+                                                                    auth.encode_meta(["echo"], [], []))).data)
+        t = threading.Thread(target=rogue, daemon=True)
+        t.start()
+        p = S.SecureProxy(f"PYRO:{S.NODE_OBJECT_ID}@{address}", secret=SECRET)
+        with pytest.raises(AuthenticationError, match="failed to prove"):
+            p._pyroBind()
+        assert p._pyroConnection is None          # a failed proof leaves no usable connection on the proxy
+        t.join(5)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -163,16 +177,16 @@ def test_client_refuses_a_node_that_cannot_prove_the_secret(node):
 
 def test_replayed_handshake_is_refused(node):
     d = node()
-    frame = raw_connect_message(S.client_hello(SECRET, d.locationStr))
+    frame = raw_connect_message(client_hello(SECRET, d.locationStr))
     kind, reply = raw_handshake(d.locationStr, frame)
-    assert kind == protocol.MSG_CONNECTOK and reply["handshake"]["name"] == "n1"
+    assert kind == protocol.MSG_CONNECTOK and reply.name == "n1"
     kind, reply = raw_handshake(d.locationStr, frame)           # the very same bytes again
     assert kind == protocol.MSG_CONNECTFAIL and "replayed" in reply and reply.startswith(S.TAG_AUTH)
     assert S.connect(d.locationStr, secret=SECRET).echo(1) == 1
 
 
 def test_replay_cache_is_bounded_and_never_readmits_an_evicted_nonce():
-    cache = S._ReplayCache(window=300, maxsize=3)
+    cache = auth.ReplayCache(window=300, maxsize=3)
     now = 1000.0
     for i in range(3):
         assert cache.check_and_add(bytes([i]) * 16, now - 10 + i, now) is None
@@ -184,19 +198,19 @@ def test_replay_cache_is_bounded_and_never_readmits_an_evicted_nonce():
 
 def test_timestamp_outside_the_window_says_check_the_clocks(node):
     d = node(clock_window=300)
-    frame = raw_connect_message(S.client_hello(SECRET, d.locationStr, ts=time.time() - 1000))
+    frame = raw_connect_message(client_hello(SECRET, d.locationStr, ts=time.time() - 1000))
     kind, reply = raw_handshake(d.locationStr, frame)
     assert kind == protocol.MSG_CONNECTFAIL
     err = S.translate_connect_error(Pyro5.errors.CommunicationError("rejected: " + reply), d.locationStr)
     assert isinstance(err, AuthenticationError) and "check the clocks" in str(err)
-    ok = raw_connect_message(S.client_hello(SECRET, d.locationStr, ts=time.time() + 200))   # inside the window
+    ok = raw_connect_message(client_hello(SECRET, d.locationStr, ts=time.time() + 200))   # inside the window
     assert raw_handshake(d.locationStr, ok)[0] == protocol.MSG_CONNECTOK
 
 
 def test_version_mismatch_names_both_sides(node):
     d = node()
-    theirs = dict(S.local_versions(), py="2.7", cp="1.6")
-    frame = raw_connect_message(S.client_hello(SECRET, d.locationStr, versions=theirs))
+    theirs = dict(S.local_versions(), py="2.7", cp="1")
+    frame = raw_connect_message(client_hello(SECRET, d.locationStr, versions=theirs))
     kind, reply = raw_handshake(d.locationStr, frame)
     assert kind == protocol.MSG_CONNECTFAIL
     err = S.translate_connect_error(Pyro5.errors.CommunicationError("rejected: " + reply), d.locationStr)
@@ -204,18 +218,18 @@ def test_version_mismatch_names_both_sides(node):
     text = str(err)
     assert "Python 2.7" in text and "Python %d.%d" % sys.version_info[:2] in text and d.locationStr in text
     # protocol version differs: refused before anything else
-    frame = raw_connect_message(S.client_hello(SECRET, d.locationStr, versions=dict(S.local_versions(), pydist=99)))
+    frame = raw_connect_message(client_hello(SECRET, d.locationStr, versions=dict(S.local_versions(), pydist=99)))
     assert "protocol" in raw_handshake(d.locationStr, frame)[1]
 
 
 def test_handshake_made_for_another_node_is_refused(node):
     a, b = node(name="a"), node(name="b")
-    frame = raw_connect_message(S.client_hello(SECRET, a.locationStr))   # sniffed on its way to a ...
+    frame = raw_connect_message(client_hello(SECRET, a.locationStr))   # sniffed on its way to a ...
     kind, reply = raw_handshake(b.locationStr, frame)                    # ... replayed against b
     assert kind == protocol.MSG_CONNECTFAIL and "not an address of node b" in reply
     port = b.locationStr.rsplit(":", 1)[1]
     assert raw_handshake(b.locationStr, raw_connect_message(
-        S.client_hello(SECRET, f"localhost:{port}")))[0] == protocol.MSG_CONNECTOK   # a name resolving to it
+        client_hello(SECRET, f"localhost:{port}")))[0] == protocol.MSG_CONNECTOK   # a name resolving to it
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -302,7 +316,7 @@ def test_load_secret_precedence(tmp_path):
     assert S.load_secret("explicit", str(f), env) == b"explicit"
     assert S.load_secret(None, str(f), env) == b"from-file"
     assert S.load_secret(None, None, env) == b"from-env"
-    assert S.load_secret(None, None, {}) is None
+    assert S.load_secret(None, None, {"XDG_CONFIG_HOME": str(tmp_path / "cfg")}) is None
     with pytest.raises(ConfigError):
         S.load_secret(None, None, {"PYDIST_SECRET": ""})
     a, b = S.new_secret(), S.new_secret()

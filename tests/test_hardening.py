@@ -1,0 +1,444 @@
+"""Issue #11: what a peer can make a node (or a client) spend, and who on the machine can get in.
+
+One test per finding of the red-team pass, each against REAL ``pydist-node`` processes on loopback (or a
+rogue server socket in this process), measuring the node with psutil before and after the hostile run:
+RSS, peak RSS (``VmHWM``), CPU seconds and open descriptors.  Run with ``-s`` to see the numbers.  Every
+test failed on the code before the fix (the commit that added them says how).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import marshal
+import os
+import pwd
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+import psutil
+import pytest
+import Pyro5.errors
+from Pyro5 import protocol
+
+from pydist import ClusterExecutor, LocalCluster
+from pydist import security as S
+from pydist.codesync import CodeStore
+from pydist.errors import AuthenticationError, BundleTooLarge, ClusterUnavailable, CodeSyncError, UnsafeArchive
+from conftest import wait_for
+from test_hostile import NodeProc, node_env, read_reply, reply_type
+
+pytestmark = pytest.mark.timeout(180)
+
+SECRET = b"hardening-test-secret-" + b"y" * 24
+MIB = 1 << 20
+HDR = protocol._header_size
+
+
+def usage(pid: int) -> dict:
+    """RSS, peak RSS (VmHWM), CPU seconds (user+system) and open descriptors of a process."""
+    p = psutil.Process(pid)
+    t = p.cpu_times()
+    hwm = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+    return {"rss": p.memory_info().rss, "hwm": hwm, "cpu": t.user + t.system, "fds": p.num_fds()}
+
+
+def report(name: str, before: dict, after: dict, extra: str = "") -> str:
+    line = (f"[hostile:{name}] node RSS {before['rss'] / MIB:.1f} -> {after['rss'] / MIB:.1f} MiB, peak "
+            f"{before['hwm'] / MIB:.1f} -> {after['hwm'] / MIB:.1f} MiB, CPU +{after['cpu'] - before['cpu']:.2f} s, "
+            f"fds {before['fds']} -> {after['fds']}{extra}")
+    print("\n" + line)
+    out = os.environ.get("PYDIST_HARDENING_REPORT")
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+    return line
+
+
+@pytest.fixture
+def start_node(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYDIST_SECRET", raising=False)
+    monkeypatch.delenv("PYDIST_INSECURE", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    S.configure_pyro(tls=None)
+    started = []
+
+    def start(*args, secret=SECRET, env=None):
+        e = node_env(secret)
+        e["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+        e.update(env or {})
+        n = NodeProc(list(args), e, tmp_path / f"node{len(started)}.log")
+        started.append(n)
+        return n
+
+    yield start
+    for n in started:
+        n.stop()
+
+
+def frame(payload: bytes, ser: int = 2, msgtype: int = protocol.MSG_CONNECT) -> bytes:
+    return struct.pack(protocol._header_format, b"PYRO", protocol.PROTOCOL_VERSION, msgtype, ser, 0, 0,
+                       len(payload), 0, b"\0" * 16, 0, 0x4DC5) + payload
+
+
+def send_raw(address: str, data: bytes, timeout: float = 8.0) -> bytes:
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        return read_reply(s, timeout)
+
+
+def square(x):
+    return x * x
+
+
+def served(address: str, secret=SECRET, n: int = 20) -> None:
+    with ClusterExecutor(address, secret=secret, connect_timeout=10) as ex:
+        assert list(ex.map(square, range(n), timeout=60)) == [x * x for x in range(n)]
+
+
+# ------------------------------------------------------------------------------------------ 1. memory bomb
+def marshal_tuple_bomb(depth: int, n: int = 1 << 24) -> bytes:
+    """``depth`` nested marshal tuple headers announcing ``n`` items each, and nothing after: marshal
+    allocates 8*n bytes per level before it finds out that the data ends."""
+    return (b"(" + struct.pack("<i", n)) * depth
+
+
+def test_marshal_bomb_in_the_hello_costs_the_node_nothing(start_node):
+    node = start_node("--host", "127.0.0.2", "--log-level", "ERROR")
+    before = usage(node.pid)
+    for depth in (1, 2, 3) * 4:                       # each one: 128, 256, 384 MiB on a marshal decoder
+        for bomb in (marshal_tuple_bomb(depth), b"\xa9" + marshal_tuple_bomb(depth)[1:]):
+            assert reply_type(send_raw(node.address, frame(bomb))) != protocol.MSG_CONNECTOK
+    after = usage(node.pid)
+    report("marshal bomb x24", before, after)
+    assert after["hwm"] - before["hwm"] < 16 * MIB, "a pre-auth frame made the node allocate"
+    assert after["cpu"] - before["cpu"] < 1.0
+    served(node.address)
+
+
+ROGUE_CLIENT = r"""
+import resource, sys
+from pydist import security as S
+addr = sys.argv[1]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    S.connect(addr, secret=b"whatever-secret", timeout=2)
+    print("CONNECTED")
+except Exception as exc:
+    print(type(exc).__name__, str(exc)[:200].replace("\n", " "))
+print("GREW", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+"""
+
+
+class RogueServer:
+    """A TCP server in this process that answers every connection with the given bytes (a rogue 'node')."""
+
+    def __init__(self, answer: bytes):
+        self.answer = answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with c:
+                try:
+                    c.settimeout(2)
+                    c.recv(65536)
+                    c.sendall(self.answer)
+                    c.shutdown(socket.SHUT_WR)
+                    c.recv(1)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("msgtype", [protocol.MSG_CONNECTOK, protocol.MSG_CONNECTFAIL])
+def test_a_rogue_server_cannot_memory_bomb_a_client(msgtype):
+    rogue = RogueServer(frame(marshal_tuple_bomb(3), ser=2, msgtype=msgtype))
+    try:
+        r = subprocess.run([sys.executable, "-c", ROGUE_CLIENT, rogue.address], capture_output=True, text=True,
+                           timeout=60, env=node_env(None))
+    finally:
+        rogue.close()
+    out = r.stdout.splitlines()
+    assert out and out[-1].startswith("GREW"), r.stdout + r.stderr
+    grew = int(out[-1].split()[1])
+    print(f"\n[hostile:rogue server bomb, type {msgtype}] client peak RSS grew {grew} MiB; client saw: {out[0]}")
+    assert "CONNECTED" not in out
+    assert out[0].startswith("AuthenticationError") and "not a pydist node" in out[0]
+    assert grew < 16, f"the client allocated {grew} MiB decoding a rogue reply"
+
+
+# ------------------------------------------------------------------------------------------ 2. CPU burn
+def test_integer_nonce_does_not_burn_cpu(start_node):
+    node = start_node("--host", "127.0.0.2", "--log-level", "ERROR")
+    hello = {"pydist": 1, "ver": "0", "py": "%d.%d" % sys.version_info[:2], "cp": "3.1", "nonce": 1 << 28,
+             "ts": time.time(), "dst": node.address, "mac": b"\0" * 32}
+    bomb = frame(marshal.dumps({"handshake": hello, "object": S.NODE_OBJECT_ID}))
+    before = usage(node.pid)
+    for _ in range(6):
+        assert reply_type(send_raw(node.address, bomb)) != protocol.MSG_CONNECTOK
+    after = usage(node.pid)
+    report("integer nonce 2^28 x6", before, after)
+    assert after["cpu"] - before["cpu"] < 0.5
+    assert after["hwm"] - before["hwm"] < 16 * MIB
+    served(node.address)
+
+
+# ------------------------------------------------------------------------------------------ 3. accept thread
+def test_full_pool_and_silent_peers_do_not_stall_accept_or_look_like_a_wrong_secret(start_node):
+    node = start_node("--host", "127.0.0.2", "--threadpool", "4", "--log-level", "ERROR")
+    held = [S.connect(node.address, secret=SECRET) for _ in range(4)]      # every server thread in use
+    host, port = node.address.rsplit(":", 1)
+    silent = [socket.create_connection((host, int(port)), timeout=5) for _ in range(20)]
+    before = usage(node.pid)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ClusterUnavailable) as ei:        # busy: retried, then unavailable, never "auth"
+            S.connect(node.address, secret=SECRET, timeout=1.5)
+        refused_in = time.monotonic() - t0
+        assert "busy" in str(ei.value) and "--threadpool" in str(ei.value)
+        assert refused_in < 3.0
+        S.release(held.pop())                                 # one thread free again
+        t0 = time.monotonic()
+        p = wait_for(lambda: S.connect(node.address, secret=SECRET, timeout=1.0), 10, "a free thread",
+                     retry_on=(ClusterUnavailable,))
+        got_in = time.monotonic() - t0
+        assert p.describe()["name"]
+        S.release(p)
+        after = usage(node.pid)
+        report("full pool + 20 silent peers", before, after,
+               f"; busy refusal after {refused_in:.2f} s, legit client in {got_in:.2f} s")
+        assert got_in < 2.0, f"a client waited {got_in:.1f} s behind 20 silent peers"
+    finally:
+        for s in silent:
+            s.close()
+        for p in held:
+            S.release(p)
+
+
+# ------------------------------------------------------------------------------------------ 5. log flood, leaks
+def test_refusals_are_rate_limited_and_reveal_nothing_before_the_mac(start_node):
+    node = start_node("--host", "127.0.0.2", "--name", "secret-name-of-node")
+    before = usage(node.pid)
+    replies = []
+    for i in range(200):
+        with pytest.raises(AuthenticationError):
+            S.connect(node.address, secret=b"wrong-secret-%d" % i, timeout=2)
+    # old-format hellos with a wrong protocol version and no valid MAC
+    hello = {"pydist": 99, "ver": "0", "py": "2.7", "cp": "0.1", "nonce": b"\1" * 16, "ts": time.time(),
+             "dst": node.address, "mac": b"\0" * 32}
+    replies.append(send_raw(node.address, frame(marshal.dumps({"handshake": hello, "object": S.NODE_OBJECT_ID}))))
+    from pydist import auth
+    for versions in ({"pydist": 99, "ver": "9.9", "py": "2.7", "cp": "1"}, None):
+        h, _ = auth.encode_hello(b"not-the-secret", node.address, S.NODE_OBJECT_ID, versions=versions)
+        replies.append(send_raw(node.address, frame(h, ser=auth.HELLO_SERIALIZER)))
+    after = usage(node.pid)
+    report("200 wrong secrets + version probes", before, after)
+    mine = S.local_versions()
+    for r in replies:
+        assert b"secret-name-of-node" not in r and mine["ver"].encode() not in r and b"Python" not in r, r
+    lines = [l for l in node.log().splitlines() if "refused" in l]
+    assert 1 <= len(lines) <= 3, lines                   # one line, then a count per interval
+    served(node.address)
+
+
+# ------------------------------------------------------------------------------------------ 6. sparse bundle
+def sparse_bundle(tmp_path, apparent: int = 256 * MIB) -> bytes:
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar is needed to write a sparse archive member")
+    src = tmp_path / "sparse-src"
+    src.mkdir()
+    with open(src / "big.bin", "wb") as f:
+        f.truncate(apparent)
+        f.seek(apparent - 1)
+        f.write(b"x")
+    out = tmp_path / "sparse.tar"
+    r = subprocess.run(["tar", "--sparse", "--format=gnu", "-cf", str(out), "-C", str(src), "big.bin"],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"tar could not write a sparse member: {r.stderr.decode()[:200]}")
+    data = out.read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        if not t.getmembers()[0].issparse():
+            pytest.skip("tar did not write a sparse member")
+    return data
+
+
+def test_sparse_member_is_refused_before_anything_is_written(tmp_path):
+    data = sparse_bundle(tmp_path)
+    assert len(data) < 64 * 1024
+    store = CodeStore(tmp_path / "cache", max_bytes=64 * MIB)
+    with pytest.raises(UnsafeArchive, match="sparse"):
+        store.install(hashlib.sha256(data).hexdigest(), data)
+    used = sum(os.stat(os.path.join(d, f)).st_blocks * 512 for d, _, fs in os.walk(tmp_path / "cache") for f in fs)
+    print(f"\n[hostile:sparse bundle] {len(data)} archive bytes for a 256 MiB member: {used} bytes on disk after")
+    assert used < MIB
+
+
+def test_extracted_size_and_file_count_are_bounded(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for i in range(50):
+            info = tarfile.TarInfo(f"f{i}.txt")
+            info.size = 1000
+            t.addfile(info, io.BytesIO(b"a" * 1000))
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    with pytest.raises(BundleTooLarge, match="members"):
+        CodeStore(tmp_path / "a", max_files=20).install(digest, data)
+    with pytest.raises(BundleTooLarge, match="extracts to more than"):
+        CodeStore(tmp_path / "b", max_bytes=len(data) + 1000).install(digest, data[:len(data)]) \
+            if False else _extract_only(data, tmp_path / "c", max_bytes=20_000)
+
+
+def _extract_only(data, dest, max_bytes):
+    from pydist.codesync import safe_extract
+    return safe_extract(data, str(dest), max_bytes=max_bytes)
+
+
+# ------------------------------------------------------------------------------------------ 7. uploads, fds
+def test_unfinished_uploads_are_bounded_and_hold_no_descriptor(start_node):
+    node = start_node("--host", "127.0.0.2", "--log-level", "ERROR")
+    p = S.connect(node.address, secret=SECRET)
+    before = usage(node.pid)
+    refused = 0
+    for i in range(300):
+        digest = hashlib.sha256(b"%d" % i).hexdigest()
+        try:
+            p.code_begin(digest, 1000)
+        except CodeSyncError as exc:
+            refused += 1
+            assert "in progress" in str(exc)
+    after = usage(node.pid)
+    report("300 unfinished uploads", before, after, f"; {refused} refused at the bound")
+    assert refused >= 250
+    assert after["fds"] - before["fds"] < 8
+    S.release(p)
+    served(node.address)
+
+
+# ------------------------------------------------------------------------------------------ 12. local users
+def _make_user():
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a second local user (useradd)")
+    if shutil.which("useradd") is None or shutil.which("userdel") is None:
+        pytest.skip("useradd/userdel are not installed")
+    name = f"pdt{os.getpid() % 100000}"
+    r = subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/usr/sbin/nologin", name],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"useradd failed: {r.stderr.strip()}")
+    return name
+
+
+def _as_user(name: str, fn) -> str:
+    """Run ``fn()`` in a forked child that has become user ``name``; return what it returned (a str)."""
+    pw = pwd.getpwnam(name)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                               # child: drop to the other user, then only use loaded modules
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            os.environ.pop("XDG_CONFIG_HOME", None)
+            os.environ.pop("PYDIST_SECRET", None)
+            os.environ["HOME"] = pw.pw_dir
+            try:
+                out = fn()
+            except BaseException as exc:  # noqa: BLE001
+                out = f"{type(exc).__name__}: {exc}"
+            os.write(w, out.encode()[:4000])
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 4096)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_another_local_user_is_refused_by_a_node_without_a_secret(start_node, tmp_path):
+    user = _make_user()
+    try:
+        node = start_node("--host", "127.0.0.1", secret=None)     # the default: no secret given
+        served(node.address, secret=None)                          # this user's client finds the secret file
+        path = tmp_path / "config" / "pydist" / "secret"
+        assert path.exists() and (path.stat().st_mode & 0o777) == 0o600
+
+        def intrude() -> str:
+            secret = S.load_secret()
+            p = S.connect(node.address, secret=secret, timeout=3)
+            return f"GOT IN as uid {os.getuid()}: node {p.describe()['name']}"
+
+        got = _as_user(user, intrude)
+        print(f"\n[hostile:other local user] {got}")
+        assert got.startswith("AuthenticationError") and "requires the cluster secret" in got, got
+    finally:
+        subprocess.run(["userdel", user], capture_output=True)
+
+
+# ------------------------------------------------------------------------------------------ 14. TLS trust
+def test_tls_client_trusts_only_the_given_ca(tmp_path):
+    certs = S.make_certs(tmp_path / "certs", names=("client",))
+    try:
+        S.configure_pyro(tls=S.TLSSettings(cert=certs["client"], key=certs["client_key"], ca=certs["ca"]))
+        import Pyro5.socketutil
+        ctx = Pyro5.socketutil.get_ssl_context(clientcert=certs["client"], clientkey=certs["client_key"],
+                                               cacerts=certs["ca"])
+        stats = ctx.cert_store_stats()
+        print(f"\n[tls] client trust store: {stats}")
+        assert stats["x509_ca"] == 1, stats
+        assert ctx.check_hostname and ctx.verify_mode.name == "CERT_REQUIRED"
+    finally:
+        S.configure_pyro(tls=None)
+
+
+# ------------------------------------------------------------------------------------------ 4. impostors
+def test_discovery_skips_an_impostor_registered_in_the_name_server():
+    import Pyro5.api
+    with LocalCluster(nodes=1, workers_per_node=1) as c:
+        impostor = S.SecureDaemon("127.0.0.1", 0, secret=b"another cluster", name="impostor")
+        t = threading.Thread(target=impostor.requestLoop, daemon=True)
+        t.start()
+        try:
+            host, port = c.ns_address.rsplit(":", 1)
+            with Pyro5.api.locate_ns(host, int(port)) as ns:
+                uri = f"PYRO:{S.NODE_OBJECT_ID}@{impostor.locationStr}"
+                ns.register("pydist.node.0-impostor", uri, metadata={"pydist.root"})
+            with ClusterExecutor(ns=c.ns_address, secret=c.secret, connect_timeout=10) as ex:
+                assert ex.submit(square, 7).result(timeout=30) == 49
+        finally:
+            impostor.shutdown()
+            t.join(5)
