@@ -179,7 +179,7 @@ class LocalCluster:
             ns_port = _free_port("127.0.0.1")
             self.ns_address = f"127.0.0.1:{ns_port}"
             self.ns_proc = subprocess.Popen(
-                [sys.executable, "-m", "pydist.cluster", "ns", "127.0.0.1", str(ns_port)],
+                [sys.executable, "-m", "pydist.cluster", "ns", "127.0.0.1", str(ns_port), self._tmp],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ns_env)
             for k in range(self.n):
                 self.procs.append(self._start_node(k, env))
@@ -340,17 +340,28 @@ def watch_stdin() -> None:
     threading.Thread(target=watch, daemon=True, name="pydist-stdin-watch").start()
 
 
-def _ns_main(host: str, port: int) -> None:
-    """A Pyro5 name server that exits with its parent (``python -m pydist.cluster ns HOST PORT``)."""
+def _ns_main(host: str, port: int, cleanup_dir: Optional[str] = None) -> None:
+    """A Pyro5 name server that exits with its parent (``python -m pydist.cluster ns HOST PORT [DIR]``).
+    ``DIR``, the LocalCluster's temp folder, is removed when it exits: after ``stop()`` that is done
+    already, but a parent killed with SIGKILL (or gone without stopping its cluster) leaves it to us."""
     import Pyro5.nameserver
 
+    def bye(*_a):
+        if cleanup_dir:
+            for _ in range(3):   # the nodes, told by the same closed pipe, may still be writing in it
+                shutil.rmtree(cleanup_dir, ignore_errors=True)
+                if not os.path.exists(cleanup_dir):
+                    break
+                time.sleep(0.3)
+        os._exit(0)
+
     watch_stdin()
-    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    signal.signal(signal.SIGTERM, bye)
     Pyro5.nameserver.start_ns_loop(host=host, port=port, enableBroadcast=False)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "ns":
-        _ns_main(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "ns":
+        _ns_main(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) == 5 else None)
     else:
-        sys.exit("usage: python -m pydist.cluster ns HOST PORT")
+        sys.exit("usage: python -m pydist.cluster ns HOST PORT [CLEANUP_DIR]")

@@ -1,23 +1,18 @@
-"""The client side: a ``concurrent.futures.Executor`` whose workers are the nodes of a pydist cluster.
+"""The client side: ``ClusterExecutor``, a ``concurrent.futures.Executor`` whose workers are the nodes of a
+pydist cluster, with ``ProcessPoolExecutor``'s signature and behaviour (see README, "Differences from
+ProcessPoolExecutor", for what differs by design).
 
 ::
 
-    user thread                 sender thread                 node                 collector thread
-    submit(fn, *a) ─▶ pickle ─▶ outbox ─▶ one submit(batch) ─▶ queue ─▶ workers ─▶ results
-      returns Future (pending)    (everything queued since                           │
-                                   the last call, ≤ max_batch)   collect(long poll) ◀┘
-                                                                   ─▶ set_running / set_result
+    submit(fn, *a) ─▶ pickle fn (keyed by the pickle's digest) and the arguments, in the caller's thread
+                  ─▶ ClientCore (pydist.clientcore): outbox ─▶ node ─▶ results ─▶ the future
 
-``submit`` pickles the arguments in the caller's thread (so an unpicklable argument raises there and
-the executor stays usable) and the *function* once per executor (cached by identity; mutate a
-closure's captured state and submit again: the first pickle is reused).  A sender thread coalesces
-everything submitted while its previous call was in flight into one call: a lone task costs one
-round trip, 10,000 tasks cost a handful.  A collector thread keeps one long poll open; the node
-answers it as soon as anything finished, with every result ready by then.  Finished futures are
-forgotten at once: the executor holds no reference to results.
-
-If the node goes away, every pending future fails with ``BrokenCluster`` (a ``BrokenExecutor``) and
-later ``submit`` raises it: nothing hangs.
+What cannot be pickled fails its future (``SerializationError``, a ``pickle.PicklingError``), as with
+``ProcessPoolExecutor``; ``submit`` raises only after shutdown or once the cluster is gone.  Functions are
+not cached by identity (a bound method keeps no instance alive; a changed ``__main__`` function is sent
+anew): only what pickles by reference is.  The executor's state and threads live in a ``ClientCore``
+that never refers back to the executor, so a dropped executor is collected; its finalizer lets the
+pending work finish and closes everything.
 """
 from __future__ import annotations
 
@@ -32,16 +27,13 @@ import time
 import types
 import uuid
 import weakref
-from concurrent.futures import Executor, Future, InvalidStateError
-from concurrent.futures._base import PENDING as _PENDING
+from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
-
-import cloudpickle
 
 from . import security, wire
 from .config import ClientConfig
-from .errors import (AuthenticationError, BrokenCluster, ClusterUnavailable, DeserializationError, RemoteError,
-                     SerializationError, VersionMismatch)
+from .clientcore import ClientCore, PydistFuture
+from .errors import AuthenticationError, ClusterUnavailable, SerializationError, VersionMismatch
 from .scripts import run_script
 
 if TYPE_CHECKING:
@@ -50,43 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FN_CACHE = 256
-BATCH_BYTES = 4 << 20   # bytes of task arguments per submit call (more tasks wait for the next call)
-
-
-class PydistFuture(Future):
-    """A ``concurrent.futures.Future`` for a pydist task.
-
-    ``cancel()`` asks the node (one round trip) and succeeds only if the task had not yet been handed to
-    a worker or another node, so a cancelled task never runs; otherwise the future is marked running and
-    ``cancel()`` returns False, as ``ProcessPoolExecutor`` does for started work.
-    """
-
-    _pydist_tid: str = ""
-    _pydist_exec: Any = None
-
-    def cancel(self) -> bool:
-        with self._condition:
-            if self._state != _PENDING:
-                return super().cancel()
-        ex = self._pydist_exec() if self._pydist_exec is not None else None
-        if ex is not None and self._pydist_tid not in ex._cancel_remote([self._pydist_tid]):
-            self._mark_running()
-            return False
-        return super().cancel()
-
-    def _invoke_callbacks(self) -> None:
-        # concurrent.futures catches only Exception here: a callback raising SystemExit or
-        # KeyboardInterrupt would end the thread that resolved the future (our collector) for good
-        for callback in self._done_callbacks:
-            try:
-                callback(self)
-            except BaseException:
-                log.exception("exception calling callback for %r", self)
-
-    def _mark_running(self) -> None:
-        with self._condition:
-            if self._state == _PENDING:
-                self.set_running_or_notify_cancel()
 
 
 def _check_pool_args(max_workers, mp_context, initializer, initargs, max_tasks_per_child) -> None:
@@ -158,23 +113,13 @@ class ClusterExecutor(Executor):
         self._cluster = None
         # on a running cluster max_workers caps this client's tasks sent and unfinished (so running at
         # once); the rest wait in the outbox, where cancel() withdraws them at no cost
-        self._max_inflight: Optional[int] = max_workers if (address is not None or ns is not None) else None
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._pending: Dict[str, PydistFuture] = {}
-        self._outbox: List[tuple] = []
+        max_inflight: Optional[int] = max_workers if (address is not None or ns is not None) else None
         self._fns: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()   # by-reference only
         self._fn_seq = itertools.count()
-        self._seq = itertools.count()
         self._cid = uuid.uuid4().hex[:16]
-        self._shutdown = False
-        self._broken: Optional[BaseException] = None
         self._bundle: Optional[str] = None
         self._code_paths: "collections.OrderedDict[str, str]" = collections.OrderedDict()
         self._code_exclude: tuple = ()
-        self._threads: List[threading.Thread] = []
-        self._closed = threading.Event()
-        self._finalized = False
         tls = None
         if self._cfg.tls_ca or self._cfg.tls_cert:
             tls = security.TLSSettings(cert=self._cfg.tls_cert, key=self._cfg.tls_key, ca=self._cfg.tls_ca)
@@ -200,27 +145,25 @@ class ClusterExecutor(Executor):
                 self._uri = self._find_root(ns)
             else:
                 self._uri = _parse_address(str(address))
-            self._address = self._uri
-            proxy = self._connect()
+            proxy = security.connect(self._uri, secret=self._cfg.secret, timeout=self._cfg.connect_timeout,
+                                     tls=self._tls)
             init_blob = None
             if initializer is not None:
                 init_blob = wire.dumps((initializer, tuple(initargs)), "the initializer")
             self._node_info = proxy.open_client(self._cid, init_blob)
-            self._node_name = self._node_info["name"]
             # dask's compute(scheduler=ex) and others size their concurrency by _max_workers
             self._max_workers = max_workers if max_workers is not None else max(1, _total_workers(proxy.status()))
             proxy._pyroRelease()
+            self._core = ClientCore(self._cfg, self._tls, self._uri, self._cid, self._node_info["name"],
+                                    self._cluster, max_inflight)
         except BaseException:
             if self._cluster is not None:
                 self._cluster.stop()
             raise
-        self._wref = weakref.ref(self)
-        self._send_lock = threading.Lock()
-        self._submit_proxy = self._connect()
-        for target, name in ((self._sender, "sender"), (self._collector, "collector")):
-            t = threading.Thread(target=target, name=f"pydist-client-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        del self._cluster   # the core owns it now (and stops it); reads go to the core
+        self._core.start()
+        # collected without shutdown: the core finishes the pending work and closes, in the background
+        weakref.finalize(self, ClientCore.executor_dropped, self._core).atexit = False
         if code:
             try:
                 for p in ([code] if isinstance(code, (str, os.PathLike)) else code):
@@ -229,10 +172,15 @@ class ClusterExecutor(Executor):
                 self.shutdown(wait=True)   # leave nothing behind: client threads, embedded cluster
                 raise
 
+    def __getattr__(self, name: str) -> Any:
+        # the state lives in the core (self._pending, self._broken, ... read as before)
+        if name.startswith("__") or name == "_core" or "_core" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.__dict__["_core"], name)
+
     # ------------------------------------------------------------------------------------ connecting
     def _connect(self, timeout: Optional[float] = None):
-        return security.connect(self._uri, secret=self._cfg.secret,
-                                timeout=self._cfg.connect_timeout if timeout is None else timeout, tls=self._tls)
+        return self._core._connect(timeout)
 
     def _find_root(self, ns: str) -> str:
         import Pyro5.api
@@ -298,45 +246,19 @@ class ClusterExecutor(Executor):
         fut.set_exception(exc)
         return fut
 
-    def _enqueue(self, key: str, blob: bytes, payload: bytes, kind: int, bundle: Any = False) -> PydistFuture:
-        fut = PydistFuture()
-        with self._lock:
-            self._check_open()
-            tid = f"{self._cid}.{next(self._seq)}"
-            fut._pydist_tid = tid
-            fut._pydist_exec = self._wref
-            self._pending[tid] = fut
-            code = self._bundle if bundle is False else bundle
-            self._outbox.append(((tid, key, payload, code, 0, [], kind, self._cid), blob))
-            # A lone submit (no other task of this executor outstanding) is sent from this thread: no
-            # hand-off to the sender thread.  Submits while others are in flight go through the sender,
-            # which batches everything queued meanwhile into one call.
-            direct = len(self._pending) == 1 and len(self._outbox) == 1 and self._room() > 0
-            if len(self._outbox) == 1 and not direct:
-                self._cond.notify_all()
-        if direct and self._send_lock.acquire(blocking=False):
-            try:
-                self._send_outbox()
-            except Exception as exc:
-                self._break(exc)
-            finally:
-                self._send_lock.release()
-        elif direct:
-            with self._cond:
-                self._cond.notify_all()
-        return fut
+    def _enqueue(self, key: str, blob: bytes, payload, kind: int, bundle: Any = False) -> PydistFuture:
+        return self._core._enqueue(key, blob, payload, kind, self._bundle if bundle is False else bundle)
 
-    def _room(self) -> int:
-        """How many more tasks may be sent now (caller holds ``_lock``)."""
-        if self._max_inflight is None:
-            return len(self._outbox)
-        return self._max_inflight - (len(self._pending) - len(self._outbox))
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; optionally cancel pending ones; with ``wait`` block until all are done.
+        Stops the embedded cluster, if any, once nothing is pending."""
+        self._core.shutdown(wait, cancel_futures=cancel_futures)
 
-    def _check_open(self) -> None:
-        if self._broken is not None:
-            raise BrokenCluster(str(self._broken))
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+    @property
+    def _executor_manager_thread(self) -> threading.Thread:
+        """The thread that resolves futures (it ends after shutdown), under ``ProcessPoolExecutor``'s name
+        for it: code that joins PPE's after ``shutdown(wait=False)`` works here too."""
+        return self._core._threads[1]
 
     def _fn_key(self, fn: Callable) -> tuple:
         """``(key, blob)`` for a function: its pickle, named by the pickle's digest.
@@ -469,58 +391,6 @@ class ClusterExecutor(Executor):
         key, blob = self._fn_key(run_script)
         return self._enqueue(key, blob, wire.dumps_call(call, {}), wire.KIND_CALL, bundle=info.digest)
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting tasks; optionally cancel pending ones; with ``wait`` block until all are done.
-        Stops the embedded cluster, if any, once nothing is pending."""
-        with self._lock:
-            self._shutdown = True
-            pending = list(self._pending.values())
-        if cancel_futures:
-            waiting = [f for f in pending if not f.running() and not f.done()]
-            gone = self._cancel_remote([f._pydist_tid for f in waiting])
-            for f in waiting:
-                if f._pydist_tid in gone:
-                    Future.cancel(f)
-                else:
-                    f._mark_running()
-        if wait:
-            self._drain_and_close()
-        else:
-            threading.Thread(target=self._drain_and_close, daemon=True, name="pydist-client-close").start()
-
-    def _drain_and_close(self) -> None:
-        while True:
-            with self._lock:
-                pending = list(self._pending.values())
-            if not pending:
-                break
-            for f in pending:
-                try:
-                    f.exception()
-                except BaseException:
-                    pass
-        with self._lock:
-            if self._finalized:
-                return
-            self._finalized = True
-        self._closed.set()
-        with self._cond:
-            self._cond.notify_all()
-        if self._broken is None:
-            try:   # also ends the collector's long poll at once
-                p = self._connect(timeout=1.0)
-                p._pyroTimeout = 2.0
-                p.close_client(self._cid)
-                p._pyroRelease()
-            except Exception as exc:
-                log.debug("close_client failed: %s", exc)
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout=10)
-        if self._cluster is not None:
-            self._cluster.stop()
-            self._cluster = None
-
     # ------------------------------------------------------------------------------------ extras
     def asyncio(self) -> "AsyncClusterExecutor":
         """This executor for asyncio code: ``await ex.asyncio().submit(fn, x)`` (see ``pydist.aio``)."""
@@ -536,7 +406,7 @@ class ClusterExecutor(Executor):
     @property
     def cluster(self):
         """The embedded ``LocalCluster`` (None when connected to a running cluster)."""
-        return self._cluster
+        return self._core._cluster
 
     def status(self) -> dict:
         """The status of the node this executor talks to (see ``pydist status``)."""
@@ -572,213 +442,12 @@ class ClusterExecutor(Executor):
         return info
 
     # ------------------------------------------------------------------------------------ threads
-    def _cancel_remote(self, tids: List[str]) -> set:
-        """Withdraw tasks that no worker has started: those still in our outbox, and those the node
-        still holds in its queue (one round trip).  Returns the ids withdrawn."""
-        gone = set()
-        with self._lock:
-            if self._broken is not None or self._finalized:
-                return set(tids)
-            want = set(tids)
-            keep = []
-            for item in self._outbox:
-                if item[0][0] in want:
-                    gone.add(item[0][0])
-                else:
-                    keep.append(item)
-            self._outbox[:] = keep
-            ask = [t for t in tids if t not in gone and t in self._pending]
-            gone.update(t for t in tids if t not in self._pending)
-        if ask:
-            with self._send_lock:
-                try:
-                    self._submit_proxy._pyroClaimOwnership()
-                    gone.update(self._submit_proxy.cancel(self._cid, ask))
-                except Exception as exc:   # the node is gone: nothing will run
-                    self._break(exc)
-                    return set(tids)
-        with self._lock:
-            for t in gone:
-                self._pending.pop(t, None)
-        return gone
-
-    def _send_outbox(self) -> None:
-        """Send everything queued (caller holds ``_send_lock``); the submit proxy moves between the
-        sender thread and direct callers, so each use claims it (Pyro5 proxies belong to a thread)."""
-        proxy = self._submit_proxy
-        proxy._pyroClaimOwnership()
-        while True:
-            with self._lock:
-                # at most max_batch tasks and about BATCH_BYTES per call, so large arguments stream to
-                # the node (its workers start on the first while the next are on the wire)
-                n = size = 0
-                for rec, _ in self._outbox[:min(self._cfg.max_batch, self._room())]:
-                    n += 1
-                    size += wire.payload_size(rec[2])
-                    if size >= BATCH_BYTES:
-                        break
-                batch = self._outbox[:n]
-                del self._outbox[:n]
-            if not batch:
-                return
-            fns = {}
-            recs = []
-            for rec, blob in batch:
-                fns[rec[1]] = blob
-                recs.append(rec)
-            try:
-                proxy.submit(self._cid, fns, recs)
-            except Exception:
-                raise   # the node is gone: the caller breaks the executor
-            except BaseException:
-                # KeyboardInterrupt / SystemExit (a signal handler) in the caller's thread mid-call: the
-                # batch goes back (a resent task id is ignored by the node), the connection is dropped
-                # (half a message may be on it; the next call reconnects), the executor stays usable
-                with self._lock:
-                    self._outbox[:0] = batch
-                    self._cond.notify_all()
-                try:
-                    proxy._pyroRelease()
-                except Exception:
-                    pass
-                raise
-
-    def _sender(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while (not self._outbox or self._room() <= 0) and not self._closed.is_set():
-                        self._cond.wait()
-                    if self._closed.is_set() and not self._outbox:
-                        return
-                with self._send_lock:
-                    self._send_outbox()
-        except BaseException as exc:  # the node is gone
-            if not self._closed.is_set():
-                self._break(exc)
-        finally:
-            with self._send_lock:
-                try:
-                    self._submit_proxy._pyroClaimOwnership()
-                    self._submit_proxy._pyroRelease()
-                except Exception:
-                    pass
-
-    def _collector(self) -> None:
-        proxy = None
-        try:
-            proxy = self._connect()
-            poll = self._cfg.poll_interval
-            while not self._closed.is_set():
-                results, started = proxy.collect(self._cid, poll)
-                if started:
-                    self._mark_started(started)
-                if results:
-                    self._deliver(results)
-        except BaseException as exc:
-            if not self._closed.is_set():
-                self._break(exc)
-        finally:
-            security.release(proxy)
-
-    def _mark_started(self, ids: List[str]) -> None:
-        pending = self._pending
-        for tid in ids:
-            f = pending.get(tid)
-            if f is not None and not f.running() and not f.done():
-                try:
-                    f.set_running_or_notify_cancel()
-                except (InvalidStateError, RuntimeError):
-                    pass
-
-    def _deliver(self, results: List[tuple]) -> None:
-        """Resolve the futures of finished tasks.  Nothing a result or a callback does may end the
-        collector thread: a result whose unpickling raises (even ``SystemExit``) fails its own future
-        with ``DeserializationError``; callbacks run under ``PydistFuture._invoke_callbacks``."""
-        broken = None
-        with self._lock:
-            futs = [(self._pending.pop(r[0], None), r) for r in results]
-            if self._outbox and self._max_inflight is not None:
-                self._cond.notify_all()   # room for tasks held back by max_workers
-        for f, r in futs:
-            if f is None:
-                continue
-            status = r[wire.R_STATUS]
-            if status == wire.OK:
-                try:
-                    value = wire.loads(r[wire.R_BLOB])
-                except BaseException as exc:
-                    _resolve(f, exc=_unpickling_error(f"the result of task {r[0]}", exc))
-                    continue
-                _resolve(f, value)
-                del value
-            elif status == wire.INIT_FAILED:
-                cause = wire.loads_exception(r[wire.R_BLOB])
-                broken = BrokenCluster(f"the executor's initializer failed on node {r[wire.R_NODE]}: "
-                                       f"{type(cause).__name__}: {cause}")
-                broken.__cause__ = cause
-                _resolve(f, exc=broken)
-            else:
-                _resolve(f, exc=wire.loads_exception(r[wire.R_BLOB]))
-        if broken is not None:
-            self._break(broken, already=True)
-
-    def _break(self, exc: BaseException, already: bool = False) -> None:
-        if already:
-            err = exc
-        else:
-            err = BrokenCluster(f"lost the connection to pydist node {getattr(self, '_node_name', '?')} at "
-                                f"{self._address}: {type(exc).__name__}: {exc}")
-        with self._lock:
-            if self._broken is None:
-                self._broken = err
-            pending = list(self._pending.values())
-            self._pending.clear()
-            self._outbox.clear()
-            self._cond.notify_all()
-        for f in pending:
-            try:
-                f.set_exception(BrokenCluster(str(err)))
-            except InvalidStateError:
-                pass
-        self._closed.set()
-        with self._cond:
-            self._cond.notify_all()
-
     def __enter__(self) -> "ClusterExecutor":
         return self
 
     def __exit__(self, *exc) -> bool:
         self.shutdown(wait=True)
         return False
-
-    def __del__(self):
-        try:
-            if self._cluster is not None and not self._closed.is_set():
-                self._cluster.stop()
-        except Exception:
-            pass
-
-
-def _unpickling_error(what: str, exc: BaseException) -> DeserializationError:
-    import traceback
-
-    err = DeserializationError(f"{what} could not be unpickled here: {type(exc).__name__}: {exc}")
-    err.__cause__ = RemoteError("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-    return err
-
-
-def _resolve(f: Future, value: Any = None, exc: Optional[BaseException] = None) -> None:
-    """Set a future's outcome; a future cancelled meanwhile keeps its state."""
-    try:
-        if exc is not None:
-            f.set_exception(exc)
-        else:
-            f.set_result(value)
-    except InvalidStateError:
-        pass
-    except BaseException:   # only from a foreign Future subclass's callbacks: never end our thread
-        log.exception("setting the outcome of %r raised", f)
 
 
 def _pickles_by_reference(fn: Any) -> bool:
