@@ -8,6 +8,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pydist", "pydist.*"]),
+    package_data={"pydist": ["dashboard_static/*.html", "dashboard_static/*.js", "dashboard_static/*.css"]},
+    include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
         "Pyro5>=5.17",
@@ -20,9 +22,12 @@ setup(
     extras_require={
         # cryptography: writes the CA and node certificates of `pydist make-certs`
         "tls": ["cryptography>=41"],
+        # tqdm: progress bars of ClusterExecutor.map(..., progress=True) and pydist.progress(futures)
+        "progress": ["tqdm>=4.60"],
         # the joblib backend (pydist.joblib) and its scikit-learn test
         "joblib": ["joblib>=1.3", "scikit-learn>=1.2"],
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "cryptography>=41"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "cryptography>=41", "tqdm>=4.60",
+                 "selenium>=4.10"],
         "bench": ["loky>=3.4", "dask[distributed]>=2024.1", "ray>=2.9"],
     },
     entry_points={

@@ -27,17 +27,26 @@ _EXPORTS = {
     "CommTimeout": "comm",
     "ANY_SOURCE": "comm",
     "ANY_TAG": "comm",
+    "Status": "comm",
+    "Request": "comm",
+    "TaskGroup": "taskgroup",
+    "progress": "progressbar",
 }
 _ERRORS = ("PydistError", "ClusterUnavailable", "BrokenCluster", "VersionMismatch", "AuthenticationError",
-           "ConfigError", "TaskError", "SerializationError", "DeserializationError", "WorkerLost", "NodeLost", "RemoteError",
-           "CodeSyncError", "BundleTooLarge", "UnsafeArchive", "BundleNotFound", "ProtocolError")
+           "ConfigError", "TaskError", "SerializationError", "DeserializationError", "WorkerLost", "NodeLost",
+           "RemoteError", "CodeSyncError", "BundleTooLarge", "UnsafeArchive", "BundleNotFound", "ProtocolError",
+           "GroupAborted", "MessageTooLarge")
 for _e in _ERRORS:
     _EXPORTS[_e] = "errors"
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted(_EXPORTS) + ["__version__", "comm"]
 
 
 def __getattr__(name: str):
+    if name == "comm":   # the module; calling it (pydist.comm()) gives the current rank's Comm
+        import importlib
+
+        return importlib.import_module("pydist.comm")
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module 'pydist' has no attribute {name!r}")

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional
 
 from . import security, wire
 from .errors import BrokenCluster, DeserializationError, RemoteError
+from .output import FORWARD_OUTPUT, emit as emit_output, split as split_output
 
 log = logging.getLogger("pydist.executor")
 
@@ -123,10 +124,11 @@ class ClientCore:
     """Everything a client's threads touch (see the module docstring); ``ClusterExecutor`` holds one."""
 
     def __init__(self, cfg, tls, uri: str, cid: str, node_name: str, cluster=None,
-                 max_inflight: Optional[int] = None):
+                 max_inflight: Optional[int] = None, forward_output: bool = False):
         self._cfg, self._tls, self._uri, self._address = cfg, tls, uri, uri
         self._cid, self._node_name, self._cluster = cid, node_name, cluster
         self._max_inflight = max_inflight
+        self._forward_output = forward_output
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._pending: Dict[str, PydistFuture] = {}
@@ -169,6 +171,8 @@ class ClientCore:
             fut._pydist_tid = tid
             fut._pydist_exec = self._wref
             self._pending[tid] = fut
+            if self._forward_output:
+                kind |= FORWARD_OUTPUT
             self._outbox.append(((tid, key, payload, bundle, 0, [], kind, self._cid), blob))
             # A lone submit (no other task of this executor outstanding) is sent from this thread: no
             # hand-off to the sender thread.  Submits while others are in flight go through the sender,
@@ -383,6 +387,14 @@ class ClientCore:
             if self._outbox and self._max_inflight is not None:
                 self._cond.notify_all()   # room for tasks held back by max_workers
         for f, r in futs:
+            if r[wire.R_BLOB][:1] == b"\x00":   # the task printed: its output rides in front (pydist.output)
+                items, blob = split_output(r[wire.R_BLOB])
+                r = tuple(r[:wire.R_BLOB]) + (blob,) + tuple(r[wire.R_BLOB + 1:])
+                if items:
+                    try:
+                        emit_output(items, r[wire.R_NODE], r[wire.R_WORKER], r[0])
+                    except Exception as exc:   # a closed sys.stdout must not lose the result
+                        log.warning("could not print the output of task %s: %s", r[0], exc)
             if f is None:
                 continue
             status = r[wire.R_STATUS]

@@ -98,13 +98,16 @@ class LocalCluster:
     server's, ``.secret`` the cluster secret (random unless given), ``.pids`` every process started.
     ``topology``: ``"tree"`` (binary), ``"chain"`` or ``"star"``.  The secret is ``PYDIST_SECRET`` if set,
     else random; clients in this process find it by address (``ClusterExecutor(address=cluster.address)``).  ``tls_cert``/``tls_key``/``tls_ca``
-    turn TLS on for the nodes, the name server and this process (see ``pydist make-certs``).
+    turn TLS on for the nodes, the name server and this process (see ``pydist make-certs``).  ``dashboard``
+    (default True): the root serves the live web dashboard on a free port of its address; its URL, token
+    included, is ``.dashboard_url``.
     """
 
     def __init__(self, nodes: int = 1, workers_per_node: Optional[int] = None, topology: str = "tree", *,
                  secret: Optional[bytes] = None, log_level: str = "WARNING", start_timeout: float = 30.0,
                  node_args: Optional[List[str]] = None, env: Optional[dict] = None,
-                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None):
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None,
+                 dashboard: bool = True):
         if nodes < 1:
             raise ValueError("a LocalCluster needs at least one node")
         if topology not in TOPOLOGIES:
@@ -135,6 +138,8 @@ class LocalCluster:
             self.tls = security.TLSSettings(cert=tls_opts.get("--tls-cert"), key=tls_opts.get("--tls-key"),
                                             ca=tls_opts.get("--tls-ca"))
         self.extra_env = dict(env or {})
+        self.dashboard = dashboard
+        self._dashboard_url: Optional[str] = None
         self.ns_address = ""
         self.address = ""
         self.addresses: List[str] = []
@@ -227,6 +232,8 @@ class LocalCluster:
         parent = parent_index(k, self.topology)
         if parent is not None:
             cmd += ["--parent", self.names[parent]]
+        elif self.dashboard and "--dashboard" not in self.node_args:
+            cmd += ["--dashboard", "0"]   # the root serves the dashboard on a free port of its address
         cmd += self.node_args
         return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
 
@@ -236,6 +243,17 @@ class LocalCluster:
             raise ClusterUnavailable(f"LocalCluster node {self.names[k]} did not start within "
                                      f"{self.start_timeout:g} s (exit code {p.poll()}); see its log above")
         return address
+
+    @property
+    def dashboard_url(self) -> Optional[str]:
+        """The URL of the root node's live dashboard (its token included; None if off)."""
+        if self._dashboard_url is None and self.address:
+            p = security.connect(self.address, secret=self.secret, timeout=5.0, tls=self.tls)
+            try:
+                self._dashboard_url = p.status().get("dashboard")
+            finally:
+                p._pyroRelease()
+        return self._dashboard_url
 
     def wait_for_nodes(self, count: int, timeout: float = 30.0) -> None:
         """Wait until the root node reaches ``count`` nodes through its links."""

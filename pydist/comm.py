@@ -1,171 +1,601 @@
-"""Messages between the ranks of a task group: MPI's core ideas with Python objects as messages.
+"""What a rank of a task group uses: ``Comm`` (mpi4py's lowercase API), requests, ``Status``.
 
 ::
 
-    ex.spawn_group(fn, size=4)  ─▶ 4 tasks, rank r runs fn(comm_r, *args)
-    rank 1: comm.send(obj, to=3, tag=7) ──▶ home node's mailbox[group] ──▶ rank 3: comm.recv(source=1, tag=7)
+    group = ex.spawn_group(fn, 4, *args)     # rank r runs fn(comm_r, *args) once 4 workers are reserved
+    comm.send(obj, dest, tag)  ─▶ straight to rank dest's process (Unix socket on one node, TCP across)
+    comm.recv(source, tag)     ◀─ matched in this process's mailbox (pydist.commnet)
+    any rank fails ─▶ the home node tells every rank ─▶ their blocked calls raise GroupAborted
 
-Every group has a *home*: the node its client submitted to.  Ranks talk to the home node directly (a
-Pyro5 connection per rank, authenticated with the cluster secret, opened on first use); the home keeps
-one mailbox per group, matched by (destination, source, tag) in arrival order, so messages between two
-ranks with the same tag arrive in the order they were sent.  Collectives (``bcast``, ``scatter``,
-``gather``, ``reduce``, ``allreduce``, ``barrier``) are built from ``send``/``recv`` through rank 0.
-
-All ranks of a group must be able to run at once: ``spawn_group`` refuses a group larger than the
-cluster's worker count (a rank waiting for a rank that cannot start would wait forever).
+Point to point: ``send``/``recv``, ``sendrecv``, ``isend``/``irecv`` (``Request.wait``/``test``,
+``Request.waitall``), ``probe``/``iprobe``, with ``Status`` (``source``, ``tag``, ``size``).  User tags
+are ints ≥ 0; ``ANY_SOURCE``/``ANY_TAG`` match anything.  Collectives (``barrier``, ``bcast``, ``reduce``,
+``allreduce``, ``gather``, ``scatter``, ``allgather``, ``alltoall``, ``scan``, ``exscan``) travel on a
+channel of their own, so they never match a user message; ``bcast``/``reduce`` are binomial trees.
+``split(color, key)`` makes sub-communicators.  Every blocking call takes ``timeout=`` (seconds;
+``CommTimeout`` when it passes).  Inside a rank, ``pydist.comm()`` returns its ``Comm``.
 """
 from __future__ import annotations
 
-import os
-import pickle
+import hashlib
+import sys
 import threading
 import time
-from typing import Any, Callable, List, Optional
+import types
+from typing import Any, Callable, List, Optional, Sequence
 
-from . import wire
+from . import commnet
+from .commnet import Aborted
+from .errors import GroupAborted
 
 ANY_SOURCE = -1
 ANY_TAG = -1
-_COLL_TAG = -1000   # tags below this are reserved for collectives
+TAG_UB = (1 << 62) - 1   # largest user tag
+
+_current = threading.local()
 
 
 class CommTimeout(TimeoutError):
-    """``recv`` waited longer than its ``timeout``."""
+    """A blocking call of a ``Comm`` waited longer than its ``timeout``."""
+
+
+class Status:
+    """What a receive or probe found: ``source``, ``tag`` and ``size`` (bytes of the pickled message)."""
+
+    __slots__ = ("source", "tag", "size")
+
+    def __init__(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, size: int = 0):
+        self.source, self.tag, self.size = source, tag, size
+
+    @property
+    def count(self) -> int:
+        """Same as ``size`` (mpi4py's name)."""
+        return self.size
+
+    def Get_source(self) -> int:
+        return self.source
+
+    def Get_tag(self) -> int:
+        return self.tag
+
+    def Get_count(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"Status(source={self.source}, tag={self.tag}, size={self.size})"
+
+
+def _op_sum(a, b):
+    return a + b
+
+
+SUM = _op_sum
+PROD = lambda a, b: a * b   # noqa: E731
+MAX = max
+MIN = min
+
+
+class Request:
+    """A pending ``isend`` or ``irecv``: ``wait()`` for it, ``test()`` whether it is done."""
+
+    def __init__(self, comm: "Comm", kind: str, handle: Any, status_src=None):
+        self._comm, self._kind, self._h = comm, kind, handle
+        self._done = False
+        self._value: Any = None
+        self._status: Optional[Status] = None
+
+    def wait(self, status: Optional[Status] = None, timeout: Optional[float] = None) -> Any:
+        """Block until done; an ``irecv`` returns the object received (``status`` filled in)."""
+        if not self._done:
+            c = self._comm
+            if self._kind == "send":
+                deadline = _deadline(timeout)
+                with c._ep.peer(self._h[2]).cond if self._h[2] is not None else _nolock:
+                    while not self._h[0][1]:
+                        c._check_live()
+                        p = c._ep.peers.get(self._h[2])
+                        if p is not None and p.error is not None:
+                            raise c._translate(p.error)
+                        if deadline is not None and time.monotonic() >= deadline:
+                            raise CommTimeout(f"rank {c.rank}: isend to rank {self._h[1]} not done "
+                                              f"within {timeout} s")
+                        if p is not None:
+                            p.cond.wait(commnet.POLL)
+            else:
+                self._value, self._status = c._finish_recv(self._h, timeout)
+            self._done = True
+        if status is not None and self._status is not None:
+            status.source, status.tag, status.size = self._status.source, self._status.tag, self._status.size
+        return self._value
+
+    def test(self, status: Optional[Status] = None) -> tuple:
+        """``(True, value)`` if done (completing it), else ``(False, None)``; never blocks."""
+        if not self._done:
+            if self._comm._ep is not None:
+                self._comm._ep.flush()
+            if self._kind == "send":
+                if not self._h[0][1]:
+                    self._comm._check_live()
+                    return False, None
+            elif self._h[3] is None:
+                self._comm._check_live()
+                return False, None
+        return True, self.wait(status)
+
+    def cancel(self) -> None:
+        """Withdraw a receive that has not matched yet."""
+        if self._kind == "recv" and not self._done and self._h[3] is None:
+            self._comm._ep.mailbox.cancel(self._h)
+            self._done = True
+
+    @staticmethod
+    def waitall(requests: Sequence["Request"], timeout: Optional[float] = None) -> list:
+        """Wait for every request; returns their values in order."""
+        deadline = _deadline(timeout)
+        return [r.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                for r in requests]
+
+    @staticmethod
+    def testall(requests: Sequence["Request"]) -> tuple:
+        """``(True, values)`` once every request is done, else ``(False, None)``."""
+        if all(r._done or (r._h[0][1] if r._kind == "send" else r._h[3] is not None) for r in requests):
+            return True, [r.wait() for r in requests]
+        return False, None
+
+    @staticmethod
+    def waitany(requests: Sequence["Request"], timeout: Optional[float] = None) -> tuple:
+        """``(index, value)`` of the first request that is done."""
+        deadline = _deadline(timeout)
+        while True:
+            for i, r in enumerate(requests):
+                ok, v = r.test()
+                if ok:
+                    return i, v
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CommTimeout(f"no request completed within {timeout} s")
+            time.sleep(0.0002)
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+_nolock = _NoLock()
+
+
+def waitall(requests: Sequence[Request], timeout: Optional[float] = None) -> list:
+    """``Request.waitall``."""
+    return Request.waitall(requests, timeout)
+
+
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+    return time.monotonic() + timeout
 
 
 class Comm:
-    """A rank's view of its group: ``rank``, ``size``, ``send``, ``recv`` and the collectives."""
+    """A rank's view of its group (or of a sub-group made by ``split``): ``rank``, ``size`` and the
+    calls in the module docstring.  Picklable only as the description a rank starts from."""
 
-    def __init__(self, group: str, rank: int, size: int, home: str):
-        self.group = group
-        self.rank = rank
-        self.size = size
-        self.home = home
-        self._local = threading.local()
+    def __init__(self, group: str, rank: int, size: int, home: Any, token: bytes = b"",
+                 _ep: Optional[commnet.Endpoint] = None, _ctx: int = 0, _world: Optional[List[int]] = None):
+        self.group, self.rank, self.size, self.home, self.token = group, rank, size, home, token
+        self._ep = _ep
+        self._ctx = _ctx                       # user messages on _ctx, collectives on _ctx + 1
+        self._world = _world                   # our rank -> world rank (None: this is the world)
         self._coll = 0
+        self._splits = 0
 
     def __getstate__(self):
-        return {"group": self.group, "rank": self.rank, "size": self.size, "home": self.home}
+        return {"group": self.group, "rank": self.rank, "size": self.size, "home": self.home, "token": self.token}
 
-    def __setstate__(self, state):
-        self.__init__(state["group"], state["rank"], state["size"], state["home"])
+    def __setstate__(self, st):
+        self.__init__(st["group"], st["rank"], st["size"], st["home"], st.get("token", b""))
 
     def __repr__(self) -> str:
         return f"<Comm group={self.group} rank={self.rank}/{self.size}>"
 
-    def _proxy(self):
-        p = getattr(self._local, "proxy", None)
-        if p is None:
-            from . import security
+    # mpi4py spellings
+    def Get_rank(self) -> int:
+        return self.rank
 
-            secret = os.environ.get("PYDIST_SECRET")
-            p = security.connect(self.home, secret=secret.encode() if secret else None, timeout=10.0)
-            self._local.proxy = p
-        return p
+    def Get_size(self) -> int:
+        return self.size
 
-    def _check_rank(self, r: int, what: str) -> None:
-        if not isinstance(r, int) or not 0 <= r < self.size:
-            raise ValueError(f"{what} must be a rank in 0..{self.size - 1}, got {r!r}")
+    # -------------------------------------------------------------------------------- helpers
+    def _w(self, r: int) -> int:
+        return r if self._world is None or r < 0 else self._world[r]
+
+    def _local(self, world_rank: int) -> int:
+        return world_rank if self._world is None else self._world.index(world_rank)
+
+    def _check_live(self) -> None:
+        ep = self._ep
+        if ep is None:
+            raise RuntimeError("this Comm is not running in a rank of a task group (use ex.spawn_group)")
+        if ep.mailbox.aborted is not None:
+            raise self._translate(Aborted())
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        ep = self._ep
+        if ep is not None and ep.abort_info is not None:
+            rank, cause, blob = ep.abort_info
+            err = GroupAborted(self.group, rank, cause, blob or b"")
+            from . import wire
+
+            err._resolve_cause("", wire.loads_exception)
+            return err
+        if isinstance(exc, Aborted):
+            return GroupAborted(self.group, -1, "this rank's communicator is closed")
+        return exc
+
+    def _check_rank(self, r: Any, what: str, any_ok: bool = False) -> int:
+        if any_ok and r == ANY_SOURCE:
+            return r
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < self.size:
+            raise ValueError(f"{what} must be a rank in 0..{self.size - 1}"
+                             f"{' or ANY_SOURCE' if any_ok else ''}, got {r!r}")
+        return r
+
+    @staticmethod
+    def _check_tag(t: Any, any_ok: bool = False) -> int:
+        if any_ok and t == ANY_TAG:
+            return t
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= TAG_UB:
+            raise ValueError(f"tag must be an int in 0..{TAG_UB}{' or ANY_TAG' if any_ok else ''}, got {t!r} "
+                             "(negative tags are reserved)")
+        return t
+
+    def _dest(self, dest: Any, to: Any) -> int:
+        d = to if dest is None else dest
+        if d is None:
+            raise TypeError("send needs a destination rank (dest=)")
+        return self._check_rank(d, "dest")
+
+    def _call(self, fn, *a):
+        try:
+            return fn(*a)
+        except Aborted as exc:
+            raise self._translate(exc) from None
+        except ConnectionError as exc:
+            raise self._translate(exc) from None
 
     # -------------------------------------------------------------------------------- point to point
-    def send(self, obj: Any, to: int, tag: int = 0) -> None:
-        """Send a Python object to rank ``to`` (returns once the home node holds it)."""
-        self._check_rank(to, "to")
-        self._send(obj, to, tag)
+    def send(self, obj: Any, dest: Optional[int] = None, tag: int = 0, *, to: Optional[int] = None,
+             timeout: Optional[float] = None) -> None:
+        """Send a Python object to rank ``dest`` (returns once it is on its way)."""
+        d = self._dest(dest, to)
+        self._check_tag(tag)
+        self._check_live()
+        self._call(self._ep.post, self._w(d), self._ctx, tag, obj, True, _deadline(timeout))
 
-    def _send(self, obj: Any, to: int, tag: int) -> None:
-        self._proxy().comm_send(self.group, self.rank, to, tag, wire.dumps(obj, "the message"))
+    def isend(self, obj: Any, dest: Optional[int] = None, tag: int = 0, *, to: Optional[int] = None) -> Request:
+        """Start sending; returns a ``Request`` (``wait()`` for it to be written)."""
+        d = self._dest(dest, to)
+        self._check_tag(tag)
+        self._check_live()
+        item = self._call(self._ep.post, self._w(d), self._ctx, tag, obj, False)
+        w = self._w(d)
+        return Request(self, "send", (item, d, None if w == self._ep.rank else w))
 
-    def recv(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, timeout: Optional[float] = None) -> Any:
-        """Receive the next object from ``source`` (default: any rank) with ``tag`` (default: any)."""
-        return self.recv_with_status(source, tag, timeout)[0]
+    def recv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Optional[Status] = None,
+             timeout: Optional[float] = None) -> Any:
+        """Receive the next object from ``source`` with ``tag`` (defaults: any).  mpi4py's order: a
+        positional first argument that is an int is taken as ``source``."""
+        if isinstance(buf, int) and not isinstance(buf, bool):
+            if source != ANY_SOURCE and tag == ANY_TAG:
+                tag = source
+            source = buf
+        return self._recv(self._ctx, source, tag, status, timeout)
 
-    def recv_with_status(self, source: int = ANY_SOURCE, tag: int = ANY_TAG,
-                         timeout: Optional[float] = None) -> tuple:
-        """Like ``recv`` but returns ``(obj, source, tag)``."""
-        if source != ANY_SOURCE:
-            self._check_rank(source, "source")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        p = self._proxy()
-        while True:
-            wait = 5.0 if deadline is None else max(0.0, min(5.0, deadline - time.monotonic()))
-            got = p.comm_recv(self.group, self.rank, source, tag, wait)
-            if got is not None:
-                src, t, blob = got
-                return pickle.loads(blob), src, t
-            if deadline is not None and time.monotonic() >= deadline:
-                raise CommTimeout(f"rank {self.rank} of group {self.group}: no message from "
-                                  f"{'any rank' if source == ANY_SOURCE else f'rank {source}'} "
-                                  f"(tag {tag}) within {timeout} s")
+    def _recv(self, ctx: int, source: int, tag: int, status: Optional[Status], timeout: Optional[float]) -> Any:
+        h = self._post_recv(ctx, source, tag)
+        value, st = self._finish_recv(h, timeout)
+        if status is not None:
+            status.source, status.tag, status.size = st.source, st.tag, st.size
+        return value
+
+    def _post_recv(self, ctx: int, source: int, tag: int) -> list:
+        self._check_rank(source, "source", any_ok=True)
+        if ctx == self._ctx:
+            self._check_tag(tag, any_ok=True)
+        self._check_live()
+        src = self._w(source)
+        if self._world is not None and source == ANY_SOURCE:
+            src = ANY_SOURCE   # (sub-communicator: contexts keep strangers out)
+        return self._ep.mailbox.post(ctx, src, tag)
+
+    def _finish_recv(self, h: list, timeout: Optional[float]) -> tuple:
+        deadline = _deadline(timeout)
+        m = self._call(self._ep.mailbox.wait, h, deadline)
+        if m is None:
+            self._ep.mailbox.cancel(h)
+            if h[3] is not None:   # matched just now
+                m = h[3]
+            else:
+                src = "any rank" if h[1] == ANY_SOURCE else f"rank {self._local(h[1])}"
+                tg = "any tag" if h[2] == ANY_TAG else f"tag {h[2]}"
+                raise CommTimeout(f"rank {self.rank} of group {self.group}: no message from {src} "
+                                  f"({tg}) within {timeout} s")
+        return commnet.loads(m.flags, m.meta, m.bufs), Status(self._local(m.src), m.tag, m.size)
+
+    def irecv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
+        """Post a receive; returns a ``Request`` whose ``wait()`` gives the object."""
+        if isinstance(buf, int) and not isinstance(buf, bool):
+            source = buf
+        return Request(self, "recv", self._post_recv(self._ctx, source, tag))
+
+    def sendrecv(self, sendobj: Any, dest: int, sendtag: int = 0, recvbuf: Any = None,
+                 source: int = ANY_SOURCE, recvtag: int = ANY_TAG, status: Optional[Status] = None,
+                 timeout: Optional[float] = None) -> Any:
+        """Send to ``dest`` and receive from ``source`` at once (no deadlock in a ring)."""
+        req = self.isend(sendobj, dest, sendtag)
+        value = self.recv(None, source, recvtag, status, timeout)
+        req.wait(timeout=timeout)
+        return value
+
+    def probe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Optional[Status] = None,
+              timeout: Optional[float] = None) -> bool:
+        """Wait until a matching message is there (without receiving it); fills ``status``."""
+        m = self._probe(source, tag, True, timeout)
+        if m is None:
+            raise CommTimeout(f"rank {self.rank}: no message to probe within {timeout} s")
+        if status is not None:
+            status.source, status.tag, status.size = self._local(m.src), m.tag, m.size
+        return True
+
+    def iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Optional[Status] = None) -> bool:
+        """Whether a matching message is there now (never blocks)."""
+        m = self._probe(source, tag, False, None)
+        if m is not None and status is not None:
+            status.source, status.tag, status.size = self._local(m.src), m.tag, m.size
+        return m is not None
+
+    def _probe(self, source, tag, block, timeout):
+        self._check_rank(source, "source", any_ok=True)
+        self._check_tag(tag, any_ok=True)
+        self._check_live()
+        return self._call(self._ep.mailbox.probe, self._ctx, self._w(source), tag, _deadline(timeout), block)
+
+    def abort(self, reason: str = "comm.abort() called") -> None:
+        """Abort the whole group: every rank's blocked call raises ``GroupAborted``; so does this call."""
+        self._check_live()
+        self._ep.send_abort(str(reason))
+        self._ep._set_abort(self._ep.rank, f"called abort: {reason}", None)
+        raise self._translate(Aborted())
 
     # -------------------------------------------------------------------------------- collectives
-    def _next_tag(self) -> int:
+    def _ctag(self) -> int:
         self._coll += 1
-        return _COLL_TAG - self._coll
+        return self._coll
 
-    def bcast(self, obj: Any = None, root: int = 0) -> Any:
-        """``root``'s object, on every rank."""
+    def _csend(self, obj, dest, tag):
+        self._call(self._ep.post, self._w(dest), self._ctx + 1, tag, obj, True)
+
+    def _crecv(self, source, tag, deadline):
+        t = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self._recv(self._ctx + 1, source, tag, None, t)
+
+    def barrier(self, timeout: Optional[float] = None) -> None:
+        """Return once every rank has called ``barrier``."""
+        self.allreduce(0, timeout=timeout)
+
+    def bcast(self, obj: Any = None, root: int = 0, timeout: Optional[float] = None) -> Any:
+        """``root``'s object, on every rank (binomial tree)."""
         self._check_rank(root, "root")
-        tag = self._next_tag()
-        if self.rank == root:
-            for r in range(self.size):
-                if r != root:
-                    self._send(obj, r, tag)
-            return obj
-        return self.recv(root, tag)
+        self._check_live()
+        tag, deadline = self._ctag(), _deadline(timeout)
+        n, me = self.size, (self.rank - root) % self.size
+        mask = 1
+        while mask < n:          # receive from the parent
+            if me & mask:
+                obj = self._crecv((me - mask + root) % n, tag, deadline)
+                break
+            mask <<= 1
+        mask >>= 1
+        while mask > 0:          # send to the children
+            if me + mask < n:
+                self._csend(obj, (me + mask + root) % n, tag)
+            mask >>= 1
+        return obj
 
-    def scatter(self, items: Optional[List[Any]] = None, root: int = 0) -> Any:
-        """Rank ``r`` gets ``items[r]`` from ``root`` (``items`` needs ``size`` entries on the root)."""
+    def reduce(self, obj: Any, op: Optional[Callable[[Any, Any], Any]] = None, root: int = 0,
+               timeout: Optional[float] = None) -> Any:
+        """``op`` (default ``+``) folded over every rank's object in rank order, on ``root`` (None
+        elsewhere); a binomial tree (``op`` must be associative, as in MPI)."""
         self._check_rank(root, "root")
-        tag = self._next_tag()
-        if self.rank == root:
-            if items is None or len(items) != self.size:
-                raise ValueError(f"scatter needs a list of {self.size} items on the root")
-            for r in range(self.size):
-                if r != root:
-                    self._send(items[r], r, tag)
-            return items[root]
-        return self.recv(root, tag)
+        self._check_live()
+        op = op or _op_sum
+        tag, deadline = self._ctag(), _deadline(timeout)
+        n, me = self.size, (self.rank - root) % self.size
+        if root != 0 and not _commutative(op):
+            # rank order matters: reduce to 0 in order, then hand the value to root
+            acc = self.reduce(obj, op, 0, timeout)
+            if self.rank == 0:
+                self._csend(acc, root, tag)
+                return None
+            return self._crecv(0, tag, deadline) if self.rank == root else None
+        acc = obj
+        mask = 1
+        while mask < n:
+            if me & mask:
+                self._csend(acc, (me - mask + root) % n, tag)
+                return None
+            if me + mask < n:
+                acc = op(acc, self._crecv((me + mask + root) % n, tag, deadline))
+            mask <<= 1
+        return acc
 
-    def gather(self, obj: Any, root: int = 0) -> Optional[List[Any]]:
+    def allreduce(self, obj: Any, op: Optional[Callable[[Any, Any], Any]] = None,
+                  timeout: Optional[float] = None) -> Any:
+        """``reduce`` then ``bcast``: every rank gets the folded value."""
+        return self.bcast(self.reduce(obj, op, 0, timeout), 0, timeout)
+
+    def gather(self, obj: Any, root: int = 0, timeout: Optional[float] = None) -> Optional[List[Any]]:
         """The list of every rank's object, in rank order, on ``root`` (None elsewhere)."""
         self._check_rank(root, "root")
-        tag = self._next_tag()
+        self._check_live()
+        tag, deadline = self._ctag(), _deadline(timeout)
         if self.rank != root:
-            self._send(obj, root, tag)
+            self._csend(obj, root, tag)
             return None
         out: List[Any] = [None] * self.size
         out[root] = obj
-        for _ in range(self.size - 1):
-            value, src, _t = self.recv_with_status(ANY_SOURCE, tag)
-            out[src] = value
+        for r in range(self.size):
+            if r != root:
+                out[r] = self._crecv(r, tag, deadline)
         return out
 
-    def reduce(self, obj: Any, op: Callable[[Any, Any], Any] = None, root: int = 0) -> Any:
-        """``op`` folded over every rank's object in rank order, on ``root`` (default op: ``+``)."""
-        values = self.gather(obj, root)
-        if values is None:
-            return None
-        op = op or (lambda a, b: a + b)
-        acc = values[0]
-        for v in values[1:]:
-            acc = op(acc, v)
+    def scatter(self, sendobj: Optional[Sequence[Any]] = None, root: int = 0,
+                timeout: Optional[float] = None) -> Any:
+        """Rank ``r`` gets ``sendobj[r]`` from ``root`` (``size`` items on the root)."""
+        self._check_rank(root, "root")
+        self._check_live()
+        tag, deadline = self._ctag(), _deadline(timeout)
+        if self.rank == root:
+            if sendobj is None or len(sendobj) != self.size:
+                raise ValueError(f"scatter needs a sequence of {self.size} items on the root")
+            for r in range(self.size):
+                if r != root:
+                    self._csend(sendobj[r], r, tag)
+            return sendobj[root]
+        return self._crecv(root, tag, deadline)
+
+    def allgather(self, obj: Any, timeout: Optional[float] = None) -> List[Any]:
+        """Every rank's object, in rank order, on every rank."""
+        return self.bcast(self.gather(obj, 0, timeout), 0, timeout)
+
+    def alltoall(self, sendobj: Sequence[Any], timeout: Optional[float] = None) -> List[Any]:
+        """Rank ``r`` sends ``sendobj[d]`` to each rank ``d``; returns what each rank sent it."""
+        self._check_live()
+        if sendobj is None or len(sendobj) != self.size:
+            raise ValueError(f"alltoall needs a sequence of {self.size} items on every rank")
+        tag, deadline = self._ctag(), _deadline(timeout)
+        reqs = []
+        for i in range(1, self.size):
+            d = (self.rank + i) % self.size
+            reqs.append(self._call(self._ep.post, self._w(d), self._ctx + 1, tag, sendobj[d], False))
+        out: List[Any] = [None] * self.size
+        out[self.rank] = sendobj[self.rank]
+        for i in range(1, self.size):
+            s = (self.rank - i) % self.size
+            out[s] = self._crecv(s, tag, deadline)
+        for item in reqs:
+            self._wait_item(item, deadline)
+        return out
+
+    def _wait_item(self, item: list, deadline: Optional[float]) -> None:
+        self._ep.flush()
+        while not item[1]:
+            self._check_live()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CommTimeout(f"rank {self.rank}: a send did not complete in time")
+            time.sleep(0.0002)
+
+    def scan(self, obj: Any, op: Optional[Callable[[Any, Any], Any]] = None,
+             timeout: Optional[float] = None) -> Any:
+        """Inclusive prefix: rank ``r`` gets ``op`` folded over ranks 0..r."""
+        self._check_live()
+        op = op or _op_sum
+        tag, deadline = self._ctag(), _deadline(timeout)
+        acc = obj if self.rank == 0 else op(self._crecv(self.rank - 1, tag, deadline), obj)
+        if self.rank + 1 < self.size:
+            self._csend(acc, self.rank + 1, tag)
         return acc
 
-    def allreduce(self, obj: Any, op: Callable[[Any, Any], Any] = None) -> Any:
-        """``reduce`` then ``bcast``: every rank gets the folded value."""
-        return self.bcast(self.reduce(obj, op, 0), 0)
+    def exscan(self, obj: Any, op: Optional[Callable[[Any, Any], Any]] = None,
+               timeout: Optional[float] = None) -> Any:
+        """Exclusive prefix: rank ``r`` gets ``op`` folded over ranks 0..r-1 (None on rank 0)."""
+        self._check_live()
+        op = op or _op_sum
+        tag, deadline = self._ctag(), _deadline(timeout)
+        prev = None if self.rank == 0 else self._crecv(self.rank - 1, tag, deadline)
+        if self.rank + 1 < self.size:
+            self._csend(obj if prev is None else op(prev, obj), self.rank + 1, tag)
+        return prev
 
-    def barrier(self) -> None:
-        """Return once every rank has called ``barrier``."""
-        self.allreduce(0)
+    def split(self, color: Optional[int] = 0, key: int = 0, timeout: Optional[float] = None) -> Optional["Comm"]:
+        """A sub-communicator of the ranks that passed the same ``color``, ordered by ``(key, rank)``;
+        ``color=None`` (MPI_UNDEFINED) gets None.  Collective: every rank must call it."""
+        if color is not None and (isinstance(color, bool) or not isinstance(color, int) or color < 0):
+            raise ValueError(f"color must be an int >= 0 or None, got {color!r}")
+        self._splits += 1
+        table = self.allgather((color, key), timeout)
+        if color is None:
+            return None
+        members = sorted((k, r) for r, (c, k) in enumerate(table) if c == color)
+        world = [self._w(r) for _, r in members]
+        digest = hashlib.blake2b(f"{self._ctx}/{self._splits}/{color}".encode(), digest_size=4).digest()
+        ctx = (int.from_bytes(digest, "big") | 2) & ~1 & 0xFFFFFFFF
+        sub = Comm(self.group, world.index(self._w(self.rank)), len(world), self.home, self.token,
+                   _ep=self._ep, _ctx=ctx, _world=world)
+        return sub
+
+    Split = split
+
+    def Free(self) -> None:
+        """Nothing to free (mpi4py compatibility)."""
 
 
+def _commutative(op) -> bool:
+    return op in (_op_sum, max, min, PROD) or op is None
+
+
+# ------------------------------------------------------------------------------------- running a rank
 def run_rank(fn: Callable, comm: Comm, args: tuple, kwargs: dict) -> Any:
-    """What a rank's task runs (inside a worker)."""
+    """What a rank's task runs inside a worker: join the group, run ``fn``, report how it ended."""
+    from . import wire
+
     try:
-        return fn(comm, *args, **kwargs)
+        from .workers import task_context
+
+        node = task_context().node
+    except RuntimeError:
+        node = ""
+    ep = commnet.Endpoint(comm.group, comm.rank, comm.size, comm.token, tuple(comm.home), node)
+    try:
+        ep.start()
+    except (OSError, EOFError) as exc:
+        raise GroupAborted(comm.group, comm.rank, f"could not reach the group's home node: {exc}") from None
+    comm._ep = ep
+    _current.comm = comm
+    try:
+        comm._check_live()   # aborted before we started?
+        value = fn(comm, *args, **kwargs)
+    except GroupAborted:
+        ep.finish(("done", comm.rank))
+        raise
+    except BaseException as exc:
+        ep.finish(("fail", comm.rank, f"raised {type(exc).__name__}: {exc}"[:2000], wire.dumps_exception(exc)))
+        raise
+    else:
+        ep.finish(("done", comm.rank))
+        return value
     finally:
-        p = getattr(comm._local, "proxy", None)
-        if p is not None:
-            p._pyroRelease()
+        _current.comm = None
+        comm._ep = None
+
+
+def current() -> Comm:
+    """The ``Comm`` of the rank running in this thread (``pydist.comm()``); RuntimeError elsewhere."""
+    c = getattr(_current, "comm", None)
+    if c is None:
+        raise RuntimeError("pydist.comm() is only available inside a rank of a task group (ex.spawn_group)")
+    return c
+
+
+class _CallableModule(types.ModuleType):
+    """``pydist.comm`` is this module, and ``pydist.comm()`` returns the current rank's ``Comm``."""
+
+    def __call__(self) -> Comm:
+        return current()
+
+
+sys.modules[__name__].__class__ = _CallableModule

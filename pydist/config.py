@@ -63,6 +63,11 @@ class NodeConfig:
 
     host: str = field(default="127.0.0.1", metadata=_meta("HOST", "--host", "address to bind (and advertise)"))
     port: int = field(default=0, metadata=_meta("PORT", "--port", "port to bind; 0 picks a free one"))
+    advertise: Optional[str] = field(default=None, metadata=_meta(
+        "ADVERTISE", "--advertise", "address other machines use to reach this node (default: --host; with "
+        "--host 0.0.0.0 this machine's non-loopback address)"))
+    dashboard: Optional[int] = field(default=None, metadata=_meta(
+        "DASHBOARD", "--dashboard", "serve the web dashboard on this port (0: a free one; default: off)"))
     name: Optional[str] = field(default=None, metadata=_meta("NAME", "--name", "node name (default: host-port)"))
     workers: Optional[int] = field(default=None, metadata=_meta("WORKERS", "--workers",
                                                                  "worker processes (default: CPU count)"))

@@ -16,12 +16,14 @@
      │    ├── WorkerLost           (also a BrokenProcessPool) the worker process running the task died
      │    ├── NodeLost             (also a BrokenProcessPool) the node holding the task went away and it
      │    │                        could not be re-placed
+     │    ├── GroupAborted         a rank of the task's group failed: the whole group stopped
      │    └── RemoteError          carrier of a remote traceback (set as ``__cause__``)
      ├── CodeSyncError             uploading or installing a code bundle failed
      │    ├── BundleTooLarge
      │    ├── UnsafeArchive        an archive member escapes its folder (absolute, ``..``, link)
      │    └── BundleNotFound       a task names a bundle no node has
-     └── ProtocolError             a peer sent something that is not a pydist message
+     ├── ProtocolError             a peer sent something that is not a pydist message
+     └── MessageTooLarge           (also a ValueError) a group message over the group's size limit
 
 Messages say what went wrong and what to do about it.
 
@@ -83,6 +85,35 @@ class WorkerLost(TaskError, BrokenProcessPool):
 
 class NodeLost(TaskError, BrokenProcessPool):
     """The node that held the task went away (also a ``BrokenProcessPool``)."""
+
+
+class GroupAborted(TaskError):
+    """A task group stopped as a whole because one rank failed (raised, died, lost its node, called
+    ``comm.abort``) or its client went away.  ``rank`` is the rank that failed (-1: none of them, e.g.
+    the client), ``cause`` what happened; every other rank's blocked call raised this, and its
+    ``__cause__`` is the failing rank's own exception (when there was one)."""
+
+    def __init__(self, group: str = "", rank: int = -1, cause: str = "", cause_blob: bytes = b""):
+        who = f"rank {rank} {cause}" if rank >= 0 else cause
+        super().__init__(f"task group {group} aborted: {who}")
+        self.group, self.rank, self.cause, self.cause_blob = group, rank, cause, cause_blob or b""
+        self.remote_traceback = ""
+
+    def __reduce__(self):
+        return (type(self), (self.group, self.rank, self.cause, self.cause_blob))
+
+    def _resolve_cause(self, tb: str, loads_exception) -> None:
+        """Where the exception is read (client, rank): the failing rank's exception becomes the cause."""
+        self.remote_traceback = tb
+        if self.cause_blob:
+            try:
+                self.__cause__ = loads_exception(self.cause_blob)
+            except Exception:
+                pass
+
+
+class MessageTooLarge(PydistError, ValueError):
+    """A message between ranks is over the group's size limit (the home node's ``--max-message-size``)."""
 
 
 class RemoteError(PydistError):

@@ -35,6 +35,7 @@ from .config import ClientConfig
 from .clientcore import ClientCore, PydistFuture
 from .errors import AuthenticationError, ClusterUnavailable, SerializationError, VersionMismatch
 from .scripts import run_script
+from .sources import dumps_function
 
 if TYPE_CHECKING:
     from .aio import AsyncClusterExecutor
@@ -91,7 +92,9 @@ class ClusterExecutor(Executor):
     * ``ClusterExecutor(ns="host:port")`` finds the cluster's root node in a Pyro5 name server.
 
     Also keyword-only: ``secret`` (else ``PYDIST_SECRET``), ``code`` (paths uploaded at start, see
-    ``upload_code``), TLS files and ``connect_timeout`` (seconds before ``ClusterUnavailable``).
+    ``upload_code``), TLS files, ``connect_timeout`` (seconds before ``ClusterUnavailable``) and
+    ``forward_output`` (print what tasks print and log here, each line prefixed ``[node/wN task-id]``;
+    default: on for the embedded cluster).
     ``_max_workers`` is ``max_workers`` if given, else the cluster's worker count at connection time.
     """
 
@@ -100,7 +103,8 @@ class ClusterExecutor(Executor):
                  max_tasks_per_child: Optional[int] = None, address: Optional[str] = None,
                  ns: Optional[str] = None, secret: Optional[bytes] = None, code: Optional[Sequence[str]] = None,
                  connect_timeout: Optional[float] = None, tls_cert: Optional[str] = None,
-                 tls_key: Optional[str] = None, tls_ca: Optional[str] = None):
+                 tls_key: Optional[str] = None, tls_ca: Optional[str] = None,
+                 forward_output: Optional[bool] = None):
         if isinstance(max_workers, (str, os.PathLike)):
             # ClusterExecutor("host:port"): the short form of pydist's first release (and its brief)
             if address is not None or ns is not None:
@@ -133,6 +137,8 @@ class ClusterExecutor(Executor):
             self._cluster.start()
             address = self._cluster.address
             self._cfg.secret = self._cluster.secret
+        # print()/logging of tasks shown here (prefixed "[node/wN task]"): default on for the embedded cluster
+        self._forward_output = (self._cluster is not None) if forward_output is None else bool(forward_output)
         if self._cfg.secret is None:   # a LocalCluster of this process? it knows its secret
             from .cluster import local_secret
 
@@ -154,8 +160,10 @@ class ClusterExecutor(Executor):
             # dask's compute(scheduler=ex) and others size their concurrency by _max_workers
             self._max_workers = max_workers if max_workers is not None else max(1, _total_workers(proxy.status()))
             proxy._pyroRelease()
+            # print()/logging of tasks shown here (prefixed "[node/wN task]"): default on for the embedded cluster
+            forward = (self._cluster is not None) if forward_output is None else bool(forward_output)
             self._core = ClientCore(self._cfg, self._tls, self._uri, self._cid, self._node_info["name"],
-                                    self._cluster, max_inflight)
+                                    self._cluster, max_inflight, forward)
         except BaseException:
             if self._cluster is not None:
                 self._cluster.stop()
@@ -186,13 +194,16 @@ class ClusterExecutor(Executor):
         import Pyro5.api
         import Pyro5.errors
 
-        host, _, port = _parse_address(ns).rpartition(":")
+        from .diagnose import parse_ns
+
+        host, port = parse_ns(ns)   # no port: Pyro5's 9090
+        ns = f"{host}:{port}"
         deadline = time.monotonic() + self._cfg.connect_timeout
         last: Optional[BaseException] = None
         refused: Dict[str, BaseException] = {}
         while True:
             try:
-                with Pyro5.api.locate_ns(host, int(port)) as nsp:
+                with Pyro5.api.locate_ns(host, port) as nsp:
                     entries = nsp.list(prefix="pydist.node.", return_metadata=True)
                 roots = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" in meta]
                 others = [str(uri) for name, (uri, meta) in sorted(entries.items()) if "pydist.root" not in meta]
@@ -274,7 +285,7 @@ class ClusterExecutor(Executor):
                 self._fns.move_to_end(id(fn))
                 return entry[1], entry[2]
         try:
-            blob = wire.dumps_function(fn)
+            blob = dumps_function(fn, wire.PICKLE_PROTOCOL)   # file names and source lines kept (pydist.sources)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:
@@ -288,9 +299,10 @@ class ClusterExecutor(Executor):
         return key, blob
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None, chunksize: int = 1,
-            buffersize: Optional[int] = None) -> Iterator:
+            buffersize: Optional[int] = None, progress: bool = False) -> Iterator:
         """Like ``Executor.map``: results lazily, in order.  ``chunksize > 1`` sends that many calls as
-        one task (one pickle, one result message); ``buffersize`` bounds tasks in flight (Python 3.14)."""
+        one task (one pickle, one result message); ``buffersize`` bounds tasks in flight (Python 3.14);
+        ``progress=True`` shows a tqdm bar (rate, ETA) of the calls finished (``pip install 'pydist[progress]'``)."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
@@ -304,6 +316,12 @@ class ClusterExecutor(Executor):
         calls = zip(*iterables)
         kind = wire.KIND_CALL if chunksize == 1 else wire.KIND_CHUNK
 
+        bar = None
+        if progress:
+            from .progressbar import ProgressBar
+
+            bar = ProgressBar(None, desc=getattr(fn, "__name__", None), unit="call")
+
         def make(group):
             # as submit: what cannot be pickled fails its own future (raised when iteration reaches it)
             if key is None:
@@ -312,16 +330,26 @@ class ClusterExecutor(Executor):
                 if kind == wire.KIND_CALL:
                     payload = wire.dumps_call(group, {})
                 else:
-                    payload = wire.dumps(list(group), "map arguments")
+                    group = list(group)
+                    payload = wire.dumps(group, "map arguments")
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:
                 return self._failed_future(exc)
-            return self._enqueue(key, blob, payload, kind)
+            f = self._enqueue(key, blob, payload, kind)
+            if bar is not None:
+                bar.attach(f, 1 if kind == wire.KIND_CALL else len(group))
+            return f
 
         groups = calls if chunksize == 1 else _chunks(calls, chunksize)
         if buffersize is None:
-            fs = collections.deque(make(g) for g in groups)
+            if bar is None:
+                fs = collections.deque(make(g) for g in groups)
+            else:
+                calls = list(calls)
+                bar.set_total(len(calls))
+                groups = iter(calls) if chunksize == 1 else _chunks(iter(calls), chunksize)
+                fs = collections.deque(make(g) for g in groups)
             more = iter(())
         else:
             more = iter(groups)
@@ -344,27 +372,25 @@ class ClusterExecutor(Executor):
             finally:
                 for f in fs:
                     f.cancel()
+                if bar is not None:
+                    bar.close()
 
         return result_iterator()
 
-    def spawn_group(self, fn: Callable, size: int, *args: Any, **kwargs: Any) -> List[PydistFuture]:
-        """Start ``size`` tasks that can talk to each other: rank ``r`` runs ``fn(comm, *args, **kwargs)``
-        where ``comm`` (a ``pydist.comm.Comm``) has ``rank``, ``size``, ``send(obj, to, tag=0)``,
-        ``recv(source=ANY, tag=ANY)``, ``bcast``, ``scatter``, ``gather``, ``reduce``, ``allreduce`` and
-        ``barrier``.  Returns the ranks' futures, in rank order.  All ranks must run at once, so
-        ``size`` may not exceed the cluster's worker count (ValueError)."""
-        from .comm import Comm, run_rank
+    def spawn_group(self, fn: Callable, size: int, /, *args: Any, restart: int = 0, **kwargs: Any):
+        """Start ``size`` ranks that start together and fail together: rank ``r`` runs
+        ``fn(comm, *args, **kwargs)`` with ``comm`` a ``pydist.comm.Comm`` (mpi4py's lowercase API).
+        Returns a ``TaskGroup`` (list-like: the ranks' futures in rank order).  The group starts once
+        ``size`` workers are free at once; a group the cluster can never hold raises ValueError here.
+        If a rank fails the others' futures fail with ``GroupAborted``; ``restart=N`` re-runs the
+        whole group up to N times.  See ``pydist.taskgroup``."""
+        from .taskgroup import TaskGroup
 
-        if not isinstance(size, int) or size < 1:
-            raise ValueError("size must be a positive int")
-        total = _total_workers(self.status())
-        if size > total:
-            raise ValueError(f"a group of {size} ranks must run at once, but the cluster has {total} workers")
-        if self._max_inflight is not None and size > self._max_inflight:
+        if isinstance(size, int) and not isinstance(size, bool) and self._max_inflight is not None \
+                and size > self._max_inflight:
             raise ValueError(f"a group of {size} ranks must run at once, but this executor's max_workers="
                              f"{self._max_inflight} lets only {self._max_inflight} of its tasks run at once")
-        gid = f"{self._cid}.g{next(self._fn_seq)}"
-        return [self.submit(run_rank, fn, Comm(gid, r, size, self._uri), args, kwargs) for r in range(size)]
+        return TaskGroup(self, fn, size, args, kwargs, restart)
 
     def submit_script(self, path: str, args: Sequence[str] = (), *, cwd: Optional[str] = None,
                       env: Optional[dict] = None, timeout: Optional[float] = None,
@@ -404,6 +430,17 @@ class ClusterExecutor(Executor):
         return self._node_name
 
     @property
+    def dashboard_url(self) -> Optional[str]:
+        """URL of the live dashboard (token included): the embedded cluster's, else the one served by the
+        node this executor talks to (None if that node serves none: start it with --dashboard PORT)."""
+        if self._cluster is not None:
+            return self._cluster.dashboard_url
+        url = getattr(self, "_dashboard_url", None)
+        if url is None:
+            url = self._dashboard_url = self.status().get("dashboard")
+        return url
+
+    @property
     def cluster(self):
         """The embedded ``LocalCluster`` (None when connected to a running cluster)."""
         return self._core._cluster
@@ -441,7 +478,6 @@ class ClusterExecutor(Executor):
         _upload_bundle(self._uri, self._cfg.secret, self._tls, info, data, timeout, progress)
         return info
 
-    # ------------------------------------------------------------------------------------ threads
     def __enter__(self) -> "ClusterExecutor":
         return self
 

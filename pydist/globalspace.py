@@ -82,12 +82,20 @@ class ClientUnpickler(pickle.Unpickler):
         self._client = client
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "pydist.sources" and name == "_load":
+            return self._load_with_sources
         if module in _CP_MODULES:
             if name == "_make_function":
                 return self._make_function
             if name == "_function_setstate":
                 return self._function_setstate
         return super().find_class(module, name)
+
+    def _load_with_sources(self, sources, blob):
+        from .sources import register
+
+        register(sources)
+        return self._spaces.loads(blob, self._client)   # the inner pickle rebinds like the outer
 
     def _make_function(self, code, base_globals, name, argdefs, closure):
         module = base_globals.get("__name__")

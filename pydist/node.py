@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import re
-import socket
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -44,10 +43,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import Pyro5.api
 import Pyro5.errors
 
-from . import scheduler, security, wire
+from . import diagnose, scheduler, security, wire
 from .config import NodeConfig
-from .errors import BundleNotFound, NodeLost, ProtocolError, WorkerLost
+from .errors import AuthenticationError, BundleNotFound, NodeLost, ProtocolError, VersionMismatch, WorkerLost
 from .scheduler import TaskState, advance
+from .groups import GroupTable
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 NODE_OBJECT_ID = security.NODE_OBJECT_ID
 NS_PREFIX = "pydist.node."
 COLLECT_MAX_WAIT = 5.0
+JOIN_GRACE = 3.0      # s a node may fail to join quietly (its parent may be starting too); then it says why
 STARTED_DELAY = 0.01   # s a collect waits for a result before answering with "started" notes alone
 
 
@@ -150,6 +151,7 @@ class Link:
         self.out_cancel: List[str] = []
         self.out_code: List[str] = []
         self.stopping = False
+        self.left = False               # it told us it is stopping (a clean stop, not a fault)
 
     @property
     def workers(self) -> int:
@@ -213,21 +215,19 @@ class Node:
 
         write_pins(config.code_cache, self.name, ())
         env = dict(os.environ)
-        if config.secret:   # ranks of a task group talk to their home node (pydist.comm)
-            env["PYDIST_SECRET"] = config.secret.decode() if isinstance(config.secret, bytes) else config.secret
+        env.pop("PYDIST_SECRET", None)   # tasks never hold the cluster secret (ranks use a group token)
         self.pool = WorkerPool(config.workers or 0, self.name, config.code_cache,
                                self._on_worker_results, self._on_worker_exit, env=env)
         self.daemon: Optional[Pyro5.api.Daemon] = None
-        self.mail: Dict[str, List[tuple]] = {}       # task-group mailboxes: group -> [(dst, src, tag, blob)]
-        self.mail_cond = threading.Condition(threading.Lock())
-        self.mail_bytes = 0
+        self.groups = GroupTable(self)               # task groups: reservations, control lines, abort
+        self.dashboard_url: Optional[str] = None   # set when this node serves the dashboard (--dashboard)
 
     # ======================================================================================== lifecycle
     def start(self, daemon: Pyro5.api.Daemon) -> None:
         """Register with the daemon, start workers and background threads (not the request loop)."""
         self.daemon = daemon
         self.uri = str(daemon.register(self, NODE_OBJECT_ID))
-        host, port = daemon.locationStr.rsplit(":", 1)
+        host, port = (daemon.natLocationStr or daemon.locationStr).rsplit(":", 1)   # the advertised one
         self.address = f"{host}:{port}"
         self.pool.start()
         threading.Thread(target=self._watch_workers_ready, daemon=True, name="pydist-ready").start()
@@ -248,6 +248,14 @@ class Node:
             links = list(self.links.values())
             for c in self.clients.values():
                 c.cond.notify_all()
+        # tell linked nodes we are stopping, so they log a stop, not a fault (1 s at most)
+        byes = [threading.Thread(target=self._say_goodbye, args=(l.uri,), daemon=True)
+                for l in links if l.alive and l.uri]
+        for t in byes:
+            t.start()
+        deadline = time.monotonic() + 1.0
+        for t in byes:
+            t.join(max(0.0, deadline - time.monotonic()))
         for l in links:
             l.stop()
         self.pool.stop()
@@ -257,6 +265,16 @@ class Node:
                     ns.remove(NS_PREFIX + self.name)
             except Exception as exc:  # the name server may be gone already
                 log.info("could not remove %s from the name server: %s", NS_PREFIX + self.name, exc)
+
+    def _say_goodbye(self, uri: str) -> None:
+        proxy = None
+        try:
+            proxy = security.connect(uri, secret=self.cfg.secret, timeout=0.5, call_timeout=1.0)
+            proxy.leave(self.name)
+        except Exception as exc:   # it may be gone already
+            log.debug("could not tell %s that we stop: %s", uri, exc)
+        finally:
+            security.release(proxy)
 
     def _watch_workers_ready(self) -> None:
         pending = set(range(len(self.pool.handles)))
@@ -395,6 +413,19 @@ class Node:
             self._schedule()
             return {"name": self.name, "uri": self.uri, "map": self._report_for(name)}
 
+    def leave(self, sender: str) -> None:
+        """A linked node says it is stopping cleanly: its link goes now, logged as a stop, not a fault."""
+        _check_str(sender, "sender")
+        with self.lock:
+            link = self.links.get(sender)
+            if link is None:
+                return
+            link.left = True
+            log.info("%s %s stopped (a clean stop)", link.role, sender)
+            self._lose_link(link, "it stopped")
+            if not link.initiated:
+                link.stop()
+
     def run_task(self, sender: str, fns: dict, tasks: list, inits: Optional[dict] = None) -> int:
         """Accept a batch of tasks forwarded by a linked node (the design card's ``run_task``)."""
         _check_str(sender, "sender")
@@ -497,9 +528,17 @@ class Node:
                 "clients": len(self.clients), "links": links, "max_hops": self.cfg.max_hops,
                 "uptime": time.time() - self.started_at, "pid": os.getpid(),
                 "avg_task_s": self.avg.value, "bundles": len(self.store.list()),
+                "task_groups": self.groups.summary(),
                 "reachable": sorted({self.name}.union(*(l.remote_map for l in self.links.values()
                                                        if l.may_send and l.alive))),
             }
+        # what the dashboard and `pydist status --tasks` show: running tasks, recent failures, code, groups
+        st["tasks"] = self.pool.running()
+        st["failures"] = list(self.pool.failures)
+        st["code"] = [{k: b[k] for k in ("digest", "size", "files", "pinned") if k in b} for b in self.store.list()]
+        with self.lock:
+            st["groups"] = sorted(self.groups.groups)
+        st["dashboard"] = self.dashboard_url
         st["cpu_percent"] = psutil.cpu_percent(interval=None)
         st["mem_percent"] = psutil.virtual_memory().percent
         st["rss"] = psutil.Process().memory_info().rss
@@ -507,6 +546,8 @@ class Node:
 
     def shutdown(self) -> None:
         """Stop this node (returns at once; the node stops in the background)."""
+        if not self.stopping.is_set():
+            log.info("stopping node %s", self.name)
         threading.Thread(target=self._shutdown_soon, daemon=True).start()
 
     def _shutdown_soon(self) -> None:
@@ -515,47 +556,64 @@ class Node:
         if self.daemon is not None:
             self.daemon.shutdown()
 
-    # ======================================================================================== messages
-    def comm_send(self, group: str, src: int, dst: int, tag: int, blob: bytes) -> None:
-        """A rank of a task group posts a message (this node is the group's home)."""
+    # ======================================================================================== groups
+    def group_open(self, client_id: str, group: str, size: int) -> dict:
+        """A client opens a task group of ``size`` ranks with this node as its home; returns the
+        group's token and the address of the ranks' control lines (pydist.groups)."""
+        _check_str(client_id, "client_id")
         _check_str(group, "group")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (src, dst, tag)) \
-                or not isinstance(blob, bytes):
-            raise TypeError("comm_send(group, src:int, dst:int, tag:int, blob:bytes)")
-        with self.mail_cond:
-            if self.mail_bytes + len(blob) > self.cfg.max_message_size * 4:
-                raise MemoryError(f"node {self.name} holds {self.mail_bytes} bytes of undelivered group "
-                                  "messages; receive some before sending more")
-            self.mail.setdefault(group, []).append((dst, src, tag, blob))
-            self.mail_bytes += len(blob)
-            self.mail_cond.notify_all()
+        with self.lock:
+            self._client(client_id).last_seen = time.monotonic()
+            return self.groups.open(client_id, group, size)
 
-    def comm_recv(self, group: str, dst: int, src: int, tag: int, timeout: float):
-        """Take the first message for rank ``dst`` matching ``src``/``tag`` (-1: any), waiting up to
-        ``timeout`` s (at most 5); returns ``(src, tag, blob)`` or None."""
+    def group_submit(self, client_id: str, group: str, fns: dict, tasks: list) -> int:
+        """The rank tasks of an opened group, as one unit: held until the whole group can start."""
+        _check_str(client_id, "client_id")
         _check_str(group, "group")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (src, dst, tag)):
-            raise TypeError("comm_recv(group, dst:int, src:int, tag:int, timeout)")
-        deadline = time.monotonic() + _check_timeout(timeout)
-        with self.mail_cond:
-            while True:
-                box = self.mail.get(group, ())
-                for i, (d, s_, t, b) in enumerate(box):
-                    if d == dst and (src == -1 or s_ == src) and (t == tag or (tag == -1 and t > -1000)):
-                        del box[i]
-                        self.mail_bytes -= len(b)
-                        return (s_, t, b)
-                left = deadline - time.monotonic()
-                if left <= 0 or self.stopping.is_set():
-                    return None
-                self.mail_cond.wait(left)
+        _check_fns(fns)
+        _check_tasks(tasks)
+        with self.lock:
+            self.groups.submit(client_id, group, tasks)
+            self._add_fns(fns, tasks)
+            for t in tasks:
+                self.tasks[t[wire.T_ID]] = TaskRec(tuple(t[:5]) + (list(t[5]),) + tuple(t[6:8]),
+                                                   ("c", client_id))
+            self._schedule()
+        return len(tasks)
 
-    def comm_close(self, group: str) -> None:
-        """Drop a finished group's mailbox."""
+    def group_abort(self, client_id: str, group: str, reason: str) -> None:
+        """The client aborts one of its groups."""
+        _check_str(client_id, "client_id")
         _check_str(group, "group")
-        with self.mail_cond:
-            for _, _, _, b in self.mail.pop(group, ()):
-                self.mail_bytes -= len(b)
+        with self.lock:
+            self.groups.abort_by_client(client_id, group, str(reason)[:500])
+
+    def group_state(self, client_id: str, group: str) -> str:
+        """``waiting: ...`` (and why), ``running``, ``aborted: ...``, or ``unknown`` (ended)."""
+        _check_str(client_id, "client_id")
+        _check_str(group, "group")
+        with self.lock:
+            return self.groups.state(client_id, group)
+
+    def group_reserve(self, sender: str, group: str, want: int, ttl: float) -> int:
+        """A linked node reserves up to ``want`` of our workers for ranks of ``group``."""
+        _check_str(sender, "sender")
+        _check_str(group, "group")
+        if not isinstance(want, int) or isinstance(want, bool):
+            raise TypeError("want must be an int")
+        with self.lock:
+            if sender not in self.links:
+                raise ProtocolError(f"node {sender!r} reserves workers on {self.name} without joining first")
+            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl):
+                raise TypeError("ttl must be a number of seconds")
+            return self.groups.reserve(group, want, ttl)
+
+    def group_release(self, sender: str, group: str) -> None:
+        """A linked node gives back the workers it had reserved for ``group``."""
+        _check_str(sender, "sender")
+        _check_str(group, "group")
+        with self.lock:
+            self.groups.release(group)
 
     # ======================================================================================== code
     def code_has(self, digests: list) -> list:
@@ -660,10 +718,7 @@ class Node:
             if name in self.links:
                 self.links[name].post(cancel=ids)
         self.pool.broadcast(("forget", [cid]))
-        with self.mail_cond:
-            for g in [g for g in self.mail if g.startswith(cid + ".")]:
-                for _, _, _, b in self.mail.pop(g):
-                    self.mail_bytes -= len(b)
+        self.groups.client_gone(cid)
 
     def _add_fns(self, fns: dict, tasks: list) -> None:
         for k, blob in fns.items():
@@ -707,7 +762,10 @@ class Node:
             if bundle != self._last_touched:
                 self.store.path(bundle)          # marks it recently used (LRU eviction)
                 self._last_touched = bundle
-        self.queue.append(tid)
+        if rec.rec[wire.T_KIND] == wire.KIND_RANK:
+            self.queue.appendleft(tid)   # a rank is claimed for its reserved worker at once
+        else:
+            self.queue.append(tid)
 
     def _fetch_code(self, digest: str, origin: Tuple[str, str]) -> None:
         if digest in self.fetching:
@@ -780,7 +838,7 @@ class Node:
         win = scheduler.window(self.avg.value)
         slots = []
         for i, q in enumerate(self.worker_inflight):
-            if self.worker_up[i]:
+            if self.worker_up[i] and not self.groups.is_reserved(i):
                 slots.append(scheduler.Slot(("w", i), win - len(q), win))
         for l in self.links.values():
             if l.may_send and l.alive:
@@ -791,11 +849,14 @@ class Node:
 
     def _schedule(self) -> None:
         """Place queued tasks on slots with credit.  Caller holds ``lock``."""
-        if not self.queue or self.stopping.is_set():
+        if self.stopping.is_set():
+            return
+        self.groups.schedule()   # held ranks first, then waiting groups
+        if not self.queue:
             return
         slots = self._slots()
         credit = sum(max(0, s.credit) for s in slots)
-        if credit <= 0:
+        if credit <= 0 and not self.groups.reserved:
             return
         examined: List[str] = []
         views = []
@@ -805,6 +866,9 @@ class Node:
             rec = self.tasks.get(tid)
             if rec is None or rec.state is not TaskState.QUEUED:
                 continue   # cancelled while queued
+            if rec.rec[wire.T_KIND] == wire.KIND_RANK:
+                self.groups.claim(tid)   # a rank: held for its reserved worker (or failed: never re-run)
+                continue
             examined.append(tid)
             views.append((rec.rec[wire.T_HOPS], rec.rec[wire.T_PATH]))
         placement = scheduler.place(views, slots, self.cfg.max_hops)
@@ -881,6 +945,7 @@ class Node:
         n = 0
         notify: Dict[str, ClientRec] = {}
         to_links: Dict[str, List[tuple]] = {}
+        results = self.groups.on_results(results)
         for r in results:
             tid = r[wire.R_ID]
             rec = self.tasks.get(tid)
@@ -1032,11 +1097,13 @@ class Node:
     def _link_loop(self, link: Link) -> None:
         delay = 0.05
         first_try = time.monotonic()
+        join_log = diagnose.RateLimited(log)   # why joining fails: said once, then at most every 30 s
         while not self.stopping.is_set() and not link.stopping:
             proxy = None
             try:
                 if link.initiated:
                     proxy = self._join(link)
+                    join_log.ok("join", f"joined {link.role} {link.name} ({link.join_target})")
                 else:
                     proxy = security.connect(link.uri, secret=self.cfg.secret,
                                              timeout=self.cfg.heartbeat_timeout,
@@ -1047,10 +1114,19 @@ class Node:
             except Exception as exc:
                 if self.stopping.is_set() or link.stopping:
                     break
-                if link.alive or not link.initiated:
+                if link.left:
+                    log.info("link to %s %s closed: it stopped%s", link.role, link.name,
+                             "; waiting for it to come back" if link.initiated else "")
+                    link.left = False
+                    join_log.hold("join", 30.0)   # it said it stops: failing to re-join is no news
+                elif link.alive or not link.initiated:
                     log.warning("link to %s %s lost: %s", link.role, link.name, _short(exc))
+                elif time.monotonic() - first_try < JOIN_GRACE and not isinstance(
+                        exc, (AuthenticationError, VersionMismatch)):
+                    log.debug("joining %s failed: %s", link.join_target, _short(exc))   # it may be starting too
                 else:
-                    log.debug("joining %s failed: %s", link.join_target, _short(exc))
+                    join_log.fail("join", diagnose.join_failure(exc, link.role, link.join_target, self.cfg.ns,
+                                                                   self.cfg.secret))
                 with self.lock:
                     self._lose_link(link, _short(exc))
                 if not link.initiated:
@@ -1058,6 +1134,8 @@ class Node:
                 self.stopping.wait(delay)
                 # a parent that is starting too: retry briskly for a few seconds, then back off
                 delay = 0.1 if time.monotonic() - first_try < 5 else min(delay * 2, 2.0)
+                if isinstance(exc, (AuthenticationError, VersionMismatch)):
+                    delay = 2.0   # refused: retrying fast will not change the secret
             finally:
                 security.release(proxy)
 
@@ -1167,8 +1245,8 @@ class Node:
             if rec.origin == ("l", link.name):
                 dropped += self._cancel_rec(tid, rec, {})
         if was_alive and (n or dropped):
-            log.warning("link %s lost (%s): %d tasks placed again, %d of its tasks dropped",
-                        link.name, why, n, dropped)
+            log.log(logging.INFO if link.left else logging.WARNING,
+                    "link %s lost (%s): %d tasks placed again, %d of its tasks dropped", link.name, why, n, dropped)
         self._schedule()
 
     def _janitor(self) -> None:
@@ -1268,16 +1346,6 @@ def _check_map(m: Any) -> Dict[str, list]:
     return out
 
 
-def advertised_host(host: str) -> str:
-    """The address to put in our URI: a wildcard bind advertises this machine's address."""
-    if host in ("0.0.0.0", "", "::"):
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    return host
-
-
 def serve(config: NodeConfig, on_ready=None) -> None:
     """Run a node until it is shut down (``pydist-node`` calls this).  ``on_ready(node)`` is called
     once it accepts work."""
@@ -1288,7 +1356,7 @@ def serve(config: NodeConfig, on_ready=None) -> None:
                             tls=tls, server=True)
     node = Node(config)
     daemon = security.SecureDaemon(config.host, config.port, secret=config.secret, name=config.name,
-                                   nathost=advertised_host(config.host) if config.host in ("0.0.0.0", "::") else None)
+                                   nathost=diagnose.advertise_host(config.host, config.advertise))
     try:
         node.start(daemon)
         if on_ready is not None:

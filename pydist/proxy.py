@@ -234,6 +234,14 @@ def translate_connect_error(exc: BaseException, address: str) -> Exception:
         return AuthenticationError(f"TLS with {address} failed ({text}): check that both sides use "
                                    "certificates signed by the cluster CA, that the node's certificate names "
                                    "the host you dial, and that both sides have TLS on")
+    if "closed the connection" in text or isinstance(exc, Pyro5.errors.ConnectionClosedError):
+        from .diagnose import is_name_server, name_server_hint   # the name server, given as a node?
+
+        loc = address.rsplit("@", 1)[-1] if str(address).upper().startswith("PYRO") else address
+        if is_name_server(loc):
+            err = ClusterUnavailable(name_server_hint(loc))
+            err.pydist_final = True   # type: ignore[attr-defined]  (no use retrying)
+            return err
     hint = "is pydist-node running there and reachable (host, port, firewall)?"
     if isinstance(exc, Pyro5.errors.ConnectionClosedError):
         hint = "something listens there but closed the connection: is it a pydist node, and does it use TLS?"

@@ -572,7 +572,7 @@ def _node_uri(uri_or_address: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 def _is_final(err: Exception) -> bool:
-    return isinstance(err, (AuthenticationError, VersionMismatch))
+    return isinstance(err, (AuthenticationError, VersionMismatch)) or getattr(err, "pydist_final", False)
 
 
 def connect(uri_or_address: str, *, secret: Optional[bytes], timeout: float = 5.0, tls=None,

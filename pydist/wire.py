@@ -25,16 +25,13 @@ out of band (written with ``writev``, read into place), never copied into the pi
 """
 from __future__ import annotations
 
-import collections
 import io
 import os
 import pickle
 import struct
 import traceback
-import types
 from typing import Any, Callable, Optional
 
-import cloudpickle
 
 from .errors import RemoteError, SerializationError
 
@@ -44,6 +41,7 @@ R_ID, R_STATUS, R_BLOB, R_NODE, R_WORKER, R_RUNTIME = range(6)
 
 KIND_CALL = 0
 KIND_CHUNK = 1
+KIND_RANK = 2    # a rank of a task group (runs like KIND_CALL; nodes never re-place it on its own)
 
 OK, ERROR, LOST, INIT_FAILED, CANCELLED = range(5)
 STATUS_NAMES = {OK: "ok", ERROR: "error", LOST: "lost", INIT_FAILED: "init-failed", CANCELLED: "cancelled"}
@@ -59,41 +57,14 @@ def make_task(task_id: str, fn_key: str, payload: bytes, bundle: Optional[str] =
 
 
 # -- pickling ---------------------------------------------------------------------------------------------
-def _code_reduce_keeping_file(code: types.CodeType):
-    # cloudpickle >= 3.1 writes every code object's file name as "<dynamic-code>" (deterministic
-    # pickles), so a remote traceback could name neither the file nor, on the client, its source lines
-    rv = _cp_code_reduce(code)
-    try:
-        ctor, args = rv[0], rv[1]
-        if "<dynamic-code>" in args:
-            return (ctor, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)) + tuple(rv[2:])
-    except Exception:   # another cloudpickle layout: its own reduction is still right
-        pass
-    return rv
-
-
-try:
-    from cloudpickle.cloudpickle import _code_reduce as _cp_code_reduce
-
-    class _Pickler(cloudpickle.Pickler):
-        """cloudpickle's pickler, except that code objects keep their file name."""
-
-        dispatch_table = collections.ChainMap({types.CodeType: _code_reduce_keeping_file},
-                                              cloudpickle.Pickler.dispatch_table)
-except (ImportError, AttributeError):   # pragma: no cover - an older or newer cloudpickle
-    _Pickler = cloudpickle.Pickler
-
-
 def cp_dumps(obj: Any, protocol: int = PICKLE_PROTOCOL, buffer_callback=None) -> bytes:
-    """``cloudpickle.dumps`` with code objects that keep their file name (see ``_Pickler``)."""
+    """``cloudpickle.dumps`` whose code objects keep their file name (``pydist.sources``): a lambda in
+    the arguments or a task's exception still names its file in tracebacks."""
+    from .sources import _Pickler
+
     f = io.BytesIO()
     _Pickler(f, protocol=protocol, buffer_callback=buffer_callback).dump(obj)
     return f.getvalue()
-
-
-def dumps_function(fn: Any) -> bytes:
-    """Pickle a task's function (raises what pickling raises)."""
-    return cp_dumps(fn, PICKLE_PROTOCOL)
 
 
 def _is_plain(obj: Any, depth: int = 0) -> bool:
@@ -238,6 +209,20 @@ def dumps_exception(exc: BaseException) -> bytes:
     return pickle.dumps((blob, tb, name, message), PICKLE_PROTOCOL)
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):   # an error report is a tuple of bytes and str: no class needed
+        raise pickle.UnpicklingError(f"error reports hold no objects ({module}.{name})")
+
+
+def error_report(data: bytes) -> tuple:
+    """``(exception blob, traceback text, type name, message)`` of an ERROR result, read without
+    unpickling the exception (a node shows failures it cannot, and should not, rebuild)."""
+    import io
+
+    blob, tb, name, message = _PlainUnpickler(io.BytesIO(data)).load()
+    return blob, str(tb), str(name), str(message)
+
+
 def loads_exception(data: bytes) -> BaseException:
     """Rebuild a task's exception with the remote traceback attached as ``__cause__``."""
     from .errors import TaskError
@@ -253,6 +238,9 @@ def loads_exception(data: bytes) -> BaseException:
     except BaseException as err:   # e.g. the exception's class does not exist here
         exc = TaskError(f"{name}: {message} (the exception could not be rebuilt here: {err})")
     exc.__cause__ = RemoteError(with_source_lines(tb))
+    resolve = getattr(exc, "_resolve_cause", None)   # GroupAborted: the failing rank's error as cause
+    if resolve is not None:
+        resolve(tb, loads_exception)
     return exc
 
 

@@ -10,7 +10,8 @@
 The node never blocks on a pipe: sends go through a per-worker writer thread.  A worker reads one
 frame at a time and runs its tasks in order; results go back in batches (at most ``FLUSH_EVERY`` s late).
 The function blobs a batch carries are unpickled once and cached (LRU) by key in the worker.
-Workers write task output (print) to the node's stderr, never to the pipe.
+What a task prints or logs is captured (pydist.output) and rides with its result to a client that asked
+for it (``forward_output``), else goes to the node's stderr, prefixed with node, worker and task.
 """
 from __future__ import annotations
 
@@ -22,24 +23,31 @@ import os
 import queue
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import struct
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from . import wire
-from .globalspace import ClientSpaces
 from .errors import DeserializationError, TaskError
+from .globalspace import ClientSpaces
+from .output import FORWARD_OUTPUT, TaskOutput, attach as attach_output, split as split_output
 
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 0.002
 FN_CACHE = 256
 PIPE_SIZE = 1 << 20   # bytes of pipe buffer asked for (Linux caps it at /proc/sys/fs/pipe-max-size)
-SLOT_SIZE = 128   # bytes of the shared "task now running" slot of each worker
+SLOT_SIZE = 1280  # bytes of the shared "task now running" slot of each worker:
+SLOT_TID = 96     # [0:96] task id (NUL-padded), [96:104] start (time.time(), double), [104:256] function name,
+SLOT_TAIL = 256   # [256:1280] the last lines of the running task's output (NUL-terminated)
+SLOT_T = struct.Struct("d")
+FAILURES_KEPT = 20   # recent task failures a pool remembers (for the dashboard)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,6 +97,8 @@ class _Worker:
         self.init_blobs: Dict[str, bytes] = {}
         self.spaces = ClientSpaces()   # one globals dict per client and by-value module (item 10)
         self.init_done: Dict[str, Optional[bytes]] = {}   # client -> None (ok) or exception blob
+        self.slot_names: Dict[str, bytes] = {}
+        self.output: Optional[TaskOutput] = None   # set by worker_main: captures the tasks' output
 
     def serve(self) -> None:
         while True:
@@ -148,6 +158,21 @@ class _Worker:
             self.fns.popitem(last=False)
         return fn
 
+    def slot_name(self, key: str, fn) -> bytes:
+        """The function's name as the slot holds it (cached per function key)."""
+        b = self.slot_names.get(key)
+        if b is None:
+            name = getattr(fn, "__qualname__", None) or type(fn).__name__
+            mod = getattr(fn, "__module__", None)
+            if mod and mod not in ("__main__", "builtins"):
+                name = f"{mod}.{name}"
+            size = SLOT_SIZE - SLOT_TID - SLOT_T.size
+            b = name.encode(errors="replace")[:size - 1].ljust(size, b"\0")
+            if len(self.slot_names) > FN_CACHE:
+                self.slot_names.clear()
+            self.slot_names[key] = b
+        return b
+
     def initialize(self, client: str) -> Optional[bytes]:
         if client in self.init_done:
             return self.init_done[client]
@@ -179,12 +204,30 @@ class _Worker:
         tid, key, payload, bundle, hops, path, kind, client = t
         slot = self.slot
         if slot is not None:   # tells the node which task was running if this process dies
-            slot[:] = tid.encode()[:SLOT_SIZE - 1].ljust(SLOT_SIZE, b"\0")
+            slot[:SLOT_TID + SLOT_T.size] = (tid.encode()[:SLOT_TID - 1].ljust(SLOT_TID, b"\0")
+                                              + SLOT_T.pack(time.time()))
+            slot[SLOT_TID + SLOT_T.size] = 0
+            slot[SLOT_TAIL] = 0
+        forward = bool(kind & FORWARD_OUTPUT)
+        out = self.output
+        if out is not None:
+            out.begin(tid)
         try:
-            return self._run_one(fns, tid, key, payload, bundle, hops, path, kind, client)
+            r = self._run_one(fns, tid, key, payload, bundle, hops, path, kind & ~FORWARD_OUTPUT, client)
         finally:
             if slot is not None:
                 slot[0:1] = b"\0"
+        if out is not None:
+            items = out.end(forward)
+            if items:   # only a task that printed pays for its output
+                r = r[:2] + (attach_output(r[2], items),) + r[3:]
+        return r
+
+    def write_tail(self, text: str) -> None:
+        """The last lines of the running task's output, for the node to read (dashboard, status --tasks)."""
+        if self.slot is not None:
+            b = text.encode(errors="replace")[-(SLOT_SIZE - SLOT_TAIL - 1):]
+            self.slot[SLOT_TAIL:SLOT_TAIL + len(b) + 1] = b + b"\0"
 
     def _run_one(self, fns, tid, key, payload, bundle, hops, path, kind, client) -> tuple:
         """Run one task and return its result record.  Every outcome is a record, as
@@ -201,6 +244,8 @@ class _Worker:
         try:
             self.activate(bundle)
             fn = self.function(fns, key, client)
+            if self.slot is not None:   # what the dashboard shows as running (no message to the node)
+                self.slot[SLOT_TID + SLOT_T.size:] = self.slot_name(key, fn)
             try:
                 call = wire.loads_payload(payload, lambda d, b=None: self.spaces.loads(d, client, b))
             except BaseException as exc:   # a __reduce__ may call sys.exit: still the task's failure
@@ -216,7 +261,10 @@ class _Worker:
             blob = wire.dumps(value, f"the result of task {tid} ({type(value).__qualname__})")
             return (tid, wire.OK, blob, self.node, self.index, runtime)
         except BaseException as exc:
-            return (tid, wire.ERROR, wire.dumps_exception(exc), self.node, self.index,
+            tb = exc.__traceback__   # the traceback starts in the task, not in this function
+            while tb is not None and tb.tb_frame.f_code.co_filename == __file__ and tb.tb_next is not None:
+                tb = tb.tb_next
+            return (tid, wire.ERROR, wire.dumps_exception(exc.with_traceback(tb)), self.node, self.index,
                     time.perf_counter() - t0)
         finally:
             _WorkerState.current = None
@@ -232,10 +280,15 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("code_cache")
     p.add_argument("slot", nargs="?")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    # Ctrl-C in a terminal signals the whole process group: the node stops its workers itself (a worker
+    # that exited on SIGINT first would be logged as a death and replaced while the node is stopping)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Task output goes to stderr; fd 1 is not ours to keep (the node's READY protocol lives there).
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     w = _Worker(a.fd_in, a.fd_out, a.index, a.node, a.code_cache, a.slot)
+    w.output = TaskOutput(a.node, a.index, w.write_tail)   # print/logging in a task: captured (pydist.output)
+    w.output.install()
     wire.write_frame(a.fd_out, ("hello", os.getpid()))
     try:
         w.serve()
@@ -259,6 +312,7 @@ class _Handle:
         self.generation = 0
         self.wlock = threading.Lock()
         self.queued = 0       # frames waiting for the writer thread (keeps frames in order)
+        self.slot_view = None  # the node's read-only view of this worker's "now running" slot
 
 
 class WorkerPool:
@@ -283,6 +337,7 @@ class WorkerPool:
         self._stopping = threading.Event()
         self.restarts = 0
         self.slot_dir = tempfile.mkdtemp(prefix="pydist-slots-")
+        self.failures: "collections.deque[dict]" = collections.deque(maxlen=FAILURES_KEPT)
 
     def start(self) -> None:
         """Start every worker (returns at once; each becomes ready on its own)."""
@@ -300,10 +355,16 @@ class WorkerPool:
         slot = os.path.join(self.slot_dir, f"w{h.index}.{h.generation + 1}")
         with open(slot, "wb") as f:
             f.write(b"\0" * SLOT_SIZE)
+        import mmap
+
+        with open(slot, "rb") as f:
+            view = mmap.mmap(f.fileno(), SLOT_SIZE, access=mmap.ACCESS_READ)
         cmd = [sys.executable, "-c", "from pydist.workers import worker_main; worker_main()", str(r_in),
                str(w_out), str(h.index), self.node_name, self.code_cache, slot]
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(r_in, w_out), stdin=subprocess.DEVNULL, env=self.env)
+            # own session: a terminal's Ctrl-C reaches the node, which stops its workers itself
+            proc = subprocess.Popen(cmd, pass_fds=(r_in, w_out), stdin=subprocess.DEVNULL, env=self.env,
+                                    start_new_session=True)
         finally:
             os.close(r_in)
             os.close(w_out)
@@ -316,6 +377,9 @@ class WorkerPool:
         h.generation += 1
         with h.wlock:
             h.proc, h.fd_w, h.fd_r = proc, w_in, r_out
+            old_view, h.slot_view = h.slot_view, view
+        if old_view is not None:
+            old_view.close()
             h.outbox = queue.SimpleQueue()
             h.queued = 0
         h.ready.clear()
@@ -382,6 +446,8 @@ class WorkerPool:
             while True:
                 msg = wire.read_frame(fd)
                 if msg[0] == "res":
+                    if any(r[1] == wire.ERROR for r in msg[1]):
+                        self._note_failures(h.index, msg[1])
                     self.on_results(h.index, msg[1])
                 elif msg[0] == "hello":
                     h.ready.set()
@@ -411,6 +477,44 @@ class WorkerPool:
         if h.generation == gen:
             self._spawn(h)
         self.on_exit(h.index, rc, culprit)
+
+    def running(self) -> List[dict]:
+        """The task each worker runs now: ``worker``, ``id``, ``function``, ``age`` (s); read from the
+        workers' shared slots (no message to the worker)."""
+        out = []
+        now = time.time()
+        for h in self.handles:
+            view = h.slot_view
+            if view is None:
+                continue
+            try:
+                raw = view[:SLOT_SIZE]
+            except ValueError:   # closed meanwhile
+                continue
+            tid = raw[:SLOT_TID].split(b"\0", 1)[0]
+            if not tid:
+                continue
+            (t0,) = SLOT_T.unpack_from(raw, SLOT_TID)
+            fn = raw[SLOT_TID + SLOT_T.size:SLOT_TAIL].split(b"\0", 1)[0]
+            tail = raw[SLOT_TAIL:].split(b"\0", 1)[0].decode(errors="replace").splitlines()
+            out.append({"worker": h.index, "id": tid.decode(errors="replace"),
+                        "function": fn.decode(errors="replace"), "age": max(0.0, now - t0) if t0 else 0.0,
+                        "output": tail})
+        return out
+
+    def _note_failures(self, index: int, results: list) -> None:
+        for r in results:
+            if r[1] != wire.ERROR:
+                continue
+            try:
+                items, blob = split_output(r[2])
+                _, tb, name, message = wire.error_report(blob)
+            except Exception:
+                items, tb, name, message = None, "", "?", "(unreadable error report)"
+            tail = [ln for i in items or () if i[0] != "log" for ln in i[1].splitlines()][-20:]
+            self.failures.append({"time": time.time(), "id": r[0], "node": self.node_name, "worker": index,
+                                  "error": name, "message": message[:1000], "traceback": tb[-8000:],
+                                  "output": tail})
 
     def _read_slot(self, index: int, gen: int) -> Optional[str]:
         """The task a dead worker was running (None: it was between tasks)."""

@@ -87,3 +87,100 @@ def test_large_arguments_cross_nodes_intact(ex):
     blobs = [os.urandom(16 << 20) for _ in range(2)]
     out = list(ex.map(_digest, blobs * 4))
     assert [(n, h) for n, h, _ in out] == [(len(b), hashlib.sha256(b).hexdigest()) for b in blobs * 4]
+
+
+# ------------------------------------------------------------------------------------ mpi4py's API
+def _api(comm):
+    from pydist.comm import Request, Status
+
+    r, n = comm.rank, comm.size
+    out = {}
+    right, left = (r + 1) % n, (r - 1) % n
+    out["sendrecv"] = comm.sendrecv(r, dest=right, sendtag=1, source=left, recvtag=1, timeout=30)
+    reqs = [comm.isend(("i", r, k), dest=right, tag=2) for k in range(3)]
+    rr = [comm.irecv(source=left, tag=2) for _ in range(3)]
+    out["irecv"] = Request.waitall(rr, timeout=30)
+    Request.waitall(reqs, timeout=30)
+    if r == 0:
+        comm.send(b"abc", dest=1, tag=7)
+    if r == 1:
+        st = Status()
+        comm.probe(source=0, tag=7, status=st, timeout=30)
+        out["probe"] = (st.source, st.tag, st.size > 0, comm.iprobe(source=0, tag=7))
+        out["probed_msg"] = comm.recv(source=0, tag=7, timeout=30)
+        out["iprobe_after"] = comm.iprobe(source=0, tag=7)
+    out["allgather"] = comm.allgather(r * 10, timeout=30)
+    out["alltoall"] = comm.alltoall([(r, d) for d in range(n)], timeout=30)
+    out["scan"] = comm.scan(r + 1, timeout=30)
+    out["exscan"] = comm.exscan(r + 1, timeout=30)
+    out["reduce_root2"] = comm.reduce([r], op=lambda a, b: a + b, root=2, timeout=30)
+    out["bcast_root3"] = comm.bcast({"k": r} if r == 3 else None, root=3, timeout=30)
+    sub = comm.split(color=r % 2, key=-r)
+    out["split"] = (sub.rank, sub.size, sub.allgather(r, timeout=30))
+    out["self"] = comm.sendrecv(("me", r), dest=r, source=r, timeout=30)
+    out["lambda"] = comm.bcast((lambda x: x * 3) if r == 0 else None)(r)
+    out["comm()"] = pydist.comm() is comm
+    return out
+
+
+def test_mpi4py_api_against_single_process_reference(ex):
+    out = ex.spawn_group(_api, 4).results(timeout=90)
+    n = 4
+    for r, o in enumerate(out):
+        assert o["sendrecv"] == (r - 1) % n
+        assert o["irecv"] == [("i", (r - 1) % n, k) for k in range(3)]
+        assert o["allgather"] == [0, 10, 20, 30]
+        assert o["alltoall"] == [(s, r) for s in range(n)]
+        assert o["scan"] == sum(range(1, r + 2))
+        assert o["exscan"] == (None if r == 0 else sum(range(1, r + 1)))
+        assert o["reduce_root2"] == ([0, 1, 2, 3] if r == 2 else None)
+        assert o["bcast_root3"] == {"k": 3}
+        members = sorted([q for q in range(n) if q % 2 == r % 2], key=lambda q: -q)
+        assert o["split"] == (members.index(r), 2, members)
+        assert o["self"] == ("me", r)
+        assert o["lambda"] == 3 * r
+        assert o["comm()"] is True
+    assert out[1]["probe"] == (0, 7, True, True)
+    assert out[1]["probed_msg"] == b"abc" and out[1]["iprobe_after"] is False
+
+
+def _collective_timeout(comm):
+    if comm.rank == 0:
+        with pytest.raises(CommTimeout):
+            comm.bcast(None, root=1, timeout=0.3)
+    return "ok"
+
+
+def test_collectives_take_a_timeout(ex):
+    assert ex.spawn_group(_collective_timeout, 2).results(timeout=60) == ["ok", "ok"]
+
+
+def _big_numpy(comm, n):
+    import numpy as np
+
+    if comm.rank < 2:
+        a = np.arange(n, dtype=np.float64)
+        comm.send(a, dest=comm.rank + 2)
+        return float(a.sum()), pydist.task_context().node
+    a = comm.recv(source=comm.rank - 2, timeout=60)
+    a[0] += 1   # arrives writable
+    return float(a.sum()) - 1, pydist.task_context().node
+
+
+def test_32mib_numpy_across_nodes(ex):
+    pytest.importorskip("numpy")
+    out = ex.spawn_group(_big_numpy, 4, 4 << 20).results(timeout=90)
+    assert out[2][0] == out[0][0] and out[3][0] == out[1][0]
+    assert out[0][1] != out[2][1]      # really across nodes
+
+
+def test_every_collective_with_ranks_over_three_nodes():
+    with LocalCluster(nodes=3, workers_per_node=[2, 1, 1]) as c, ClusterExecutor(c.address, secret=c.secret) as e:
+        out = e.spawn_group(_where_and_api, 4).results(timeout=120)
+    assert len({node for node, _ in out}) == 3
+    assert all(o["allgather"] == [0, 10, 20, 30] and o["bcast_root3"] == {"k": 3} for _, o in out)
+    assert [o["scan"] for _, o in out] == [1, 3, 6, 10]
+
+
+def _where_and_api(comm):
+    return pydist.task_context().node, _api(comm)
