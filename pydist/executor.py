@@ -250,7 +250,7 @@ class ClusterExecutor(Executor):
         with self._lock:
             self._check_open()
         if not isinstance(exc, SerializationError):
-            err = SerializationError(f"cannot pickle the task: {type(exc).__name__}: {exc}")
+            err = SerializationError(f"cannot pickle the task: {type(exc).__name__}: {exc}{wire.mp_hint(exc)}")
             err.__cause__ = exc
             exc = err
         fut = PydistFuture()
@@ -290,7 +290,7 @@ class ClusterExecutor(Executor):
             raise
         except BaseException as exc:
             raise SerializationError(f"cannot pickle the function {wire._short_repr(fn)}: "
-                                     f"{type(exc).__name__}: {exc}") from exc
+                                     f"{type(exc).__name__}: {exc}{wire.mp_hint(exc)}") from exc
         key = f"{self._cid}.f{hashlib.blake2b(blob, digest_size=12).hexdigest()}"
         if stable:
             self._fns[id(fn)] = (fn, key, blob)

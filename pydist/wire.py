@@ -88,7 +88,23 @@ def dumps(obj: Any, what: str = "object") -> bytes:
             return pickle.dumps(obj, PICKLE_PROTOCOL)
         return cp_dumps(obj, PICKLE_PROTOCOL)
     except Exception as exc:  # pickling raises many types: PicklingError, TypeError, AttributeError...
-        raise SerializationError(f"cannot pickle {what} ({_short_repr(obj)}): {type(exc).__name__}: {exc}") from exc
+        raise SerializationError(f"cannot pickle {what} ({_short_repr(obj)}): {type(exc).__name__}: {exc}"
+                                 f"{mp_hint(exc)}") from exc
+
+
+def mp_hint(exc: BaseException) -> str:
+    """What to do instead, when pickling failed on a ``multiprocessing`` lock, queue or pipe (they work
+    only between a process and the children it starts itself, never on another machine)."""
+    text = str(exc)
+    if "through inheritance" in text or "multiprocessing" in text or "SemLock" in text \
+            or "_thread.lock" in text or "_thread.RLock" in text:
+        return ("; a lock, queue, pipe or event of multiprocessing (or threading) cannot travel to a pydist "
+                "worker, which may be on another machine: pass data as arguments and results instead, use "
+                "a multiprocessing.Manager() proxy (start the manager with address=(host, port) the workers can "
+                "reach, and set multiprocessing.current_process().authkey to its authkey in the executor's "
+                "initializer), or exchange messages between tasks with ClusterExecutor.spawn_group "
+                "(pydist.Comm)")
+    return ""
 
 
 OOB_MIN = 1 << 18   # bytes: buffers at least this big travel out of band (pickle protocol 5)
@@ -143,7 +159,7 @@ def dumps_call(args: tuple, kwargs: dict):
         data = cp_dumps(obj, 5, buffer_callback=bufs.append)
     except Exception as exc:
         raise SerializationError(f"cannot pickle task arguments ({_short_repr(args)}): "
-                                 f"{type(exc).__name__}: {exc}") from exc
+                                 f"{type(exc).__name__}: {exc}{mp_hint(exc)}") from exc
     if not bufs:
         return data
     return [data] + [b.raw() for b in bufs]

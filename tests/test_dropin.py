@@ -358,3 +358,36 @@ def test_main_functions_share_globals_see_changes_and_keep_no_instance(cluster, 
     assert out["outer1"] == -1 and out["outer2"] == 1
     assert out["stale"] is False
     assert str(script) in out["tb"] and "return 1 / y" in out["tb"], out["tb"]
+
+
+# ------------------------------------------------------------------------------------------ 9: odd arguments
+@pytest.mark.parametrize("make", [multiprocessing.Lock, multiprocessing.Queue, multiprocessing.Event,
+                                  threading.Lock], ids=["mp.Lock", "mp.Queue", "mp.Event", "threading.Lock"])
+def test_multiprocessing_objects_fail_clearly(executor, cluster, make):
+    obj = make()
+    with pytest.raises(SerializationError, match="cannot travel to a pydist worker.*Manager") as info:
+        executor.submit(id, obj).result(timeout=10)
+    assert isinstance(info.value, pickle.PicklingError)
+    with pytest.raises(SerializationError, match="Manager"):
+        ClusterExecutor(address=cluster.address, secret=cluster.secret, initializer=id, initargs=(obj,))
+
+
+def _manager_lock_roundtrip(lock):
+    with lock:
+        return "locked remotely"
+
+
+def _use_authkey(key):
+    multiprocessing.current_process().authkey = key   # a Manager proxy authenticates with this
+
+
+def test_manager_proxy_with_a_reachable_address_works(cluster):
+    """The documented remote alternative: a Manager listening on an address the workers reach, its
+    authkey set in the workers by the initializer (proxies never carry the key)."""
+    from multiprocessing.managers import SyncManager
+
+    with SyncManager(address=("127.0.0.1", 0), authkey=b"pydist-test") as m, \
+            ClusterExecutor(address=cluster.address, secret=cluster.secret, initializer=_use_authkey,
+                            initargs=(b"pydist-test",)) as ex:
+        lock = m.Lock()
+        assert ex.submit(_manager_lock_roundtrip, lock).result(timeout=30) == "locked remotely"
