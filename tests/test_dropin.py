@@ -21,7 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 from pydist import ClusterExecutor, DeserializationError, SerializationError, WorkerLost, wire
-from conftest import wait_for
+from conftest import gated, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -257,7 +257,8 @@ def test_unpicklable_argument_fails_the_future_not_submit(executor):
 
 
 # ------------------------------------------------------------------------------------------ 4: never break
-def test_callback_raising_system_exit_does_not_kill_the_collector(executor):
+def test_callback_raising_system_exit_does_not_kill_the_collector(executor, tmp_path):
+    """The callbacks are added while the task waits on a gate, so the collector thread runs them."""
     hits = []
 
     def bad(fut):
@@ -268,9 +269,11 @@ def test_callback_raising_system_exit_does_not_kill_the_collector(executor):
         raise KeyboardInterrupt
 
     for i in range(3):
-        f = executor.submit(pow, 2, i)
+        gate = tmp_path / f"gate{i}"
+        f = executor.submit(gated, str(gate), 2 ** i)
         f.add_done_callback(bad)
         f.add_done_callback(worse)
+        gate.write_text("")
         assert f.result(timeout=30) == 2 ** i
     wait_for(lambda: len(hits) == 3, 10, "the callbacks")
     assert executor.submit(pow, 5, 2).result(timeout=30) == 25
