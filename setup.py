@@ -8,7 +8,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pydist", "pydist.*"]),
-    package_data={"pydist": ["dashboard_static/*.html", "dashboard_static/*.js", "dashboard_static/*.css"]},
+    # the dashboard's static files, and py.typed: the package ships its type hints (PEP 561)
+    package_data={"pydist": ["dashboard_static/*.html", "dashboard_static/*.js", "dashboard_static/*.css",
+                             "py.typed"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
@@ -28,7 +30,8 @@ setup(
         "joblib": ["joblib>=1.3", "scikit-learn>=1.2"],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "cryptography>=41", "tqdm>=4.60",
                  "selenium>=4.10"],
-        "bench": ["loky>=3.4", "dask[distributed]>=2024.1", "ray>=2.9"],
+        # matplotlib: the scale model's plot (benchmarks/simulate.py)
+        "bench": ["loky>=3.4", "dask[distributed]>=2024.1", "ray>=2.9", "matplotlib>=3.5"],
     },
     entry_points={
         "console_scripts": [

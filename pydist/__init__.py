@@ -35,7 +35,7 @@ _EXPORTS = {
 _ERRORS = ("PydistError", "ClusterUnavailable", "BrokenCluster", "VersionMismatch", "AuthenticationError",
            "ConfigError", "TaskError", "SerializationError", "DeserializationError", "WorkerLost", "NodeLost",
            "RemoteError", "CodeSyncError", "BundleTooLarge", "UnsafeArchive", "BundleNotFound", "ProtocolError",
-           "GroupAborted", "MessageTooLarge")
+           "GroupAborted", "MessageTooLarge", "ResourceLimit")
 for _e in _ERRORS:
     _EXPORTS[_e] = "errors"
 

@@ -3,7 +3,7 @@
 ::
 
     async with AsyncClusterExecutor(ns="ns-host:9090") as ex:
-        y = await ex.submit(f, x)                   # the result
+        y = await ex.submit(f, x)                   # the result (submit returns an asyncio.Task)
         ys = await ex.map(f, xs)                    # results, in order
         async for fut in ex.as_completed([ex.submit(f, x) for x in xs]):
             print(fut.result())                     # done futures, as they finish
@@ -172,18 +172,19 @@ class AsyncClusterExecutor:
             self._cancel_soon(fut)
             raise
 
-    async def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` on the cluster and return its result (or raise its exception).
-        Cancelling the awaiting task cancels the pydist task."""
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "asyncio.Task[T]":
+        """Schedule ``fn(*args, **kwargs)`` on the cluster (sent at once, from the helper thread); returns
+        an ``asyncio.Task``: ``await`` it for the result (or its exception).  Cancelling it, or the task
+        awaiting it, cancels the pydist task.  Call from a coroutine (a running loop)."""
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        asyncio.get_running_loop()   # RuntimeError here, not in a task nobody awaits
+        return asyncio.ensure_future(self._submit(fn, args, kwargs))
+
+    async def _submit(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
         ex = await self._ensure()
         fut = await self._send(lambda: ex.submit(fn, *args, **kwargs))
         return await self._wait(fut)
-
-    async def submit_future(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> asyncio.Future:
-        """Like ``submit`` but return at once (after sending) with an awaitable future of the result."""
-        ex = await self._ensure()
-        fut = await self._send(lambda: ex.submit(fn, *args, **kwargs))
-        return asyncio.ensure_future(self._wait(fut))
 
     async def map(self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: Optional[float] = None,
                   chunksize: int = 1) -> list:

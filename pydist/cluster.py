@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -101,13 +102,20 @@ class LocalCluster:
     turn TLS on for the nodes, the name server and this process (see ``pydist make-certs``).  ``dashboard``
     (default True): the root serves the live web dashboard on a free port of its address; its URL, token
     included, is ``.dashboard_url``.
+
+    Start-up (the embedded cluster behind ``ClusterExecutor()`` uses both): ``ns_in_process=True`` runs
+    the name server as a thread of this process instead of a subprocess (one interpreter less to start
+    on a small machine: about 0.1 s of CPU; not with TLS, whose settings are per process), and
+    ``wait_workers=False`` returns as soon as the nodes accept work, while their worker processes are
+    still starting (tasks wait in the node's queue until a worker is up, so the client's connect
+    overlaps the workers' start).
     """
 
     def __init__(self, nodes: int = 1, workers_per_node: Optional[int] = None, topology: str = "tree", *,
                  secret: Optional[bytes] = None, log_level: str = "WARNING", start_timeout: float = 30.0,
                  node_args: Optional[List[str]] = None, env: Optional[dict] = None,
                  tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None,
-                 dashboard: bool = True):
+                 dashboard: bool = True, ns_in_process: bool = False, wait_workers: bool = True):
         if nodes < 1:
             raise ValueError("a LocalCluster needs at least one node")
         if topology not in TOPOLOGIES:
@@ -119,6 +127,10 @@ class LocalCluster:
             raise ValueError("workers_per_node must be >= 0")
         self.n = nodes
         self.workers_per_node = workers_per_node
+        self.ns_in_process = bool(ns_in_process)
+        self.wait_workers = bool(wait_workers)
+        self._ns_thread: Optional[_ThreadNameServer] = None
+        self._janitor: Optional[subprocess.Popen] = None   # removes the temp folder if we are killed
         self.topology = topology
         if secret is None:
             env_secret = os.environ.get("PYDIST_SECRET")
@@ -162,9 +174,20 @@ class LocalCluster:
         if env.get("PYTHONPATH"):
             path.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
-        env["PYDIST_SECRET"] = self.secret.decode() if isinstance(self.secret, bytes) else self.secret
+        # the nodes read the secret from a 0600 file (--secret-file), not from their environment, so it is
+        # not in /proc/<node>/environ for their tasks to read
+        env.pop("PYDIST_SECRET", None)
+        env.pop("PYDIST_SECRET_FILE", None)
         env.update(self.extra_env)
         return env
+
+    def _secret_file(self) -> str:
+        path = os.path.join(self._tmp or ".", "secret")
+        if not os.path.exists(path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.secret if isinstance(self.secret, bytes) else self.secret.encode())
+        return path
 
     def start(self) -> "LocalCluster":
         """Start the name server and every node; return once the root sees the whole cluster."""
@@ -181,22 +204,33 @@ class LocalCluster:
                            "PYRO_SSL_SERVERKEY": self.tls.key or "", "PYRO_SSL_CACERTS": self.tls.ca or "",
                            "PYRO_SSL_REQUIRECLIENTCERT": "true" if self.tls.ca else "false"})
         try:
+            in_process = self.ns_in_process and self.tls is None
             ns_port = _free_port("127.0.0.1")
             self.ns_address = f"127.0.0.1:{ns_port}"
-            self.ns_proc = subprocess.Popen(
-                [sys.executable, "-m", "pydist.cluster", "ns", "127.0.0.1", str(ns_port), self._tmp],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ns_env)
+            if not in_process:
+                self.ns_proc = subprocess.Popen(
+                    [sys.executable, "-m", "pydist.cluster", "ns", "127.0.0.1", str(ns_port), self._tmp],
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ns_env)
             for k in range(self.n):
                 self.procs.append(self._start_node(k, env))
+            if in_process:   # while the nodes' interpreters start
+                self._ns_thread = _ThreadNameServer("127.0.0.1", ns_port)
+                # no name server process to remove the temp folder if this process is killed: a tiny one
+                self._janitor = subprocess.Popen([sys.executable, "-c", _JANITOR, self._tmp],
+                                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.DEVNULL)
             self.addresses = [self._read_ready(k, p) for k, p in enumerate(self.procs)]
             self.address = self.addresses[0]
             if self.n > 1:
                 self.wait_for_nodes(self.n, self.start_timeout)
-            self.wait_for_workers(self.start_timeout)
+            if self.wait_workers:
+                self.wait_for_workers(self.start_timeout)
         except BaseException:
             self.stop()
             raise
         self._register()
+        if self.dashboard and log.isEnabledFor(logging.INFO):
+            log.info("LocalCluster dashboard: %s", self.dashboard_url)
         return self
 
     def _register(self) -> None:
@@ -223,7 +257,7 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "pydist.cli", "node", "--host", _node_host(k), "--port", "0",
                "--name", self.names[k], "--ns", self.ns_address, "--watch-stdin",
                "--code-cache", os.path.join(self._tmp or ".", self.names[k], "code"),
-               "--log-level", self.log_level]
+               "--log-level", self.log_level, "--secret-file", self._secret_file()]
         w = self.workers_per_node
         if isinstance(w, (list, tuple)):
             w = w[k]
@@ -296,11 +330,14 @@ class LocalCluster:
     def stop(self) -> None:
         """Stop every process this cluster started (nodes, then the name server) and remove its files."""
         self._unregister()
-        procs = self.procs + ([self.ns_proc] if self.ns_proc is not None else [])
+        procs = self.procs + [p for p in (self.ns_proc, self._janitor) if p is not None]
         for p in procs:
             _terminate(p)
         for p in procs:
             _reap(p)
+        if self._ns_thread is not None:
+            self._ns_thread.stop()
+            self._ns_thread = None
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
@@ -314,6 +351,28 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class _ThreadNameServer:
+    """A Pyro5 name server served by a daemon thread of this process (``ns_in_process=True``)."""
+
+    def __init__(self, host: str, port: int):
+        import Pyro5.nameserver
+
+        _uri, self.daemon, _bc = Pyro5.nameserver.start_ns(host=host, port=port, enableBroadcast=False)
+        self.thread = threading.Thread(target=self.daemon.requestLoop, daemon=True, name="pydist-ns")
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop serving, in the background: Pyro5's daemon shutdown sleeps about 0.15 s (its thread
+        pool's close), which ``LocalCluster.stop`` (and so ``ClusterExecutor.shutdown``) need not wait
+        for; the listening socket is closed within that time."""
+        def stop() -> None:
+            self.daemon.shutdown()
+            self.thread.join(5.0)
+            self.daemon.close()
+
+        threading.Thread(target=stop, daemon=True, name="pydist-ns-stop").start()
 
 
 def _terminate(p: subprocess.Popen) -> None:
@@ -330,9 +389,24 @@ def _terminate(p: subprocess.Popen) -> None:
             pass
 
 
+def _wait_exit(p: subprocess.Popen, timeout: float) -> None:
+    """``p.wait(timeout)``, woken the moment ``p`` exits where Linux offers a pidfd (``Popen.wait``
+    with a timeout polls with sleeps of up to 50 ms: that was most of a node's stop time)."""
+    try:
+        fd = os.pidfd_open(p.pid)
+    except (AttributeError, OSError):
+        p.wait(timeout=timeout)
+        return
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    p.wait(timeout=0.5)
+
+
 def _reap(p: subprocess.Popen) -> None:
     try:
-        p.wait(timeout=5)
+        _wait_exit(p, 5.0)
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
@@ -356,6 +430,29 @@ def watch_stdin() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="pydist-stdin-watch").start()
+
+
+# ``python -c _JANITOR DIR``: removes DIR (a LocalCluster's temp folder) once its stdin pipe closes (the
+# LocalCluster stopped, or its process died, even by SIGKILL) or on SIGTERM.  No pydist import: it costs
+# the embedded cluster's start-up nothing.
+_JANITOR = """
+import os, shutil, signal, sys, time
+d = sys.argv[1]
+def bye(*_a):
+    for _ in range(5):
+        shutil.rmtree(d, ignore_errors=True)
+        if not os.path.exists(d):
+            break
+        time.sleep(0.3)
+    os._exit(0)
+signal.signal(signal.SIGTERM, bye)
+try:
+    while os.read(0, 4096):
+        pass
+except OSError:
+    pass
+bye()
+"""
 
 
 def _ns_main(host: str, port: int, cleanup_dir: Optional[str] = None) -> None:

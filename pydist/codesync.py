@@ -543,6 +543,12 @@ class CodeStore:
         self._cleanup_leftovers()
         self._scan()
 
+    @classmethod
+    def for_node(cls, cfg) -> "CodeStore":
+        """The store of a node with ``NodeConfig`` ``cfg`` (its folder and every code limit)."""
+        return cls(cfg.code_cache, cfg.code_cache_max, max_files=cfg.code_max_files, max_uploads=cfg.max_uploads,
+                   max_uploads_per_owner=cfg.max_uploads_per_client)
+
     # -- helpers -------------------------------------------------------------------------------------
     @staticmethod
     def _check_digest(digest: str) -> str:

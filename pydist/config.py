@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from .errors import ConfigError
 
@@ -157,7 +157,7 @@ class NodeConfig:
             self.name = f"{self.host}-{self.port}" if self.port else f"{self.host}-{os.getpid()}"
 
     @classmethod
-    def from_env(cls, environ: Optional[dict] = None, config_file: Optional[str] = None,
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None, config_file: Optional[str] = None,
                  **overrides: Any) -> "NodeConfig":
         """Defaults, then the config file's ``[node]`` table, then ``PYDIST_*`` variables, then
         ``overrides`` (those not None)."""
@@ -182,7 +182,7 @@ class ClientConfig:
         self.secret = normalize_secret(self.secret)
 
     @classmethod
-    def from_env(cls, environ: Optional[dict] = None, config_file: Optional[str] = None,
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None, config_file: Optional[str] = None,
                  **overrides: Any) -> "ClientConfig":
         """Defaults, then the config file's ``[client]`` table, then ``PYDIST_*`` variables, then
         ``overrides`` (those not None)."""
@@ -235,13 +235,14 @@ def _convert(value: str, f: dataclasses.Field) -> Any:
     return value
 
 
-def _values_from_env(cls, environ: Optional[dict], overrides: dict, config_file: Optional[str] = None) -> dict:
-    environ = os.environ if environ is None else environ
-    values: dict = dict(file_values(cls, find_config_file(config_file, environ)))
+def _values_from_env(cls, environ: Optional[Mapping[str, str]], overrides: dict,
+                     config_file: Optional[str] = None) -> dict:
+    env_map: Mapping[str, str] = os.environ if environ is None else environ
+    values: dict = dict(file_values(cls, find_config_file(config_file, env_map)))
     for f in fields(cls):
         env = f.metadata.get("env")
-        if env and ENV_PREFIX + env in environ:
-            values[f.name] = _convert(environ[ENV_PREFIX + env], f)
+        if env and ENV_PREFIX + env in env_map:
+            values[f.name] = _convert(env_map[ENV_PREFIX + env], f)
     for k, v in overrides.items():
         if v is not None:
             values[k] = v
@@ -268,24 +269,24 @@ def load_toml(path: str) -> dict:
         raise ConfigError(f"cannot read {path}: not valid TOML: {exc}") from None
 
 
-def user_config_dir(environ: Optional[dict] = None) -> str:
+def user_config_dir(environ: Optional[Mapping[str, str]] = None) -> str:
     """``$XDG_CONFIG_HOME/pydist`` (default ``~/.config/pydist``)."""
-    environ = os.environ if environ is None else environ
-    base = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    env_map: Mapping[str, str] = os.environ if environ is None else environ
+    base = env_map.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return os.path.join(base, "pydist")
 
 
-def find_config_file(explicit: Optional[str] = None, environ: Optional[dict] = None) -> Optional[str]:
+def find_config_file(explicit: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """The config file in force: ``explicit`` (``--config``), ``$PYDIST_CONFIG``, ``./pydist.toml``,
     the user's ``pydist.toml``; None when there is none.  A file named explicitly must exist."""
-    environ = os.environ if environ is None else environ
-    named = explicit or environ.get(ENV_PREFIX + "CONFIG")
+    env_map: Mapping[str, str] = os.environ if environ is None else environ
+    named = explicit or env_map.get(ENV_PREFIX + "CONFIG")
     if named:
         if not os.path.isfile(named):
             how = "--config" if explicit else f"{ENV_PREFIX}CONFIG"
             raise ConfigError(f"config file {named} (from {how}) does not exist")
         return named
-    for p in (os.path.join(os.getcwd(), CONFIG_NAME), os.path.join(user_config_dir(environ), CONFIG_NAME)):
+    for p in (os.path.join(os.getcwd(), CONFIG_NAME), os.path.join(user_config_dir(env_map), CONFIG_NAME)):
         if os.path.isfile(p):
             return p
     return None

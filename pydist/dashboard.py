@@ -252,10 +252,14 @@ def _code(nodes: Dict[str, dict]) -> List[dict]:
 
 
 def _groups(nodes: Dict[str, dict]) -> List[dict]:
+    """Task groups by home node, with their state (waiting, running, aborted: why) where the node says it."""
     out = []
     for st in nodes.values():
-        for g in st.get("groups", ()):
-            out.append({"group": g if isinstance(g, str) else str(g), "node": st["name"]})
+        tg = st.get("task_groups") or {}
+        states = tg.get("groups") or {}
+        reserved = len(tg.get("reserved_workers") or ())
+        for g in dict.fromkeys(list(states) + [str(x) for x in st.get("groups", ())]):
+            out.append({"group": g, "node": st["name"], "state": states.get(g, ""), "reserved": reserved})
     return out
 
 
@@ -279,6 +283,11 @@ class _Server(http.server.ThreadingHTTPServer):
             self.slots.release()
             raise
 
+    def handle_error(self, request, client_address) -> None:   # not a traceback on stderr per bad client
+        import sys
+
+        log.debug("dashboard: request from %s failed: %s", client_address, sys.exc_info()[1])
+
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
@@ -292,6 +301,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "pydist-dashboard"
     sys_version = ""
+
+    def setup(self) -> None:
+        import ssl
+
+        if isinstance(self.request, ssl.SSLSocket):   # the TLS handshake runs here, not in the accept thread
+            self.request.settimeout(SOCKET_TIMEOUT)
+            self.request.do_handshake()
+        super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:   # noqa: A002 - http.server's signature
         log.debug("dashboard %s: " + format, self.address_string(), *args)
@@ -411,24 +428,35 @@ class Dashboard:
     to another node (called from the poller thread only)."""
 
     def __init__(self, local_status: Callable[[], dict], connect: Callable[[str], Any], *, host: str = "127.0.0.1",
-                 port: int = 0, secret: Optional[bytes] = None, advertise: Optional[str] = None):
+                 port: int = 0, secret: Optional[bytes] = None, advertise: Optional[str] = None,
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None):
         self.token = dashboard_token(secret) if secret else secrets.token_hex(20)
         self.host, self.port = host, port
         self.advertise = advertise or host
         self.snapshots = Snapshots(local_status, connect)
         self._server: Optional[_Server] = None
         self.url = ""
+        self.tls_cert, self.tls_key = tls_cert, tls_key
 
     def start(self) -> str:
         """Listen and serve in a background thread; returns the URL to open."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         _Server.address_family = family
         self._server = _Server((self.host, self.port), _Handler, self)
+        scheme = "http"
+        if self.tls_cert:   # a node with TLS serves its dashboard over HTTPS with the same certificate
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+            self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True,
+                                                  do_handshake_on_connect=False)
+            scheme = "https"
         port = self._server.server_address[1]
         host = self.advertise if ":" not in self.advertise else f"[{self.advertise}]"
         if host in ("0.0.0.0", "[::]"):
             host = "127.0.0.1"
-        self.url = f"http://{host}:{port}/?token={self.token}"
+        self.url = f"{scheme}://{host}:{port}/?token={self.token}"
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True,
                          name="pydist-dashboard").start()
         return self.url
@@ -453,7 +481,8 @@ def start_for_node(node, port: int, advertise: Optional[str] = None) -> Dashboar
         return security.connect(uri, secret=cfg.secret, timeout=2.0, call_timeout=5.0)
 
     d = Dashboard(node.status, connect, host=cfg.host, port=port, secret=cfg.secret,
-                  advertise=advertise or node.address.rsplit(":", 1)[0])
+                  advertise=advertise or node.address.rsplit(":", 1)[0],
+                  tls_cert=cfg.tls_cert if cfg.tls_key else None, tls_key=cfg.tls_key)
     node.dashboard_url = d.start()
     log.info("dashboard of node %s at %s", node.name, node.dashboard_url)
     return d

@@ -22,6 +22,7 @@
      │    ├── BundleTooLarge
      │    ├── UnsafeArchive        an archive member escapes its folder (absolute, ``..``, link)
      │    └── BundleNotFound       a task names a bundle no node has
+     ├── ResourceLimit             a node refused work over one of its limits (names the limit and its flag)
      ├── ProtocolError             a peer sent something that is not a pydist message
      └── MessageTooLarge           (also a ValueError) a group message over the group's size limit
 
@@ -146,3 +147,8 @@ class BundleNotFound(CodeSyncError):
 
 class ProtocolError(PydistError):
     """A peer sent a message that is not a valid pydist message."""
+
+
+class ResourceLimit(PydistError):
+    """A node refused work that would take it over one of its limits (queued tasks, their bytes, uploads
+    in progress, ...); the message names the limit and the flag that sets it.  Retry later or raise it."""

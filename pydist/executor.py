@@ -133,7 +133,8 @@ class ClusterExecutor(Executor):
         if address is None and ns is None:
             from .cluster import LocalCluster
 
-            self._cluster = LocalCluster(nodes=1, workers_per_node=max_workers)
+            self._cluster = LocalCluster(nodes=1, workers_per_node=max_workers, ns_in_process=True,
+                                         wait_workers=False)
             self._cluster.start()
             address = self._cluster.address
             self._cfg.secret = self._cluster.secret
@@ -320,7 +321,12 @@ class ClusterExecutor(Executor):
         if progress:
             from .progressbar import ProgressBar
 
-            bar = ProgressBar(None, desc=getattr(fn, "__name__", None), unit="call")
+            total = None
+            if buffersize is None:   # everything is submitted at once: the total is known up front
+                calls = list(calls)
+                total = len(calls)
+                calls = iter(calls)
+            bar = ProgressBar(total, desc=getattr(fn, "__name__", None), unit="call")
 
         def make(group):
             # as submit: what cannot be pickled fails its own future (raised when iteration reaches it)
@@ -343,13 +349,7 @@ class ClusterExecutor(Executor):
 
         groups = calls if chunksize == 1 else _chunks(calls, chunksize)
         if buffersize is None:
-            if bar is None:
-                fs = collections.deque(make(g) for g in groups)
-            else:
-                calls = list(calls)
-                bar.set_total(len(calls))
-                groups = iter(calls) if chunksize == 1 else _chunks(iter(calls), chunksize)
-                fs = collections.deque(make(g) for g in groups)
+            fs = collections.deque(make(g) for g in groups)
             more = iter(())
         else:
             more = iter(groups)

@@ -14,8 +14,8 @@ How it maps onto joblib::
        └── callback (joblib dispatches the next batch) ◀── future done ◀─────┘
 
 * ``n_jobs=-1`` is the cluster's worker count (every node's workers, read from the entry node when the
-  ``Parallel`` call starts); ``n_jobs=-k`` that count + 1 - k; a positive ``n_jobs`` is taken as is
-  and only bounds how many batches joblib keeps in flight.
+  ``Parallel`` call starts; at most the executor's ``max_workers``); ``n_jobs=-k`` that count + 1 - k;
+  a positive ``n_jobs`` is taken as is and only bounds how many batches joblib keeps in flight.
 * Batching is joblib's auto batching (``batch_size="auto"``), tuned to hide a network round trip.
 * ``return_as="generator"`` and callbacks work as with loky (``supports_retrieve_callback``).
 * When a call raises, joblib aborts: every batch not yet started is withdrawn from the cluster (it never
@@ -32,12 +32,16 @@ joblib by absolute import.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import weakref
 from typing import Any, Callable, Optional, Set
 
-import joblib as _joblib   # absolute import: the real joblib, never this module
-from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
+try:
+    import joblib as _joblib   # absolute import: the real joblib, never this module
+    from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
+except ImportError as exc:   # pragma: no cover - depends on the environment
+    raise ImportError(f"pydist.joblib needs joblib ({exc}): pip install 'pydist[joblib]'") from exc
 
 from .executor import ClusterExecutor, PydistFuture
 
@@ -106,10 +110,12 @@ class PydistBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def total_workers(self) -> int:
         """Worker processes of the whole cluster, as the entry node sees them."""
-        st = self.executor.status()
+        ex = self.executor
+        st = ex.status()
         total = st["workers"] + sum(l["workers"] for l in st.get("links", ())
                                     if l.get("alive") and l.get("role") != "parent")
-        return max(1, int(total))
+        cap = getattr(ex, "_max_inflight", None)   # ClusterExecutor(..., max_workers=N) on a running cluster
+        return max(1, min(int(total), cap) if cap else int(total))
 
     # ------------------------------------------------------------------------------------ joblib API
     def effective_n_jobs(self, n_jobs: Optional[int]) -> int:
@@ -143,9 +149,9 @@ class PydistBackend(AutoBatchingMixin, ParallelBackendBase):
             fut.add_done_callback(callback)
         return fut
 
-    def _forget(self, fut: PydistFuture) -> None:
+    def _forget(self, fut: "concurrent.futures.Future[Any]") -> None:
         with self._lock:
-            self._futures.discard(fut)
+            self._futures.discard(fut)   # type: ignore[arg-type]
 
     def retrieve_result_callback(self, out: PydistFuture) -> Any:
         """The batch's results (or its exception, raised)."""

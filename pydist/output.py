@@ -106,6 +106,11 @@ class _Stream(io.TextIOBase):
     def flush(self) -> None:
         pass
 
+    @property
+    def buffer(self) -> "_Bytes":
+        """For code that writes bytes (``sys.stdout.buffer.write``): decoded as UTF-8, then captured."""
+        return _Bytes(self)
+
     def isatty(self) -> bool:
         return False
 
@@ -119,6 +124,19 @@ class _Stream(io.TextIOBase):
     @property
     def errors(self) -> str:   # type: ignore[override]
         return "replace"
+
+
+class _Bytes(io.RawIOBase):
+    def __init__(self, text: _Stream):
+        self._text = text
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        data = bytes(b)
+        self._text.write(data.decode("utf-8", "replace"))
+        return len(data)
 
 
 class _Handler(logging.Handler):

@@ -66,13 +66,28 @@ def window(avg_runtime: Optional[float]) -> int:
     return max(2, min(MAX_WINDOW, math.ceil(BATCH_TIME / max(avg_runtime, 1e-6))))
 
 
+SPARE_LIMIT = 0.1  # s: tasks shorter than this get one spare per worker behind a link
+
+
 def link_capacity(workers: int, win: int, avg_runtime: Optional[float] = None) -> int:
     """Capacity granted to a linked node with ``workers`` workers behind it: their windows, plus one
-    task to cover the round trip of the hop when tasks are known to be short enough for it to matter
-    (never for unknown or long tasks: a slow node must not hoard work that others could run)."""
+    spare task per worker when tasks are known to be shorter than ``SPARE_LIMIT``, so that the refill
+    of a worker deep in a tree (a result up to here, the next task down) travels while the spare runs.
+
+    Never anything extra for unknown or long tasks (a slow node must not hoard work that others could
+    run; a long task's round trip is a small share of it anyway), and the spare is per *worker*, not
+    per link: capacities then add up level by level (a node's grant covers the windows and spares it
+    grants its own children).  A spare per link did not: a node with 8 children received 1 spare and
+    had to give out 8, so the proportional share starved whole subtrees while tasks waited beside
+    them (the scale model, ``benchmarks/simulate.py``: 30-50 ms tasks on 300 nodes, fan-out 8, kept
+    75 % of the workers busy; with spares per worker 99 %).  The imbalance a spare can cause at the
+    end of a map is at most one task (< ``SPARE_LIMIT``) per worker."""
     if workers <= 0:
         return 0
-    return workers * win + (1 if avg_runtime is not None and avg_runtime < 0.1 else 0)
+    base = workers * win
+    if avg_runtime is not None and avg_runtime < SPARE_LIMIT:
+        return base + workers
+    return base
 
 
 # -- placement ----------------------------------------------------------------------------------------

@@ -38,8 +38,9 @@ The file (``ConfigError`` naming the key for anything wrong)::
 
     [[hosts]]
     address = "10.0.0.1"              # what the node binds and advertises, and where ssh connects
-    user = "me"                       # ssh user (default: ssh's own choice)
+    user = "me"                       # ssh user (or ssh_user, or address = "me@10.0.0.1"; default: ssh's)
     ssh_port = 22
+    ssh_key = "~/.ssh/id_lab"         # ssh -i (also in [cluster]); ssh_options = [...] per host too
     workers = 8                       # default: the host's CPU count
     python = "/opt/py311/bin/python"
     name = "head"                     # default: the address
@@ -67,7 +68,7 @@ from .errors import ConfigError, PydistError, VersionMismatch
 log = logging.getLogger(__name__)
 
 __all__ = ["ClusterSpec", "HostSpec", "VersionRow", "load_spec", "check_versions", "up", "down",
-           "format_versions"]
+           "format_versions", "format_tree"]
 
 SECRET_FILE: Any = type("SecretFile", (), {"__repr__": lambda self: "<remote secret file>"})()
 SSH_BASE = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15")
@@ -92,6 +93,7 @@ class HostSpec:
     port: int = 0
     parent: Optional[str] = None
     args: list = field(default_factory=list)
+    ssh_options: list = field(default_factory=list)
 
     @property
     def target(self) -> str:
@@ -154,24 +156,28 @@ def load_spec(path: str) -> ClusterSpec:
 
     data = load_toml(path)
     where = os.fspath(path)
-    known = {"cluster", "hosts"}
+    known = {"cluster", "hosts", "host"}
     extra = set(data) - known
     if extra:
         raise ConfigError(f"{where}: unknown table(s) {sorted(extra)}; expected [cluster] and [[hosts]]")
     c = data.get("cluster", {})
     if not isinstance(c, dict):
         raise ConfigError(f"{where}: [cluster] must be a table")
-    ckeys = {"name", "ns", "python", "secret_file", "remote_dir", "ssh_options", "node_args", "start_timeout"}
+    ckeys = {"name", "ns", "python", "secret_file", "remote_dir", "ssh_options", "ssh_key", "node_args",
+             "start_timeout"}
     if set(c) - ckeys:
         raise ConfigError(f"{where} [cluster]: unknown key(s) {sorted(set(c) - ckeys)}")
     name = _typed(c, "name", str, f"{where} [cluster]", os.path.splitext(os.path.basename(where))[0])
     if not _NAME_RE.match(name):
         raise ConfigError(f"{where} [cluster]: name {name!r} may hold only letters, digits and _.:-")
     python = _typed(c, "python", str, f"{where} [cluster]", "python3")
+    if "host" in data and "hosts" not in data:   # [[host]] reads as well as [[hosts]]
+        data["hosts"] = data.pop("host")
     hosts_raw = data.get("hosts")
     if not isinstance(hosts_raw, list) or not hosts_raw:
         raise ConfigError(f"{where}: no [[hosts]] entries: list at least one host")
-    hkeys = {"address", "user", "ssh_port", "workers", "python", "name", "port", "parent", "args"}
+    hkeys = {"address", "user", "ssh_user", "ssh_port", "ssh_key", "ssh_options", "workers", "python", "name",
+             "port", "parent", "args"}
     hosts = []
     for i, h in enumerate(hosts_raw):
         hw = f"{where} [[hosts]] #{i + 1}"
@@ -182,6 +188,9 @@ def load_spec(path: str) -> ClusterSpec:
         addr = _typed(h, "address", str, hw)
         if not addr:
             raise ConfigError(f"{hw}: address is missing (the host's IP or name)")
+        user = _typed(h, "user", str, hw) or _typed(h, "ssh_user", str, hw)
+        if "@" in addr:   # "me@10.0.0.1"
+            user, addr = addr.rsplit("@", 1)
         hw = f"{where} host {addr}"
         workers = _typed(h, "workers", int, hw)
         if workers is not None and workers < 0:
@@ -194,7 +203,11 @@ def load_spec(path: str) -> ClusterSpec:
         hname = _typed(h, "name", str, hw, addr)
         if not _NAME_RE.match(hname):
             raise ConfigError(f"{hw}: name {hname!r} may hold only letters, digits and _.:-")
-        hosts.append(HostSpec(address=addr, name=hname, user=_typed(h, "user", str, hw),
+        opts = _str_list(h, "ssh_options", hw)
+        key = _typed(h, "ssh_key", str, hw)
+        if key:
+            opts = ["-i", os.path.expanduser(key)] + opts
+        hosts.append(HostSpec(address=addr, name=hname, user=user, ssh_options=opts,
                               ssh_port=ssh_port, workers=workers, python=_typed(h, "python", str, hw, python),
                               port=port, parent=_typed(h, "parent", str, hw), args=_str_list(h, "args", hw)))
     names = [h.name for h in hosts]
@@ -210,7 +223,8 @@ def load_spec(path: str) -> ClusterSpec:
         secret_file=os.path.expanduser(_typed(c, "secret_file", str, f"{where} [cluster]",
                                               f"~/.config/pydist/clusters/{name}.secret")),
         remote_dir=_typed(c, "remote_dir", str, f"{where} [cluster]", f"~/.cache/pydist/up/{name}"),
-        ssh_options=_str_list(c, "ssh_options", f"{where} [cluster]"),
+        ssh_options=(["-i", os.path.expanduser(_typed(c, "ssh_key", str, f"{where} [cluster]"))]
+                     if c.get("ssh_key") else []) + _str_list(c, "ssh_options", f"{where} [cluster]"),
         node_args=_str_list(c, "node_args", f"{where} [cluster]"),
         start_timeout=_typed(c, "start_timeout", float, f"{where} [cluster]", 60.0))
     if not any(h.address == ns_host for h in hosts):
@@ -222,7 +236,7 @@ def load_spec(path: str) -> ClusterSpec:
     if hosts[0].parent is not None:
         raise ConfigError(f"{where} host {hosts[0].address}: the first host is the root: it has no parent")
     for h in hosts[1:]:
-        p = spec.host(h.parent)   # ConfigError if unknown
+        p = spec.host(h.parent or hosts[0].name)   # ConfigError if unknown
         if p is h:
             raise ConfigError(f"{where} host {h.name}: a node cannot be its own parent")
         h.parent = p.name
@@ -257,7 +271,7 @@ def _levels(spec: ClusterSpec) -> list:
 def _ssh(spec: ClusterSpec, h: HostSpec, script: str, stdin: Optional[bytes] = None,
          timeout: float = 60.0) -> subprocess.CompletedProcess:
     """Run a POSIX sh ``script`` on host ``h`` (through ``sh -c``: the login shell may be any)."""
-    cmd = ["ssh", *SSH_BASE, "-p", str(h.ssh_port), *spec.ssh_options, h.target, "--",
+    cmd = ["ssh", *SSH_BASE, "-p", str(h.ssh_port), *spec.ssh_options, *h.ssh_options, h.target, "--",
            "sh -c " + shlex.quote(script)]
     try:
         return subprocess.run(cmd, input=stdin if stdin is not None else b"", capture_output=True,
@@ -394,9 +408,10 @@ def _put_secret(spec: ClusterSpec, h: HostSpec, secret: bytes) -> None:
         raise UpError(f"host {h.name}: cannot write the secret file in {spec.remote_dir}: {_err(r)}")
 
 
-def _start_detached(spec: ClusterSpec, h: HostSpec, tag: str, argv: list, wait_ready: bool) -> str:
+def _start_detached(spec: ClusterSpec, h: HostSpec, tag: str, argv: list, ready: str = "READY ") -> str:
     """Start ``argv`` on ``h`` in its own session (it outlives the ssh connection), its pid in
-    ``DIR/TAG.pid`` and output in ``DIR/TAG.log``; with ``wait_ready`` wait for its READY line."""
+    ``DIR/TAG.pid`` and output in ``DIR/TAG.log``; wait for a line starting with ``ready``.  Returns
+    the third word of a ``READY name host:port`` line (else "")."""
     d = _remote_path(spec.remote_dir)
     cmd = " ".join('"$D/secret"' if a is SECRET_FILE else shlex.quote(a) for a in argv)
     steps = int(spec.start_timeout * 10)
@@ -404,7 +419,7 @@ def _start_detached(spec: ClusterSpec, h: HostSpec, tag: str, argv: list, wait_r
 umask 077; D={d}; mkdir -p "$D" || exit 9
 pidf="$D"/{tag}.pid; logf="$D"/{tag}.log
 if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
-  echo "ALREADY $(cat "$pidf")"; grep -m1 '^READY ' "$logf"; exit 0
+  echo "ALREADY $(cat "$pidf")"; grep -m1 {shlex.quote('^' + ready)} "$logf"; exit 0
 fi
 : > "$logf"
 if command -v setsid >/dev/null 2>&1; then S=setsid; else S=; fi
@@ -412,10 +427,9 @@ nohup $S {cmd} > "$logf" 2>&1 < /dev/null &
 pid=$!
 echo "$pid" > "$pidf"
 echo "PID $pid"
-[ {1 if wait_ready else 0} = 1 ] || exit 0
 i=0
 while [ $i -lt {steps} ]; do
-  if grep -m1 '^READY ' "$logf"; then exit 0; fi
+  if grep -m1 {shlex.quote('^' + ready)} "$logf"; then exit 0; fi
   if ! kill -0 "$pid" 2>/dev/null; then echo "EXITED"; tail -n 20 "$logf" >&2; exit 3; fi
   sleep 0.1; i=$((i+1))
 done
@@ -429,13 +443,56 @@ echo "TIMEOUT"; tail -n 20 "$logf" >&2; exit 4
         tail = (r.stderr or b"").decode(errors="replace").strip()
         raise UpError(f"host {h.name}: {tag} {why} (log: {spec.remote_dir}/{tag}.log)"
                       + (f":\n{tail}" if tail else ""))
-    ready = next((ln for ln in out.splitlines() if ln.startswith("READY ")), "")
-    return ready.split()[2] if wait_ready and len(ready.split()) >= 3 else ""
+    line = next((ln for ln in out.splitlines() if ln.startswith(ready)), "")
+    return line.split()[2] if line.startswith("READY ") and len(line.split()) >= 3 else ""
 
 
-def _node_argv(spec: ClusterSpec, h: HostSpec, parent_addr: Optional[str]) -> list:
-    argv = [h.python, "-m", "pydist.cli", "node", "--host", h.address, "--port", str(h.port), "--name", h.name,
-            "--ns", spec.ns_address, "--secret-file", SECRET_FILE]
+def bind_addresses(spec: ClusterSpec) -> dict:
+    """host name -> the IP its node binds and advertises.  A host given by name is resolved here: on
+    Debian and Ubuntu a machine's own name resolves to 127.0.1.1 *on that machine*, which a node bound
+    by name would advertise and nobody else could reach.  A name that resolves to loopback here while
+    other hosts are not loopback is refused (ConfigError naming it)."""
+    import ipaddress
+    import socket
+
+    out = {}
+    for h in spec.hosts:
+        try:
+            out[h.name] = str(ipaddress.ip_address(h.address))
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(h.address, None, socket.AF_INET, socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ConfigError(f"cluster {spec.name}: host {h.name}: cannot resolve {h.address}: {exc.strerror}") \
+                from None
+        out[h.name] = str(infos[0][4][0])
+    loop = {n for n, ip in out.items() if ipaddress.ip_address(ip).is_loopback}
+    if loop and len(loop) < len(out):
+        bad = sorted(n for n in loop if not _is_ip(spec.host(n).address))
+        if bad:
+            raise ConfigError(
+                f"cluster {spec.name}: {', '.join(bad)} resolve(s) to a loopback address here "
+                f"({', '.join(out[n] for n in bad)}; on Debian/Ubuntu a machine's own name maps to 127.0.1.1), "
+                "which the other hosts cannot reach: give each host's network IP as its address")
+    return out
+
+
+def _is_ip(a: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(a)
+        return True
+    except ValueError:
+        return False
+
+
+def _node_argv(spec: ClusterSpec, h: HostSpec, parent_addr: Optional[str], bind: Optional[str] = None,
+               ns: Optional[str] = None) -> list:
+    argv = [h.python, "-m", "pydist.cli", "node", "--host", bind or h.address, "--port", str(h.port),
+            "--name", h.name, "--ns", ns or spec.ns_address, "--secret-file", SECRET_FILE]
     if h.workers is not None:
         argv += ["--workers", str(h.workers)]
     if parent_addr:
@@ -458,6 +515,7 @@ def up(spec: ClusterSpec, secret_file: Optional[str] = None, report: Callable[[s
        check: bool = True) -> UpResult:
     """Check versions, distribute the secret, start the name server and every node, wait for READY and
     for the root to see the whole tree.  On failure the processes started so far are stopped."""
+    binds = bind_addresses(spec)
     if check:
         rows = check_versions(spec)
         report(format_versions(rows))
@@ -468,15 +526,17 @@ def up(spec: ClusterSpec, secret_file: Optional[str] = None, report: Callable[[s
     started: list = []
     try:
         ns_host = next(h for h in spec.hosts if h.address == spec.ns_host)
-        _start_detached(spec, ns_host, "nameserver", [ns_host.python, "-m", "Pyro5.nameserver", "-n", spec.ns_host,
-                                                      "-p", str(spec.ns_port), "-x"], wait_ready=False)
+        ns = f"{binds[ns_host.name]}:{spec.ns_port}"
+        _start_detached(spec, ns_host, "nameserver", [ns_host.python, "-u", "-m", "Pyro5.nameserver",
+                                                      "-n", binds[ns_host.name], "-p", str(spec.ns_port), "-x"],
+                        ready="NS running on")
         started.append(("nameserver", ns_host))
-        report(f"name server on {spec.ns_address}")
+        report(f"name server on {ns}")
         addrs: dict = {}
         for wave in _levels(spec):
             def start(h: HostSpec) -> str:
                 parent = addrs[h.parent] if h.parent else None
-                return _start_detached(spec, h, h.name, _node_argv(spec, h, parent), wait_ready=True)
+                return _start_detached(spec, h, h.name, _node_argv(spec, h, parent, binds[h.name], ns))
 
             got = _parallel(start, wave)
             for h, a in zip(wave, got):
@@ -490,7 +550,7 @@ def up(spec: ClusterSpec, secret_file: Optional[str] = None, report: Callable[[s
     except BaseException:
         _stop(spec, [h for tag, h in reversed(started) if tag != "nameserver"], with_ns=bool(started))
         raise
-    return UpResult(addrs, spec.ns_address, addrs[spec.root.name], path, statuses)
+    return UpResult(addrs, ns, addrs[spec.root.name], path, statuses)
 
 
 def _unique_targets(spec: ClusterSpec) -> list:
@@ -521,6 +581,32 @@ def _wait_tree(root: str, secret: bytes, n: int, timeout: float) -> list:
                               f"within {timeout:g} s: {sorted(s['name'] for s in nodes)}")
             return nodes
         threading.Event().wait(0.1)   # poll interval
+
+
+def format_tree(nodes: Sequence[dict]) -> str:
+    """Node statuses as a tree (by their ``parent``): name, address, workers."""
+    by_name = {st["name"]: st for st in nodes}
+    kids: dict = {}
+    roots = []
+    for st in nodes:
+        p = st.get("parent")
+        if p and p in by_name:
+            kids.setdefault(p, []).append(st["name"])
+        else:
+            roots.append(st["name"])
+    lines: list = []
+
+    def walk(name: str, prefix: str, last: bool, top: bool) -> None:
+        st = by_name[name]
+        label = f"{name}  {st.get('address', '?')}  {st.get('workers', '?')} workers"
+        lines.append(label if top else f"{prefix}{'└── ' if last else '├── '}{label}")
+        children = sorted(kids.get(name, ()))
+        for i, c in enumerate(children):
+            walk(c, "" if top else prefix + ("    " if last else "│   "), i == len(children) - 1, False)
+
+    for r in sorted(roots):
+        walk(r, "", True, True)
+    return "\n".join(lines)
 
 
 # ============================================================================================ down

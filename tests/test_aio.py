@@ -107,11 +107,14 @@ def test_asyncio_method_of_cluster_executor(cluster):
         ex.submit(square, 1)
 
 
-def test_submit_future_and_timeout(cluster):
+def test_submit_returns_a_task_and_timeouts(cluster):
     async def main():
         async with AsyncClusterExecutor(address=cluster.address, secret=cluster.secret) as ex:
-            f = await ex.submit_future(square, 4)
-            assert await f == 16
+            f = ex.submit(square, 4)
+            assert isinstance(f, asyncio.Future) and not f.done()
+            assert await f == 16 and f.result() == 16
+            with pytest.raises(TypeError):
+                ex.submit(42)
             with pytest.raises((asyncio.TimeoutError, TimeoutError)):
                 await ex.map(slow, [1, 2], [3.0, 3.0], timeout=0.2)
             with pytest.raises(TimeoutError):
@@ -132,15 +135,16 @@ def test_after_shutdown_submit_raises(cluster):
 
 # ====================================================================================== cancellation
 def test_cancelling_the_awaiting_task_cancels_the_queued_pydist_task(fresh_cluster, gate, tmp_path):
+    """Both ways: cancelling the Task submit() returned, and cancelling a coroutine that awaits it."""
     c = fresh_cluster(nodes=1, workers_per_node=1)
     marker = str(tmp_path / "second-ran")
 
     async def main():
         async with AsyncClusterExecutor(address=c.address, secret=c.secret) as ex:
-            first = asyncio.ensure_future(ex.submit(gated, gate.path, "first", gate.started("first")))
+            first = ex.submit(gated, gate.path, "first", gate.started("first"))
             await asyncio.get_running_loop().run_in_executor(
                 None, lambda: wait_for(lambda: os.path.exists(gate.started("first")), 30, "the first task"))
-            second = asyncio.ensure_future(ex.submit(touch, marker, "second"))
+            second = ex.submit(touch, marker, "second")
 
             def queued():
                 st = ex.executor.status()
@@ -150,10 +154,21 @@ def test_cancelling_the_awaiting_task_cancels_the_queued_pydist_task(fresh_clust
             second.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await second
+            assert second.cancelled()
+            async def waiter():
+                return await ex.submit(touch, marker + "-3", "third")
+
+            third = asyncio.ensure_future(waiter())
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: wait_for(lambda: ex.executor.status()["queued"] >= 1, 30, "queued"))
+            third.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await third
             gate.open()
             assert await first == "first"
-            assert await ex.submit(square, 3) == 9   # the worker is free again: the second never ran
+            assert await ex.submit(square, 3) == 9   # the worker is free again: the others never ran
         assert not os.path.exists(marker), "the cancelled task ran"
+        assert not os.path.exists(marker + "-3"), "the task whose awaiting coroutine was cancelled ran"
     run(main())
 
 
@@ -163,7 +178,7 @@ def test_cancel_during_map_cancels_the_rest(fresh_cluster, gate, tmp_path):
     async def main():
         async with AsyncClusterExecutor(address=c.address, secret=c.secret) as ex:
             t = asyncio.ensure_future(ex.map(touch, [str(tmp_path / f"m{i}") for i in range(20)], range(20)))
-            blocker = asyncio.ensure_future(ex.submit(gated, gate.path, 0))
+            blocker = ex.submit(gated, gate.path, 0)
             await asyncio.sleep(0)
             t.cancel()
             with pytest.raises(asyncio.CancelledError):

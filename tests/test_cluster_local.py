@@ -167,3 +167,35 @@ def test_cli_run_and_stop(proc_guard, tmp_path):
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "node0" in r.stdout
         assert c.procs[0].wait(15) == 0
+
+
+def _ns_names(ns_address):
+    import Pyro5.api
+    host, _, port = ns_address.rpartition(":")
+    with Pyro5.api.locate_ns(host, int(port)) as ns:
+        return ns.list(prefix="pydist.node.")
+
+
+def test_embedded_start_name_server_thread_and_no_wait_for_workers(proc_guard):
+    # the embedded cluster's fast start: the name server is a thread of this process (no subprocess),
+    # and start() returns before the workers are up; the first tasks wait for them, none is lost
+    before = {t.name for t in threading.enumerate()}
+    c = LocalCluster(nodes=1, workers_per_node=2, ns_in_process=True, wait_workers=False).start()
+    try:
+        assert c.ns_proc is None and c.pids == [c.procs[0].pid]
+        assert "pydist-ns" in {t.name for t in threading.enumerate()} - before
+        with ClusterExecutor(c.address, secret=c.secret) as ex:
+            assert [f.result(20) for f in [ex.submit(pow, i, 2) for i in range(20)]] == [i * i for i in range(20)]
+        wait_for(lambda: "pydist.node.node0" in _ns_names(c.ns_address), 15, "the node in the name server")
+        pids = cluster_pids(c)
+    finally:
+        c.stop()
+    wait_gone(pids, 15, "the cluster's processes")
+    wait_for(lambda: "pydist-ns" not in {t.name for t in threading.enumerate()}, 10, "the name server thread")
+
+
+def test_embedded_executor_starts_the_fast_way(proc_guard):
+    with ClusterExecutor(max_workers=1) as ex:
+        c = ex._cluster
+        assert c.ns_in_process and not c.wait_workers and c.ns_proc is None
+        assert ex.submit(abs, -3).result(20) == 3

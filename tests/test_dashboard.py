@@ -239,3 +239,40 @@ def test_a_node_started_by_hand_serves_it(tmp_path, proc_guard):
         p.stdin.close()
         p.wait(15)
         p.stdout.close()
+
+
+def _ring(comm):
+    comm.barrier()
+    return comm.rank
+
+
+def test_groups_and_code_bundles_are_listed(cluster4, tmp_path):
+    pkg = tmp_path / "dashmod"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("X = 1\n")
+    url = cluster4.dashboard_url.replace("/?", "/api/status?")
+    with ClusterExecutor(cluster4.address) as ex:
+        info = ex.upload_code(str(pkg))
+        wait_for(lambda: any(b["digest"] == info.digest for b in json.loads(get(url)[2])["code"]), 20,
+                 "the bundle to be listed")
+        futs = ex.spawn_group(_ring, 2)
+        assert sorted(f.result(timeout=60) for f in futs) == [0, 1]
+
+
+def test_a_tls_cluster_serves_it_over_https(tmp_path, proc_guard):
+    import ssl
+
+    from pydist import security
+
+    p = security.make_certs(str(tmp_path / "certs"), hosts=["127.0.0.1", "127.0.0.2", "localhost"], names=["node"])
+    with LocalCluster(nodes=1, workers_per_node=0, tls_cert=p["node"], tls_key=p["node_key"], tls_ca=p["ca"]) as c:
+        url = c.dashboard_url
+        assert url.startswith("https://127.0.0.2:"), url
+        ctx = ssl.create_default_context(cafile=p["ca"])
+        with urllib.request.urlopen(url.replace("/?", "/api/status?"), timeout=10, context=ctx) as r:
+            assert json.loads(r.read())["root"] == "node0"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url.split("?")[0], timeout=10, context=ctx)
+        assert e.value.code == 403
+        with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):   # no plain HTTP
+            urllib.request.urlopen(url.replace("https://", "http://"), timeout=5)

@@ -23,7 +23,6 @@ import time
 
 import psutil
 import pytest
-import Pyro5.errors
 from Pyro5 import protocol
 
 from pydist import ClusterExecutor, LocalCluster
@@ -407,6 +406,27 @@ def test_another_local_user_is_refused_by_a_node_without_a_secret(start_node, tm
         assert got.startswith("AuthenticationError") and "requires the cluster secret" in got, got
     finally:
         subprocess.run(["userdel", user], capture_output=True)
+
+
+# ------------------------------------------------------------------------------------------ 13. secret in tasks
+def _what_a_task_sees(secret: bytes) -> dict:
+    import os as _os
+    seen = {"env": any(secret.decode() in v for v in _os.environ.values())}
+    for who, pid in (("own /proc environ", _os.getpid()), ("node /proc environ", _os.getppid())):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                seen[who] = secret in f.read()
+        except OSError:
+            seen[who] = False
+    return seen
+
+
+def test_tasks_never_see_the_cluster_secret():
+    with LocalCluster(nodes=1, workers_per_node=1) as c:
+        with ClusterExecutor(c.address, secret=c.secret) as ex:
+            seen = ex.submit(_what_a_task_sees, c.secret).result(timeout=60)
+    print(f"\n[secret] what a task finds: {seen}")
+    assert not any(seen.values()), seen
 
 
 # ------------------------------------------------------------------------------------------ 14. TLS trust

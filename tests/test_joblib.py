@@ -104,6 +104,8 @@ def test_n_jobs_minus_one_is_the_clusters_worker_count(cluster2):
         assert joblib.effective_n_jobs(5) == 5
         with pytest.raises(ValueError):
             joblib.effective_n_jobs(0)
+    with joblib.parallel_backend("pydist", address=cluster2.address, secret=cluster2.secret, max_workers=1):
+        assert joblib.effective_n_jobs(-1) == 1   # this client may run one task at a time
 
 
 def test_parallel_config_and_ns(cluster2):

@@ -54,7 +54,7 @@ def test_dropped_executor_is_collected_and_finishes_its_work(cluster, tmp_path):
 def test_dropped_embedded_executor_stops_its_cluster(proc_guard):
     ex = ClusterExecutor(1)
     assert ex.submit(pow, 2, 3).result(timeout=30) == 8
-    pids = list(ex.cluster.pids)
+    pids = list(ex.cluster.pids) + ([ex.cluster._janitor.pid] if ex.cluster._janitor is not None else [])
     tmp = ex.cluster._tmp
     assert tmp and os.path.isdir(tmp)
     del ex
@@ -131,7 +131,8 @@ def test_temp_folder_removed_after_the_client_is_killed(tmp_path, proc_guard):
         if __name__ == "__main__":
             ex = ClusterExecutor(1)
             ex.submit(pow, 2, 2).result()
-            print(ex.cluster._tmp, " ".join(map(str, ex.cluster.pids)), flush=True)
+            extra = [ex.cluster._janitor.pid] if ex.cluster._janitor is not None else []
+            print(ex.cluster._tmp, " ".join(map(str, ex.cluster.pids + extra)), flush=True)
             threading.Event().wait(60)
     """))
     proc = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, text=True, cwd=str(tmp_path))

@@ -135,3 +135,13 @@ def test_status_tasks_lists_running_tasks_and_their_last_lines(cluster, gate, tm
         assert "| step 7 of 9" in r.stdout and "| warming up" in r.stdout, r.stdout
         gate.open()
         assert fut.result(timeout=30) == "ok"
+
+
+def test_bytes_written_to_stdout_buffer_are_captured(cluster, capsys):
+    def raw():
+        sys.stdout.buffer.write("bytes \u00e9\n".encode())
+        sys.stdout.buffer.flush()
+        return sys.stdout.isatty()
+    with ClusterExecutor(cluster.address, forward_output=True) as ex:
+        assert ex.submit(raw).result(timeout=30) is False
+    assert "] bytes \u00e9" in capsys.readouterr().out

@@ -100,5 +100,25 @@ def test_property_work_conserving(tasks, slots):
 def test_link_capacity_never_hoards_unknown_or_long_tasks():
     assert scheduler.link_capacity(4, 1, None) == 4
     assert scheduler.link_capacity(4, 1, 0.5) == 4
-    assert scheduler.link_capacity(4, 1, 0.05) == 5
+    assert scheduler.link_capacity(4, 1, 0.05) == 8     # known and short: a spare per worker
     assert scheduler.link_capacity(0, 5, 0.001) == 0
+
+
+def test_link_capacity_covers_a_round_trip_per_worker_for_short_tasks():
+    # short tasks: every worker behind the link gets one spare beyond its window, so a subtree deep
+    # in the tree is not starved while the refill travels up and down (benchmarks/simulate.py)
+    win = window(0.010)
+    assert scheduler.link_capacity(8, win, 0.010) == 8 * win + 8
+    assert scheduler.link_capacity(1, win, 0.010) == win + 1
+
+
+def test_link_capacities_add_up_level_by_level():
+    # what a node is granted covers what it grants its children plus its own workers' windows, at
+    # every depth, so no subtree is starved by the proportional share (the old spare per link did not)
+    for avg in (None, 0.001, 0.010, 0.050, 0.5):
+        win = window(avg)
+        children = [1, 2, 4, 4, 1, 2, 8, 1]
+        own = 2
+        granted = scheduler.link_capacity(own + sum(children), win, avg)
+        needed = own * win + sum(scheduler.link_capacity(w, win, avg) for w in children)
+        assert granted >= needed, avg

@@ -19,8 +19,10 @@ import threading
 import time
 
 import pytest
+import Pyro5.core
 import Pyro5.errors
 import Pyro5.server
+import Pyro5.serializers
 from Pyro5 import protocol
 
 from pydist import auth
@@ -62,6 +64,8 @@ def node():
 
     yield start
     for d, t in started:
+        for oid in [o for o in d.objectsById if o != Pyro5.core.DAEMON_NAME]:
+            d.unregister(oid)      # else the class keeps a dead weakref.proxy to the daemon (breaks gc walks)
         d.shutdown()
         t.join(5)
         assert not t.is_alive()
@@ -390,3 +394,119 @@ def test_tls_two_way_with_make_certs(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# idle connections, busy pool, gate bounds (issue #11)
+# ------------------------------------------------------------------------------------------------------
+
+def test_idle_authenticated_connections_time_out_and_proxies_reopen_before_it(node):
+    d = node(idle_timeout=0.6)
+    host, port = d.locationStr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:       # a raw, authenticated, idle peer
+        s.sendall(raw_connect_message(client_hello(SECRET, d.locationStr)))
+        from Pyro5.socketutil import SocketConnection
+        msg = protocol.recv_stub(SocketConnection(s, keep_open=True), [protocol.MSG_CONNECTOK])
+        assert auth.parse_reply(bytes(msg.data)).idle == 1                  # rounded up to whole seconds
+        t0 = time.monotonic()
+        assert closed_by_server(s, timeout=5)
+        assert 0.4 < time.monotonic() - t0 < 3
+    p = S.connect(d.locationStr, secret=SECRET)
+    assert p.echo(1) == 1
+    first = p._pyroConnection
+    wait_for(lambda: time.monotonic() - p._pydist_used > 0.7, 5, "the proxy to idle past the node's timeout")
+    assert p.echo(2) == 2                          # reopened before the call: no ConnectionClosedError
+    assert p._pyroConnection is not first
+    wait_for(lambda: len(d.transportServer.pool.busy) <= 1, 5, "the idle connection's thread to be freed")
+    S.release(p)
+
+
+def test_gate_drops_the_oldest_when_too_many_hellos_wait(node):
+    d = node(max_pending_handshakes=8, handshake_timeout=30)
+    host, port = d.locationStr.rsplit(":", 1)
+    silent = [socket.create_connection((host, int(port)), timeout=5) for _ in range(30)]
+    try:
+        wait_for(lambda: d.pending_handshakes() <= 8 and sum(closed_by_server(s, 0.01) for s in silent[:5]) == 5,
+                 10, "the oldest silent peers to be dropped")
+        t0 = time.monotonic()
+        assert S.connect(d.locationStr, secret=SECRET).echo("in") == "in"
+        assert time.monotonic() - t0 < 1.0
+        assert d.pending_handshakes() <= 8
+    finally:
+        for s in silent:
+            s.close()
+
+
+def test_scoped_hello_sees_only_its_scope(node):
+    @Pyro5.server.expose
+    class View:
+        def __init__(self, scope):
+            self.scope = scope
+
+        def whoami(self):
+            return self.scope
+
+    d = node(scoped=lambda scope: View(scope))
+    cap = S.capability(SECRET, "group:g1")
+    p = S.connect(d.locationStr, secret=cap, scope="group:g1")
+    assert p.whoami() == "group:g1"
+    assert not hasattr(p, "echo") or "echo" not in p._pyroMethods
+    with pytest.raises(AuthenticationError):                     # the capability is not the secret
+        S.connect(d.locationStr, secret=cap)
+    with pytest.raises(AuthenticationError):                     # nor another scope's
+        S.connect(d.locationStr, secret=cap, scope="group:g2")
+    S.release(p)
+    plain = node(name="plain")
+    with pytest.raises(AuthenticationError, match="no scoped"):
+        S.connect(plain.locationStr, secret=cap, scope="group:g1")
+
+
+def test_disconnect_hooks_see_the_connection_that_ended(node):
+    @Pyro5.server.expose
+    class Who:
+        def me(self):
+            return S.connection_id()
+
+    d = S.SecureDaemon("127.0.0.1", 0, secret=SECRET, name="who")
+    d.register(Who, S.NODE_OBJECT_ID)
+    ended = []
+    d.on_disconnect(ended.append)
+    t = threading.Thread(target=d.requestLoop, daemon=True)
+    t.start()
+    try:
+        p = S.connect(d.locationStr, secret=SECRET)
+        cid = p.me()
+        assert isinstance(cid, int) and not ended
+        S.release(p)
+        wait_for(lambda: ended == [cid], 5, "the disconnect hook")
+    finally:
+        d.unregister(S.NODE_OBJECT_ID)
+        d.shutdown()
+        t.join(5)
+
+
+
+# ------------------------------------------------------------------------------------------------------
+# idle timeout of authenticated connections (kernel timeouts on a blocking socket, #15)
+# ------------------------------------------------------------------------------------------------------
+def test_large_message_arrives_whole_and_an_idle_connection_is_closed(node):
+    d = node(idle_timeout=0.5)
+    p = S.connect(d.locationStr, secret=SECRET)
+    big = os.urandom(1 << 20) * 12                      # 12 MiB: many socket buffers
+    assert p.echo(big) == big
+    sock = p._pyroConnection.sock
+    assert closed_by_server(sock, 10), "an idle connection stays open past the idle timeout"
+    p._pyroRelease()
+
+
+def test_a_message_stalled_halfway_is_dropped_after_the_idle_timeout(node):
+    # an authenticated peer that sends half a message cannot hold the connection's thread
+    d = node(idle_timeout=0.5)
+    p = S.connect(d.locationStr, secret=SECRET)
+    assert p.echo(1) == 1
+    sock = p._pyroConnection.sock
+    marshal_id = Pyro5.serializers.serializers["marshal"].serializer_id
+    msg = protocol.SendingMessage(protocol.MSG_INVOKE, 0, 7, marshal_id, b"x" * 4096).data
+    sock.sendall(msg[: len(msg) // 2])
+    assert closed_by_server(sock, 10), "a half-sent message held the connection open"
+    p._pyroRelease()

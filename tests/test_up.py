@@ -186,6 +186,8 @@ def test_up_then_tasks_then_down(sshd, tmp_path):
             assert f"READY {n} " in r.stdout, r.stdout
         assert set(pids) == {"nameserver", "n1", "n2", "n3"}
         # the status tree: every node, with its parent
+        assert "n1  127.0.0.2:" in r.stdout and "└── n2  127.0.0.3:" in r.stdout, r.stdout
+        assert "    └── n3  127.0.0.4:" in r.stdout, r.stdout
         table = r.stdout[r.stdout.index("node "):]
         assert all(n in table for n in ("n1", "n2", "n3")), table
         rows = {ln.split()[0]: ln.split() for ln in table.splitlines()[1:4]}
@@ -316,6 +318,26 @@ def test_a_node_that_cannot_start_stops_the_rest(sshd, tmp_path):
     assert not [p for p in left.values() if _alive(p)], f"left running: {left}"
 
 
+def test_a_name_server_port_in_use_is_reported(sshd, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.2", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        hosts = f"""
+            [[hosts]]
+            address = "127.0.0.2"
+            user = "{sshd.user}"
+            ssh_port = {sshd.port}
+            workers = 1
+            """
+        path = write_cluster(sshd, tmp_path, hosts, name="nsbusy", ns_port=port)
+        r = pydist_cli("up", path)
+    assert r.returncode != 0
+    assert "nameserver exited before it was ready" in r.stderr and "nsbusy/nameserver.log" in r.stderr, r.stderr
+    left = remote_pids(tmp_path, "nsbusy")
+    assert not [p for p in left.values() if _alive(p)], f"left running: {left}"
+
+
 # ======================================================================================= the file
 @pytest.mark.parametrize("text, message", [
     ("[cluster]\nname = 'x'\n", "no [[hosts]]"),
@@ -340,6 +362,41 @@ def test_bad_cluster_files_name_the_problem(tmp_path, text, message):
         load_spec(str(p))
     assert message in str(ei.value)
     assert "c.toml" in str(ei.value) or "cluster c" in str(ei.value)
+
+
+def test_the_example_file_reads():
+    from pydist.up import _levels, load_spec
+
+    spec = load_spec(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                                  "cluster.toml"))
+    assert spec.name == "lab" and spec.ns_address == "10.0.0.1:9090"
+    assert [[h.name for h in w] for w in _levels(spec)] == [["head"], ["10.0.0.2"], ["10.0.0.3"]]
+
+
+def test_host_names_are_resolved_and_loopback_names_refused_in_a_real_network(tmp_path):
+    from pydist.errors import ConfigError
+    from pydist.up import bind_addresses, load_spec
+
+    p = tmp_path / "names.toml"
+    p.write_text("[[hosts]]\naddress = 'localhost'\n[[hosts]]\naddress = '127.0.0.3'\n")
+    assert bind_addresses(load_spec(str(p))) == {"localhost": "127.0.0.1", "127.0.0.3": "127.0.0.3"}
+    p.write_text("[[hosts]]\naddress = '10.1.2.3'\n[[hosts]]\naddress = 'localhost'\n")
+    with pytest.raises(ConfigError, match="localhost resolve.*loopback.*network IP"):
+        bind_addresses(load_spec(str(p)))
+    p.write_text("[[hosts]]\naddress = 'no-such-host.invalid'\n")
+    with pytest.raises(ConfigError, match="cannot resolve no-such-host.invalid"):
+        bind_addresses(load_spec(str(p)))
+
+
+def test_aliases(tmp_path):
+    from pydist.up import load_spec
+
+    p = tmp_path / "al.toml"
+    p.write_text("[cluster]\nssh_key = '/k0'\n[[host]]\naddress = 'me@h1'\n[[host]]\naddress = 'h2'\n"
+                 "ssh_user = 'you'\nssh_key = '/k2'\nssh_options = ['-o', 'X=1']\n")
+    spec = load_spec(str(p))
+    assert [h.target for h in spec.hosts] == ["me@h1", "you@h2"]
+    assert spec.ssh_options == ["-i", "/k0"] and spec.hosts[1].ssh_options == ["-i", "/k2", "-o", "X=1"]
 
 
 def test_defaults_and_waves(tmp_path):

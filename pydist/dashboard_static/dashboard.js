@@ -164,7 +164,8 @@
         el("summary", {}, [el("span", {cls: "err", text: f.error.split(".").pop() + ": " + f.message}),
                            el("span", {cls: "where", text: f.node + " · worker " + f.worker + " · " + f.id + " · " +
                                        new Date(f.time * 1000).toLocaleTimeString()})]),
-        el("pre", {cls: "traceback", text: f.traceback})]);
+        el("pre", {cls: "traceback", text: f.traceback}),
+        (f.output && f.output.length) ? el("pre", {cls: "output", text: "last output:\n" + f.output.join("\n")}) : null]);
       if (openFailures[f.id]) d.open = true;
       d.addEventListener("toggle", function () { openFailures[f.id] = d.open; });
       return d;
@@ -184,7 +185,9 @@
   }
   function renderGroups(snap) {
     var box = $("groups"), gs = snap.groups || [];
-    var items = gs.map(function (g) { return el("div", {cls: "mono", text: g.group + "  on " + g.node}); });
+    var items = gs.map(function (g) {
+      return el("div", {cls: "mono", text: g.group + "  home " + g.node + (g.state ? "  " + g.state : "")});
+    });
     if (!items.length) items = [el("div", {cls: "empty-note", text: "no task group active"})];
     box.replaceChildren.apply(box, items);
   }
