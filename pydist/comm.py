@@ -24,7 +24,7 @@ import time
 import types
 from typing import Any, Callable, List, Optional, Sequence
 
-from . import commnet
+from . import commbox, commnet
 from .commnet import Aborted
 from .errors import GroupAborted
 
@@ -295,6 +295,13 @@ class Comm:
             source = buf
         return self._recv(self._ctx, source, tag, status, timeout)
 
+    def recv_with_status(self, source: int = ANY_SOURCE, tag: int = ANY_TAG,
+                         timeout: Optional[float] = None) -> tuple:
+        """Like ``recv`` but returns ``(obj, source, tag)`` (kept from pydist's first API)."""
+        st = Status()
+        value = self._recv(self._ctx, source, tag, st, timeout)
+        return value, st.source, st.tag
+
     def _recv(self, ctx: int, source: int, tag: int, status: Optional[Status], timeout: Optional[float]) -> Any:
         h = self._post_recv(ctx, source, tag)
         value, st = self._finish_recv(h, timeout)
@@ -324,7 +331,7 @@ class Comm:
                 tg = "any tag" if h[2] == ANY_TAG else f"tag {h[2]}"
                 raise CommTimeout(f"rank {self.rank} of group {self.group}: no message from {src} "
                                   f"({tg}) within {timeout} s")
-        return commnet.loads(m.flags, m.meta, m.bufs), Status(self._local(m.src), m.tag, m.size)
+        return commbox.loads(m.flags, m.meta, m.bufs), Status(self._local(m.src), m.tag, m.size)
 
     def irecv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
         """Post a receive; returns a ``Request`` whose ``wait()`` gives the object."""

@@ -39,6 +39,7 @@ from .sources import dumps_function
 
 if TYPE_CHECKING:
     from .aio import AsyncClusterExecutor
+    from .taskgroup import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,10 @@ class ClusterExecutor(Executor):
         return getattr(self.__dict__["_core"], name)
 
     # ------------------------------------------------------------------------------------ connecting
+    def _connect_args(self) -> tuple:
+        # what the finalizer of a dropped executor needs to tell the node (no reference to the executor)
+        return (self._uri, {"secret": self._cfg.secret, "timeout": 1.0, "tls": self._tls})
+
     def _connect(self, timeout: Optional[float] = None):
         return self._core._connect(timeout)
 
@@ -377,7 +382,7 @@ class ClusterExecutor(Executor):
 
         return result_iterator()
 
-    def spawn_group(self, fn: Callable, size: int, /, *args: Any, restart: int = 0, **kwargs: Any):
+    def spawn_group(self, fn: Callable, size: int, *args: Any, restart: int = 0, **kwargs: Any) -> "TaskGroup":
         """Start ``size`` ranks that start together and fail together: rank ``r`` runs
         ``fn(comm, *args, **kwargs)`` with ``comm`` a ``pydist.comm.Comm`` (mpi4py's lowercase API).
         Returns a ``TaskGroup`` (list-like: the ranks' futures in rank order).  The group starts once

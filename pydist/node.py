@@ -46,6 +46,7 @@ import Pyro5.errors
 from . import diagnose, scheduler, security, wire
 from .config import NodeConfig
 from .errors import AuthenticationError, BundleNotFound, NodeLost, ProtocolError, VersionMismatch, WorkerLost
+from .quota import Quota
 from .scheduler import TaskState, advance
 from .groups import GroupTable
 from .workers import WorkerPool
@@ -194,6 +195,8 @@ class Node:
         self.tasks: Dict[str, TaskRec] = {}
         self.queue: "collections.deque[str]" = collections.deque()
         self.fns: Dict[str, list] = {}            # key -> [blob, refcount]
+        self.quota = Quota(config.max_client_tasks, config.max_client_bytes, config.max_queued_tasks,
+                           config.max_queued_bytes, f"node {config.name}")
         self.clients: Dict[str, ClientRec] = {}
         self.links: Dict[str, Link] = {}
         self.avg = scheduler.RuntimeAverage()
@@ -209,7 +212,7 @@ class Node:
         self._last_touched: Optional[str] = None
         from .codesync import CodeStore
 
-        self.store = CodeStore(config.code_cache, config.code_cache_max)
+        self.store = CodeStore.for_node(config)
         self.pinned: List[str] = []          # bundles on every task's sys.path (pydist sync-code --pin)
         from .codesync import write_pins
 
@@ -302,22 +305,28 @@ class Node:
 
     # ======================================================================================== clients
     def submit(self, client_id: str, fns: dict, tasks: list) -> int:
-        """Accept a batch of tasks from a client; returns how many were queued."""
+        """Accept a batch of tasks from a client; returns how many were taken (tasks over one of the node's
+        limits come back at once as ``ResourceLimit`` errors naming it)."""
         _check_str(client_id, "client_id")
         _check_fns(fns)
         _check_tasks(tasks)
         with self.lock:
             client = self._client(client_id)
             client.last_seen = time.monotonic()
-            self._add_fns(fns, tasks)
+            new = list({t[wire.T_ID]: t for t in tasks if t[wire.T_ID] not in self.tasks}.values())
+            fit, err = self.quota.admit(client_id, [wire.payload_size(t[wire.T_PAYLOAD]) for t in new])
+            added = self._add_fns(fns, new[:fit])      # resends hold no new reference (they leaked one)
             origin = ("c", client_id)
-            for t in tasks:
-                if t[wire.T_ID] in self.tasks:
-                    continue   # a resend of a task we already hold
+            for t in new[:fit]:
                 self._new_task(t, origin)
+            self._drop_unused_fns(added)
+            if err is not None:   # over a limit: those tasks fail at once, naming it; the client goes on
+                self.counts["refused_limit"] += len(new) - fit
+                client.results.extend(self._error_result(t[wire.T_ID], err) for t in new[fit:])
+                client.cond.notify()
             self.counts["submitted"] += len(tasks)
             self._schedule()
-        return len(tasks)
+        return len(tasks) - (len(new) - fit)
 
     def open_client(self, client_id: str, init_blob: Optional[bytes] = None) -> dict:
         """Register a client (and its worker initializer); returns this node's description."""
@@ -445,11 +454,10 @@ class Node:
                 if c.init_blob is None:
                     c.init_blob = blob
                     self.pool.broadcast(("init", cid, blob))
-            self._add_fns(fns, tasks)
-            for t in tasks:
+            new = list({t[wire.T_ID]: t for t in tasks if t[wire.T_ID] not in self.tasks}.values())
+            added = self._add_fns(fns, new)
+            for t in new:
                 tid = t[wire.T_ID]
-                if tid in self.tasks:
-                    continue
                 if self.name in t[wire.T_PATH]:
                     # (a task past our own max_hops is fine: it runs here and goes no further)
                     rejected.append(self._error_result(tid, ProtocolError(
@@ -458,6 +466,7 @@ class Node:
                     self._unref_fn(t[wire.T_FN])
                     continue
                 self._new_task(t, ("l", sender))
+            self._drop_unused_fns(added)
             self.counts["forwarded_in"] += len(tasks)
             if rejected:
                 link.post(results=rejected)
@@ -521,7 +530,8 @@ class Node:
             st = {
                 "name": self.name, "address": self.address, "uri": self.uri, "parent": parent,
                 "workers": len(self.worker_up), "workers_up": sum(self.worker_up), "busy": busy,
-                "queued": len(self.queue), "running": running,
+                "queued": len(self.queue), "running": running, "held": len(self.tasks),
+                "held_bytes": self.quota.bytes, "fns": len(self.fns), "refused_limit": self.counts["refused_limit"],
                 "forwarded": sum(len(l.inflight) for l in self.links.values()),
                 "done": self.counts["done"], "failed": self.counts["failed"],
                 "submitted": self.counts["submitted"], "worker_restarts": self.pool.restarts,
@@ -601,19 +611,18 @@ class Node:
         _check_str(group, "group")
         if not isinstance(want, int) or isinstance(want, bool):
             raise TypeError("want must be an int")
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl):
+            raise TypeError("ttl must be a number of seconds")
         with self.lock:
             if sender not in self.links:
                 raise ProtocolError(f"node {sender!r} reserves workers on {self.name} without joining first")
-            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl):
-                raise TypeError("ttl must be a number of seconds")
-            return self.groups.reserve(group, want, ttl)
+        return self.groups.reserve_tree(sender, group, want, ttl)   # (may ask the nodes behind us)
 
     def group_release(self, sender: str, group: str) -> None:
         """A linked node gives back the workers it had reserved for ``group``."""
         _check_str(sender, "sender")
         _check_str(group, "group")
-        with self.lock:
-            self.groups.release(group)
+        self.groups.release_tree(group)
 
     # ======================================================================================== code
     def code_has(self, digests: list) -> list:
@@ -632,7 +641,7 @@ class Node:
 
             raise BundleTooLarge(f"bundle {digest[:12]} is {size} bytes, over node {self.name}'s cache "
                                  f"limit of {self.cfg.code_cache_max} bytes (--code-cache-max)")
-        self.store.begin(digest, size)
+        self.store.begin(digest, size, owner=security.connection_id())
 
     def code_chunk(self, digest: str, offset: int, data: bytes) -> None:
         """One chunk of a bundle being received."""
@@ -653,8 +662,7 @@ class Node:
         _check_str(digest, "digest")
         if not isinstance(offset, int) or not isinstance(size, int) or size < 0 or offset < 0:
             raise TypeError("offset and size must be non-negative ints")
-        data = self.store.read(digest)
-        return data[offset:offset + min(size, 16 << 20)]
+        return self.store.read_chunk(digest, offset, min(size, 16 << 20))   # only these bytes are read
 
     def code_pin(self, digest: str, pinned: bool = True) -> list:
         """Pin (``pinned=True``) or unpin a bundle this node holds: a pinned bundle is on the
@@ -681,7 +689,7 @@ class Node:
     def code_size(self, digest: str) -> int:
         """Size of a bundle's archive, or -1 if absent."""
         _check_str(digest, "digest")
-        return len(self.store.read(digest)) if self.store.has(digest) else -1
+        return self.store.size(digest) if self.store.has(digest) else -1
 
     def _code_installed(self, digest: str, push: bool) -> int:
         with self.lock:
@@ -720,15 +728,24 @@ class Node:
         self.pool.broadcast(("forget", [cid]))
         self.groups.client_gone(cid)
 
-    def _add_fns(self, fns: dict, tasks: list) -> None:
-        for k, blob in fns.items():
-            if k not in self.fns:
-                self.fns[k] = [blob, 0]
+    def _add_fns(self, fns: dict, tasks: list) -> list:
+        """Keep the blobs, count one reference per task; returns the keys that were new here."""
         for t in tasks:
-            entry = self.fns.get(t[wire.T_FN])
-            if entry is None:
+            if t[wire.T_FN] not in fns and t[wire.T_FN] not in self.fns:
                 raise ProtocolError(f"task {t[wire.T_ID]} names function {t[wire.T_FN]} that was not sent")
-            entry[1] += 1
+        added = [k for k in fns if k not in self.fns]
+        for k in added:
+            self.fns[k] = [fns[k], 0]
+        for t in tasks:
+            self.fns[t[wire.T_FN]][1] += 1
+        return added
+
+    def _drop_unused_fns(self, keys: list) -> None:
+        """A blob that no task took (names no task uses, re-sent ids) is not kept."""
+        for k in keys:
+            entry = self.fns.get(k)
+            if entry is not None and entry[1] <= 0:
+                del self.fns[k]
 
     def _unref_fn(self, key: str) -> None:
         entry = self.fns.get(key)
@@ -740,6 +757,7 @@ class Node:
     def _new_task(self, t: tuple, origin: Tuple[str, str]) -> None:
         tid = t[wire.T_ID]
         rec = self.tasks[tid] = TaskRec(tuple(t[:5]) + (list(t[5]),) + tuple(t[6:8]), origin)
+        self.quota.add(tid, origin[1] if origin[0] == "c" else None, wire.payload_size(t[wire.T_PAYLOAD]))
         if rec.rec[wire.T_BUNDLE] is not None:
             self.store.pin(rec.rec[wire.T_BUNDLE])   # never evicted while a task needs it
         self._enqueue_new(tid)
@@ -747,6 +765,7 @@ class Node:
     def _forget(self, tid: str, rec: TaskRec) -> None:
         """The task leaves this node: drop its record, its function reference and its bundle pin."""
         self.tasks.pop(tid, None)
+        self.quota.remove(tid)
         self._unref_fn(rec.rec[wire.T_FN])
         if rec.rec[wire.T_BUNDLE] is not None:
             self.store.unpin(rec.rec[wire.T_BUNDLE])
@@ -1356,8 +1375,10 @@ def serve(config: NodeConfig, on_ready=None) -> None:
                             tls=tls, server=True)
     node = Node(config)
     daemon = security.SecureDaemon(config.host, config.port, secret=config.secret, name=config.name,
+                                   **security.daemon_options(config),
                                    nathost=diagnose.advertise_host(config.host, config.advertise))
     try:
+        daemon.on_disconnect(node.store.abort_owner)   # uploads a connection left unfinished
         node.start(daemon)
         if on_ready is not None:
             on_ready(node)
