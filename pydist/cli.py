@@ -319,7 +319,7 @@ def _cmd_run(a) -> int:
     if not a.ns and not a.node:
         print(f"pydist run: no --ns or --node given (nor {ENV_PREFIX}NS): running {a.script} on a private "
               "local cluster on this machine", file=sys.stderr)
-    with ClusterExecutor(a.node if a.node else None, secret=secret, connect_timeout=a.timeout, **kw) as ex:
+    with ClusterExecutor(address=a.node if a.node else None, secret=secret, connect_timeout=a.timeout, **kw) as ex:
         try:
             r = ex.submit_script(a.script, a.args, timeout=a.script_timeout, code=a.code).result()
         except ScriptTimeout as exc:

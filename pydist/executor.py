@@ -1,42 +1,39 @@
-"""The client side: a ``concurrent.futures.Executor`` whose workers are the nodes of a pydist cluster.
+"""The client side: ``ClusterExecutor``, a ``concurrent.futures.Executor`` whose workers are the nodes of a
+pydist cluster, with ``ProcessPoolExecutor``'s signature and behaviour (see README, "Differences from
+ProcessPoolExecutor", for what differs by design).
 
 ::
 
-    user thread                 sender thread                 node                 collector thread
-    submit(fn, *a) ─▶ pickle ─▶ outbox ─▶ one submit(batch) ─▶ queue ─▶ workers ─▶ results
-      returns Future (pending)    (everything queued since                           │
-                                   the last call, ≤ max_batch)   collect(long poll) ◀┘
-                                                                   ─▶ set_running / set_result
+    submit(fn, *a) ─▶ pickle fn (keyed by the pickle's digest) and the arguments, in the caller's thread
+                  ─▶ ClientCore (pydist.clientcore): outbox ─▶ node ─▶ results ─▶ the future
 
-``submit`` pickles the arguments in the caller's thread (so an unpicklable argument raises there and
-the executor stays usable) and the *function* once per executor (cached by identity; mutate a
-closure's captured state and submit again: the first pickle is reused).  A sender thread coalesces
-everything submitted while its previous call was in flight into one call: a lone task costs one
-round trip, 10,000 tasks cost a handful.  A collector thread keeps one long poll open; the node
-answers it as soon as anything finished, with every result ready by then.  Finished futures are
-forgotten at once: the executor holds no reference to results.
-
-If the node goes away, every pending future fails with ``BrokenCluster`` (a ``BrokenExecutor``) and
-later ``submit`` raises it: nothing hangs.
+What cannot be pickled fails its future (``SerializationError``, a ``pickle.PicklingError``), as with
+``ProcessPoolExecutor``; ``submit`` raises only after shutdown or once the cluster is gone.  Functions are
+not cached by identity (a bound method keeps no instance alive; a changed ``__main__`` function is sent
+anew): only what pickles by reference is.  The executor's state and threads live in a ``ClientCore``
+that never refers back to the executor, so a dropped executor is collected; its finalizer lets the
+pending work finish and closes everything.
 """
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
+import types
 import uuid
 import weakref
-from concurrent.futures import Executor, Future, InvalidStateError
-from concurrent.futures._base import PENDING as _PENDING
+from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 from . import security, wire
 from .config import ClientConfig
-from .errors import AuthenticationError, BrokenCluster, ClusterUnavailable, SerializationError, VersionMismatch
-from .output import FORWARD_OUTPUT, emit as emit_output, split as split_output
+from .clientcore import ClientCore, PydistFuture
+from .errors import AuthenticationError, ClusterUnavailable, SerializationError, VersionMismatch
 from .scripts import run_script
 from .sources import dumps_function
 
@@ -47,43 +44,30 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FN_CACHE = 256
-BATCH_BYTES = 4 << 20   # bytes of task arguments per submit call (more tasks wait for the next call)
 
 
-class PydistFuture(Future):
-    """A ``concurrent.futures.Future`` for a pydist task.
-
-    ``cancel()`` asks the node (one round trip) and succeeds only if the task had not yet been handed to
-    a worker or another node, so a cancelled task never runs; otherwise the future is marked running and
-    ``cancel()`` returns False, as ``ProcessPoolExecutor`` does for started work.
-    """
-
-    _pydist_tid: str = ""
-    _pydist_exec: Any = None
-    _pydist_owner: Any = None
-
-    def set_result(self, result):
-        self._pydist_owner = None
-        super().set_result(result)
-
-    def set_exception(self, exception):
-        self._pydist_owner = None
-        super().set_exception(exception)
-
-    def cancel(self) -> bool:
-        with self._condition:
-            if self._state != _PENDING:
-                return super().cancel()
-        ex = self._pydist_exec() if self._pydist_exec is not None else None
-        if ex is not None and self._pydist_tid not in ex._cancel_remote([self._pydist_tid]):
-            self._mark_running()
-            return False
-        return super().cancel()
-
-    def _mark_running(self) -> None:
-        with self._condition:
-            if self._state == _PENDING:
-                self.set_running_or_notify_cancel()
+def _check_pool_args(max_workers, mp_context, initializer, initargs, max_tasks_per_child) -> None:
+    """ProcessPoolExecutor's checks of its own arguments, with its exception types and messages."""
+    if isinstance(mp_context, (int, str)) and not isinstance(mp_context, bool):
+        raise TypeError(f"mp_context must be a multiprocessing context or None, got {mp_context!r}: the "
+                        f"positional arguments are ProcessPoolExecutor's (max_workers, mp_context, "
+                        f"initializer, initargs); give the cluster as address=... or ns=...")
+    if max_workers is not None:
+        if not isinstance(max_workers, int):
+            raise TypeError(f"max_workers must be an int or None, got {type(max_workers).__name__}")
+        if max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+    if initializer is not None and not callable(initializer):
+        raise TypeError("initializer must be a callable")
+    try:
+        tuple(initargs)
+    except TypeError:
+        raise TypeError(f"initargs must be a tuple (or another iterable), got {type(initargs).__name__}") from None
+    if max_tasks_per_child is not None:
+        if not isinstance(max_tasks_per_child, int):
+            raise TypeError("max_tasks_per_child must be an integer")
+        if max_tasks_per_child <= 0:
+            raise ValueError("max_tasks_per_child must be >= 1")
 
 
 def _parse_address(address: str) -> str:
@@ -96,56 +80,51 @@ def _parse_address(address: str) -> str:
 class ClusterExecutor(Executor):
     """Run callables on a pydist cluster through the ``concurrent.futures`` interface.
 
-    ``ClusterExecutor()`` starts an embedded ``LocalCluster`` (a name server and one node with
-    ``max_workers`` worker processes on loopback) and stops it on shutdown.  On a running cluster
+    The positional parameters are ``ProcessPoolExecutor``'s, in its order: ``max_workers``,
+    ``mp_context`` (accepted, unused: workers are the nodes' processes), ``initializer``, ``initargs``;
+    ``max_tasks_per_child`` is keyword-only there and here (validated, unused).  On a running cluster
     ``max_workers`` caps how many of *this client's* tasks run at once (the rest wait on the client,
-    where ``cancel()`` always succeeds); other clients are not affected.
-    ``ClusterExecutor("host:port")`` (or a Pyro5 URI) connects to a running node;
-    ``ClusterExecutor(ns="host:port")`` finds the cluster's root node in a Pyro5 name server.
+    where ``cancel()`` always succeeds); other clients are not affected.  Where to run is keyword-only:
 
-    Accepts what ``ProcessPoolExecutor`` accepts (``max_workers``, ``mp_context`` (ignored),
-    ``initializer``, ``initargs``, ``max_tasks_per_child`` (ignored)), plus ``secret`` (else
-    ``PYDIST_SECRET``), ``code`` (paths uploaded at start, see ``upload_code``), TLS files and
-    ``connect_timeout`` (seconds before ``ClusterUnavailable``) and ``forward_output`` (print what tasks
-    print and log here, each line prefixed ``[node/wN task-id]``; default: on for the embedded cluster).
+    * ``ClusterExecutor()`` / ``ClusterExecutor(4)`` starts an embedded ``LocalCluster`` (a name server
+      and one node with ``max_workers`` worker processes on loopback) and stops it on shutdown;
+    * ``ClusterExecutor(address="host:port")`` (or a Pyro5 URI) connects to a running node
+      (``ClusterExecutor("host:port")``, a string where ``max_workers`` goes, is taken as the address);
+    * ``ClusterExecutor(ns="host:port")`` finds the cluster's root node in a Pyro5 name server.
+
+    Also keyword-only: ``secret`` (else ``PYDIST_SECRET``), ``code`` (paths uploaded at start, see
+    ``upload_code``), TLS files, ``connect_timeout`` (seconds before ``ClusterUnavailable``) and
+    ``forward_output`` (print what tasks print and log here, each line prefixed ``[node/wN task-id]``;
+    default: on for the embedded cluster).
+    ``_max_workers`` is ``max_workers`` if given, else the cluster's worker count at connection time.
     """
 
-    def __init__(self, address: Optional[str] = None, max_workers: Optional[int] = None, mp_context: Any = None,
-                 initializer: Optional[Callable] = None, initargs: tuple = (), *, ns: Optional[str] = None,
-                 secret: Optional[bytes] = None, code: Optional[Sequence[str]] = None,
-                 max_tasks_per_child: Optional[int] = None, connect_timeout: Optional[float] = None,
-                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None,
+    def __init__(self, max_workers: Optional[int] = None, mp_context: Any = None,
+                 initializer: Optional[Callable] = None, initargs: tuple = (), *,
+                 max_tasks_per_child: Optional[int] = None, address: Optional[str] = None,
+                 ns: Optional[str] = None, secret: Optional[bytes] = None, code: Optional[Sequence[str]] = None,
+                 connect_timeout: Optional[float] = None, tls_cert: Optional[str] = None,
+                 tls_key: Optional[str] = None, tls_ca: Optional[str] = None,
                  forward_output: Optional[bool] = None):
-        if isinstance(address, int) and not isinstance(address, bool):
-            # ProcessPoolExecutor's positional order: (max_workers, mp_context, initializer, initargs)
-            address, max_workers, mp_context, initializer, initargs = (
-                None, address, max_workers, mp_context, initializer if initializer is not None else ())
-        if max_workers is not None and max_workers < 1:
-            raise ValueError("max_workers must be greater than 0")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
+        if isinstance(max_workers, (str, os.PathLike)):
+            # ClusterExecutor("host:port"): the short form of pydist's first release (and its brief)
+            if address is not None or ns is not None:
+                raise TypeError(f"ClusterExecutor got an address twice ({max_workers!r} and "
+                                f"{'address' if address is not None else 'ns'}=...)")
+            address, max_workers = os.fspath(max_workers), None
+        _check_pool_args(max_workers, mp_context, initializer, initargs, max_tasks_per_child)
         self._cfg = ClientConfig.from_env(secret=secret, connect_timeout=connect_timeout,
                                           tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
         self._cluster = None
         # on a running cluster max_workers caps this client's tasks sent and unfinished (so running at
         # once); the rest wait in the outbox, where cancel() withdraws them at no cost
-        self._max_inflight: Optional[int] = max_workers if (address is not None or ns is not None) else None
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._pending: Dict[str, PydistFuture] = {}
-        self._outbox: List[tuple] = []
-        self._fns: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+        max_inflight: Optional[int] = max_workers if (address is not None or ns is not None) else None
+        self._fns: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()   # by-reference only
         self._fn_seq = itertools.count()
-        self._seq = itertools.count()
         self._cid = uuid.uuid4().hex[:16]
-        self._shutdown = False
-        self._broken: Optional[BaseException] = None
         self._bundle: Optional[str] = None
         self._code_paths: "collections.OrderedDict[str, str]" = collections.OrderedDict()
         self._code_exclude: tuple = ()
-        self._threads: List[threading.Thread] = []
-        self._closed = threading.Event()
-        self._finalized = False
         tls = None
         if self._cfg.tls_ca or self._cfg.tls_cert:
             tls = security.TLSSettings(cert=self._cfg.tls_cert, key=self._cfg.tls_key, ca=self._cfg.tls_ca)
@@ -174,30 +153,27 @@ class ClusterExecutor(Executor):
                 self._uri = self._find_root(ns)
             else:
                 self._uri = _parse_address(str(address))
-            self._address = self._uri
-            proxy = self._connect()
+            proxy = security.connect(self._uri, secret=self._cfg.secret, timeout=self._cfg.connect_timeout,
+                                     tls=self._tls)
             init_blob = None
             if initializer is not None:
                 init_blob = wire.dumps((initializer, tuple(initargs)), "the initializer")
             self._node_info = proxy.open_client(self._cid, init_blob)
-            self._node_name = self._node_info["name"]
+            # dask's compute(scheduler=ex) and others size their concurrency by _max_workers
+            self._max_workers = max_workers if max_workers is not None else max(1, _total_workers(proxy.status()))
             proxy._pyroRelease()
+            # print()/logging of tasks shown here (prefixed "[node/wN task]"): default on for the embedded cluster
+            forward = (self._cluster is not None) if forward_output is None else bool(forward_output)
+            self._core = ClientCore(self._cfg, self._tls, self._uri, self._cid, self._node_info["name"],
+                                    self._cluster, max_inflight, forward)
         except BaseException:
             if self._cluster is not None:
                 self._cluster.stop()
             raise
-        self._wref = weakref.ref(self)
-        self._send_lock = threading.Lock()
-        self._submit_proxy = self._connect()
-        # The threads see the executor through a weak proxy: an executor dropped without shutdown() is
-        # collected once nothing is pending (a pending future keeps it alive, as ProcessPoolExecutor's
-        # do), and its finalizer wakes the threads, which end and close their connections.
-        me = weakref.proxy(self)
-        for method, name in ((ClusterExecutor._sender, "sender"), (ClusterExecutor._collector, "collector")):
-            t = threading.Thread(target=_run_weakly, args=(method, me), name=f"pydist-client-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        weakref.finalize(self, _dropped, self._cond, self._closed, self._connect_args(), self._cid)
+        del self._cluster   # the core owns it now (and stops it); reads go to the core
+        self._core.start()
+        # collected without shutdown: the core finishes the pending work and closes, in the background
+        weakref.finalize(self, ClientCore.executor_dropped, self._core).atexit = False
         if code:
             try:
                 for p in ([code] if isinstance(code, (str, os.PathLike)) else code):
@@ -206,14 +182,19 @@ class ClusterExecutor(Executor):
                 self.shutdown(wait=True)   # leave nothing behind: client threads, embedded cluster
                 raise
 
+    def __getattr__(self, name: str) -> Any:
+        # the state lives in the core (self._pending, self._broken, ... read as before)
+        if name.startswith("__") or name == "_core" or "_core" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.__dict__["_core"], name)
+
     # ------------------------------------------------------------------------------------ connecting
     def _connect_args(self) -> tuple:
         # what the finalizer of a dropped executor needs to tell the node (no reference to the executor)
         return (self._uri, {"secret": self._cfg.secret, "timeout": 1.0, "tls": self._tls})
 
     def _connect(self, timeout: Optional[float] = None):
-        return security.connect(self._uri, secret=self._cfg.secret,
-                                timeout=self._cfg.connect_timeout if timeout is None else timeout, tls=self._tls)
+        return self._core._connect(timeout)
 
     def _find_root(self, ns: str) -> str:
         import Pyro5.api
@@ -255,69 +236,72 @@ class ClusterExecutor(Executor):
 
     # ------------------------------------------------------------------------------------ Executor API
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> PydistFuture:
-        """Schedule ``fn(*args, **kwargs)`` on the cluster; returns a Future."""
+        """Schedule ``fn(*args, **kwargs)`` on the cluster; returns a Future.
+
+        As with ``ProcessPoolExecutor``, a function or argument that cannot be pickled fails the
+        returned future (with ``SerializationError``, a ``pickle.PicklingError``); ``submit`` itself
+        raises only ``RuntimeError`` after shutdown and ``BrokenCluster`` once the cluster is gone."""
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
-        key, blob = self._fn_key(fn)
-        payload = wire.dumps_call(args, kwargs)
+        try:
+            key, blob = self._fn_key(fn)
+            payload = wire.dumps_call(args, kwargs)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:   # a __reduce__ may even raise SystemExit: the future fails
+            return self._failed_future(exc)
         return self._enqueue(key, blob, payload, wire.KIND_CALL)
 
-    def _enqueue(self, key: str, blob: bytes, payload: bytes, kind: int, bundle: Any = False) -> PydistFuture:
-        fut = PydistFuture()
+    def _failed_future(self, exc: BaseException) -> PydistFuture:
         with self._lock:
             self._check_open()
-            tid = f"{self._cid}.{next(self._seq)}"
-            fut._pydist_tid = tid
-            fut._pydist_owner = self          # until it is done: the executor lives while work is pending
-            fut._pydist_exec = self._wref
-            self._pending[tid] = fut
-            code = self._bundle if bundle is False else bundle
-            if self._forward_output:
-                kind |= FORWARD_OUTPUT
-            self._outbox.append(((tid, key, payload, code, 0, [], kind, self._cid), blob))
-            # A lone submit (no other task of this executor outstanding) is sent from this thread: no
-            # hand-off to the sender thread.  Submits while others are in flight go through the sender,
-            # which batches everything queued meanwhile into one call.
-            direct = len(self._pending) == 1 and len(self._outbox) == 1 and self._room() > 0
-            if len(self._outbox) == 1 and not direct:
-                self._cond.notify_all()
-        if direct and self._send_lock.acquire(blocking=False):
-            try:
-                self._send_outbox()
-            except BaseException as exc:
-                self._break(exc)
-            finally:
-                self._send_lock.release()
-        elif direct:
-            with self._cond:
-                self._cond.notify_all()
+        if not isinstance(exc, SerializationError):
+            err = SerializationError(f"cannot pickle the task: {type(exc).__name__}: {exc}{wire.mp_hint(exc)}")
+            err.__cause__ = exc
+            exc = err
+        fut = PydistFuture()
+        fut.set_exception(exc)
         return fut
 
-    def _room(self) -> int:
-        """How many more tasks may be sent now (caller holds ``_lock``)."""
-        if self._max_inflight is None:
-            return len(self._outbox)
-        return self._max_inflight - (len(self._pending) - len(self._outbox))
+    def _enqueue(self, key: str, blob: bytes, payload, kind: int, bundle: Any = False) -> PydistFuture:
+        return self._core._enqueue(key, blob, payload, kind, self._bundle if bundle is False else bundle)
 
-    def _check_open(self) -> None:
-        if self._broken is not None:
-            raise BrokenCluster(str(self._broken))
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; optionally cancel pending ones; with ``wait`` block until all are done.
+        Stops the embedded cluster, if any, once nothing is pending."""
+        self._core.shutdown(wait, cancel_futures=cancel_futures)
+
+    @property
+    def _executor_manager_thread(self) -> threading.Thread:
+        """The thread that resolves futures (it ends after shutdown), under ``ProcessPoolExecutor``'s name
+        for it: code that joins PPE's after ``shutdown(wait=False)`` works here too."""
+        return self._core._threads[1]
 
     def _fn_key(self, fn: Callable) -> tuple:
-        entry = self._fns.get(id(fn))
-        if entry is not None and entry[0] is fn:
-            self._fns.move_to_end(id(fn))
-            return entry[1], entry[2]
+        """``(key, blob)`` for a function: its pickle, named by the pickle's digest.
+
+        Functions are not cached by identity: a bound method must not keep its instance alive, and a
+        ``__main__`` function whose globals changed must be sent anew.  Only what pickles by reference
+        (an importable module-level function, class or builtin: its pickle is its name) is kept, in a
+        small LRU keyed by identity; holding it costs nothing (its module holds it anyway)."""
+        stable = _pickles_by_reference(fn)
+        if stable:
+            entry = self._fns.get(id(fn))
+            if entry is not None and entry[0] is fn:
+                self._fns.move_to_end(id(fn))
+                return entry[1], entry[2]
         try:
             blob = dumps_function(fn, wire.PICKLE_PROTOCOL)   # file names and source lines kept (pydist.sources)
-        except Exception as exc:
-            raise SerializationError(f"cannot pickle the function {fn!r}: {type(exc).__name__}: {exc}") from exc
-        key = f"{self._cid}.f{next(self._fn_seq)}"
-        self._fns[id(fn)] = (fn, key, blob)
-        if len(self._fns) > FN_CACHE:
-            self._fns.popitem(last=False)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            raise SerializationError(f"cannot pickle the function {wire._short_repr(fn)}: "
+                                     f"{type(exc).__name__}: {exc}{wire.mp_hint(exc)}") from exc
+        key = f"{self._cid}.f{hashlib.blake2b(blob, digest_size=12).hexdigest()}"
+        if stable:
+            self._fns[id(fn)] = (fn, key, blob)
+            if len(self._fns) > FN_CACHE:
+                self._fns.popitem(last=False)
         return key, blob
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None, chunksize: int = 1,
@@ -330,7 +314,11 @@ class ClusterExecutor(Executor):
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
             raise ValueError("buffersize must be None or > 0")
         end_time = None if timeout is None else timeout + time.monotonic()
-        key, blob = self._fn_key(fn)
+        try:
+            key, blob = self._fn_key(fn)
+        except SerializationError as exc:
+            key = blob = None
+            fn_error = exc
         calls = zip(*iterables)
         kind = wire.KIND_CALL if chunksize == 1 else wire.KIND_CHUNK
 
@@ -346,11 +334,20 @@ class ClusterExecutor(Executor):
             bar = ProgressBar(total, desc=getattr(fn, "__name__", None), unit="call")
 
         def make(group):
-            if kind == wire.KIND_CALL:
-                f = self._enqueue(key, blob, wire.dumps_call(group, {}), kind)
-            else:
-                group = list(group)
-                f = self._enqueue(key, blob, wire.dumps(group, "map arguments"), kind)
+            # as submit: what cannot be pickled fails its own future (raised when iteration reaches it)
+            if key is None:
+                return self._failed_future(fn_error)
+            try:
+                if kind == wire.KIND_CALL:
+                    payload = wire.dumps_call(group, {})
+                else:
+                    group = list(group)
+                    payload = wire.dumps(group, "map arguments")
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                return self._failed_future(exc)
+            f = self._enqueue(key, blob, payload, kind)
             if bar is not None:
                 bar.attach(f, 1 if kind == wire.KIND_CALL else len(group))
             return f
@@ -425,58 +422,6 @@ class ClusterExecutor(Executor):
         key, blob = self._fn_key(run_script)
         return self._enqueue(key, blob, wire.dumps_call(call, {}), wire.KIND_CALL, bundle=info.digest)
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting tasks; optionally cancel pending ones; with ``wait`` block until all are done.
-        Stops the embedded cluster, if any, once nothing is pending."""
-        with self._lock:
-            self._shutdown = True
-            pending = list(self._pending.values())
-        if cancel_futures:
-            waiting = [f for f in pending if not f.running() and not f.done()]
-            gone = self._cancel_remote([f._pydist_tid for f in waiting])
-            for f in waiting:
-                if f._pydist_tid in gone:
-                    Future.cancel(f)
-                else:
-                    f._mark_running()
-        if wait:
-            self._drain_and_close()
-        else:
-            threading.Thread(target=self._drain_and_close, daemon=True, name="pydist-client-close").start()
-
-    def _drain_and_close(self) -> None:
-        while True:
-            with self._lock:
-                pending = list(self._pending.values())
-            if not pending:
-                break
-            for f in pending:
-                try:
-                    f.exception()
-                except BaseException:
-                    pass
-        with self._lock:
-            if self._finalized:
-                return
-            self._finalized = True
-        self._closed.set()
-        with self._cond:
-            self._cond.notify_all()
-        if self._broken is None:
-            try:   # also ends the collector's long poll at once
-                p = self._connect(timeout=1.0)
-                p._pyroTimeout = 2.0
-                p.close_client(self._cid)
-                p._pyroRelease()
-            except Exception as exc:
-                log.debug("close_client failed: %s", exc)
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout=10)
-        if self._cluster is not None:
-            self._cluster.stop()
-            self._cluster = None
-
     # ------------------------------------------------------------------------------------ extras
     def asyncio(self) -> "AsyncClusterExecutor":
         """This executor for asyncio code: ``await ex.asyncio().submit(fn, x)`` (see ``pydist.aio``)."""
@@ -503,7 +448,7 @@ class ClusterExecutor(Executor):
     @property
     def cluster(self):
         """The embedded ``LocalCluster`` (None when connected to a running cluster)."""
-        return self._cluster
+        return self._core._cluster
 
     def status(self) -> dict:
         """The status of the node this executor talks to (see ``pydist status``)."""
@@ -538,176 +483,6 @@ class ClusterExecutor(Executor):
         _upload_bundle(self._uri, self._cfg.secret, self._tls, info, data, timeout, progress)
         return info
 
-    # ------------------------------------------------------------------------------------ threads
-    def _cancel_remote(self, tids: List[str]) -> set:
-        """Withdraw tasks that no worker has started: those still in our outbox, and those the node
-        still holds in its queue (one round trip).  Returns the ids withdrawn."""
-        gone = set()
-        with self._lock:
-            if self._broken is not None or self._finalized:
-                return set(tids)
-            want = set(tids)
-            keep = []
-            for item in self._outbox:
-                if item[0][0] in want:
-                    gone.add(item[0][0])
-                else:
-                    keep.append(item)
-            self._outbox[:] = keep
-            ask = [t for t in tids if t not in gone and t in self._pending]
-            gone.update(t for t in tids if t not in self._pending)
-        if ask:
-            with self._send_lock:
-                try:
-                    self._submit_proxy._pyroClaimOwnership()
-                    gone.update(self._submit_proxy.cancel(self._cid, ask))
-                except Exception as exc:   # the node is gone: nothing will run
-                    self._break(exc)
-                    return set(tids)
-        with self._lock:
-            for t in gone:
-                self._pending.pop(t, None)
-        return gone
-
-    def _send_outbox(self) -> None:
-        """Send everything queued (caller holds ``_send_lock``); the submit proxy moves between the
-        sender thread and direct callers, so each use claims it (Pyro5 proxies belong to a thread)."""
-        proxy = self._submit_proxy
-        proxy._pyroClaimOwnership()
-        while True:
-            with self._lock:
-                # at most max_batch tasks and about BATCH_BYTES per call, so large arguments stream to
-                # the node (its workers start on the first while the next are on the wire)
-                n = size = 0
-                for rec, _ in self._outbox[:min(self._cfg.max_batch, self._room())]:
-                    n += 1
-                    size += wire.payload_size(rec[2])
-                    if size >= BATCH_BYTES:
-                        break
-                batch = self._outbox[:n]
-                del self._outbox[:n]
-            if not batch:
-                return
-            fns = {}
-            recs = []
-            for rec, blob in batch:
-                fns[rec[1]] = blob
-                recs.append(rec)
-            proxy.submit(self._cid, fns, recs)
-
-    def _sender(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while (not self._outbox or self._room() <= 0) and not self._closed.is_set():
-                        self._cond.wait()
-                    if self._closed.is_set() and not self._outbox:
-                        return
-                with self._send_lock:
-                    self._send_outbox()
-        except BaseException as exc:  # the node is gone
-            if not self._closed.is_set():
-                self._break(exc)
-        finally:
-            with self._send_lock:
-                try:
-                    self._submit_proxy._pyroClaimOwnership()
-                    self._submit_proxy._pyroRelease()
-                except Exception:
-                    pass
-
-    def _collector(self) -> None:
-        proxy = None
-        try:
-            proxy = self._connect()
-            poll = self._cfg.poll_interval
-            while not self._closed.is_set():
-                results, started = proxy.collect(self._cid, poll)
-                if started:
-                    self._mark_started(started)
-                if results:
-                    self._deliver(results)
-                    # let a thread woken by those futures run before this one marshals its next
-                    # poll (it held the GIL for ~0.1-0.2 ms: 5-8 % of a lone task's latency, #15)
-                    time.sleep(0)
-        except BaseException as exc:
-            if not self._closed.is_set():
-                self._break(exc)
-        finally:
-            security.release(proxy)
-
-    def _mark_started(self, ids: List[str]) -> None:
-        pending = self._pending
-        for tid in ids:
-            f = pending.get(tid)
-            if f is not None and not f.running() and not f.done():
-                try:
-                    f.set_running_or_notify_cancel()
-                except (InvalidStateError, RuntimeError):
-                    pass
-
-    def _deliver(self, results: List[tuple]) -> None:
-        broken = None
-        with self._lock:
-            futs = [(self._pending.pop(r[0], None), r) for r in results]
-            if self._outbox and self._max_inflight is not None:
-                self._cond.notify_all()   # room for tasks held back by max_workers
-        for f, r in futs:
-            if r[wire.R_BLOB][:1] == b"\x00":   # the task printed: its output rides in front (pydist.output)
-                items, blob = split_output(r[wire.R_BLOB])
-                r = tuple(r[:wire.R_BLOB]) + (blob,) + tuple(r[wire.R_BLOB + 1:])
-                if items:
-                    try:
-                        emit_output(items, r[wire.R_NODE], r[wire.R_WORKER], r[0])
-                    except Exception as exc:   # a closed sys.stdout must not lose the result
-                        log.warning("could not print the output of task %s: %s", r[0], exc)
-            if f is None:
-                continue
-            status = r[wire.R_STATUS]
-            try:
-                if status == wire.OK:
-                    try:
-                        value = wire.loads(r[wire.R_BLOB])
-                    except Exception as exc:
-                        f.set_exception(SerializationError(
-                            f"the result of task {r[0]} could not be unpickled here: {type(exc).__name__}: {exc}"))
-                        continue
-                    f.set_result(value)
-                elif status == wire.INIT_FAILED:
-                    cause = wire.loads_exception(r[wire.R_BLOB])
-                    broken = BrokenCluster(f"the executor's initializer failed on node {r[wire.R_NODE]}: "
-                                           f"{type(cause).__name__}: {cause}")
-                    broken.__cause__ = cause
-                    f.set_exception(broken)
-                else:
-                    f.set_exception(wire.loads_exception(r[wire.R_BLOB]))
-            except InvalidStateError:
-                pass   # cancelled meanwhile
-        if broken is not None:
-            self._break(broken, already=True)
-
-    def _break(self, exc: BaseException, already: bool = False) -> None:
-        if already:
-            err = exc
-        else:
-            err = BrokenCluster(f"lost the connection to pydist node {getattr(self, '_node_name', '?')} at "
-                                f"{self._address}: {type(exc).__name__}: {exc}")
-        with self._lock:
-            if self._broken is None:
-                self._broken = err
-            pending = list(self._pending.values())
-            self._pending.clear()
-            self._outbox.clear()
-            self._cond.notify_all()
-        for f in pending:
-            try:
-                f.set_exception(BrokenCluster(str(err)))
-            except InvalidStateError:
-                pass
-        self._closed.set()
-        with self._cond:
-            self._cond.notify_all()
-
     def __enter__(self) -> "ClusterExecutor":
         return self
 
@@ -715,39 +490,34 @@ class ClusterExecutor(Executor):
         self.shutdown(wait=True)
         return False
 
-    def __del__(self):
-        try:
-            if self._cluster is not None and not self._closed.is_set():
-                self._cluster.stop()
-        except Exception:
-            pass
+
+def _pickles_by_reference(fn: Any) -> bool:
+    """Whether ``fn`` pickles as a reference (module + qualified name) whose target is ``fn`` itself."""
+    if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, type)):
+        return False
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and not isinstance(owner, types.ModuleType):
+        return False   # a bound builtin method ([].append): its instance travels with it
+    mod, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not isinstance(mod, str) or mod == "__main__" or "<" in qual or mod in _BY_VALUE_MODULES():
+        return False
+    obj: Any = sys.modules.get(mod)
+    for part in qual.split("."):
+        obj = getattr(obj, part, None)
+    return obj is fn
 
 
-def _run_weakly(method, me) -> None:
-    """Run a client thread's loop on a weak proxy of its executor; end quietly once it is collected."""
+def _BY_VALUE_MODULES() -> set:
     try:
-        method(me)
-    except ReferenceError:
-        pass
+        from cloudpickle.cloudpickle import _PICKLE_BY_VALUE_MODULES
+        return _PICKLE_BY_VALUE_MODULES
+    except ImportError:
+        return set()
 
 
-def _dropped(cond, closed, connect_args, cid) -> None:
-    """Finalizer of an executor dropped without shutdown(): wake its threads (they end) and tell the node."""
-    if closed.is_set():
-        return
-    closed.set()
-    with cond:
-        cond.notify_all()
-
-    def close():
-        try:
-            p = security.connect(*connect_args[:1], **connect_args[1])
-            p._pyroTimeout = 2.0
-            p.close_client(cid)
-            p._pyroRelease()
-        except Exception:
-            pass
-    threading.Thread(target=close, daemon=True, name="pydist-client-dropped").start()
+def _total_workers(st: dict) -> int:
+    """Workers of a node and of everything below it or beside it, from its status."""
+    return st["workers"] + sum(l["workers"] for l in st["links"] if l["alive"] and l["role"] != "parent")
 
 
 def _add_code_path(paths: "collections.OrderedDict[str, str]", path) -> "collections.OrderedDict[str, str]":

@@ -79,12 +79,18 @@ class _WithSources:
         return (_load, (self.sources, self.blob))
 
 
-def _load(sources: Dict[str, list], blob: bytes):
-    """Worker side: register the shipped source lines, then unpickle the function."""
-    import pickle
-
+def register(sources: Dict[str, list]) -> None:
+    """Worker side: put shipped source lines into ``linecache`` (never over a file on disk)."""
     for name, lines in sources.items():
         cached: Any = linecache.cache.get(name)
         if cached is None or len(cached) < 2 or cached[1] is None:   # never shadow a file the worker has on disk
             linecache.cache[name] = (sum(len(ln) for ln in lines), None, list(lines), name)
+
+
+def _load(sources: Dict[str, list], blob: bytes):
+    """Worker side: register the shipped source lines, then unpickle the function.  (A worker's
+    ``pydist.globalspace.ClientUnpickler`` takes this over, to unpickle ``blob`` its own way.)"""
+    import pickle
+
+    register(sources)
     return pickle.loads(blob)
