@@ -693,8 +693,8 @@ class Child:
                 # the brief's ClusterExecutor(c.address) is refused by the cluster's handshake
                 # (AuthenticationError: ... requires the cluster secret): pass LocalCluster.secret
                 secret = getattr(c, "secret", None)
-                ex = (pydist.ClusterExecutor(c.address, secret=secret) if secret is not None
-                      else pydist.ClusterExecutor(c.address))
+                ex = (pydist.ClusterExecutor(address=c.address, secret=secret) if secret is not None
+                      else pydist.ClusterExecutor(address=c.address))
                 try:
                     for f in [ex.submit(_tasks.noop, i) for i in range(16)]:
                         f.result(timeout=to)

@@ -61,35 +61,34 @@ def main() -> int:
         work = float(sum((r["mean_fit_time"] + r["mean_score_time"]) * cv))   # seconds spent in fits (last run)
         rows.append((label, workers, statistics.median(times), min(times), start, work / times[-1]))
 
-    times = []
-    for _ in range(a.reps):
-        t, r = timed(lambda: search(1))
-        times.append(t)
-    record("n_jobs=1 (sequential)", 1, times, result=r)
+    import contextlib
 
-    times = []
-    for _ in range(a.reps):
-        with joblib.parallel_backend("loky", n_jobs=2):
-            search(-1)   # warm the loky workers (as a long-lived pool would be)
-            t, r = timed(lambda: search(-1))
-        times.append(t)
-    record("loky, 2 workers", 2, times, result=r)
-
-    for label, kw in (("pydist, 1 node x 2 workers", dict(nodes=1, workers_per_node=2)),
-                      ("pydist, 3-node LocalCluster x 1 worker", dict(nodes=3, workers_per_node=1)),
-                      ("pydist, 3-node tree, workers [0,1,1]", dict(nodes=3, workers_per_node=[0, 1, 1]))):
-        t0 = time.perf_counter()
-        with LocalCluster(**kw) as c:
+    # Every backend stays up for the whole run and the repetitions are interleaved (rep 1 of each, then
+    # rep 2 of each, ...), so that load from elsewhere on the machine falls on all of them alike.
+    pydist_cfgs = (("pydist, 1 node x 2 workers", dict(nodes=1, workers_per_node=2), 2),
+                   ("pydist, 3-node LocalCluster x 1 worker", dict(nodes=3, workers_per_node=1), 3),
+                   ("pydist, 3-node tree, workers [0,1,1]", dict(nodes=3, workers_per_node=[0, 1, 1]), 2))
+    with contextlib.ExitStack() as stack:
+        backends = [("n_jobs=1 (sequential)", 1, None, lambda: contextlib.nullcontext(), 1),
+                    ("loky, 2 workers", 2, None, lambda: joblib.parallel_backend("loky", n_jobs=2), -1)]
+        for label, kw, workers in pydist_cfgs:
+            t0 = time.perf_counter()
+            c = stack.enter_context(LocalCluster(**kw))
             start = time.perf_counter() - t0
-            workers = sum(kw["workers_per_node"]) if isinstance(kw["workers_per_node"], list) else \
-                kw["nodes"] * kw["workers_per_node"]
-            times = []
-            with joblib.parallel_backend("pydist", address=c.address, secret=c.secret):
-                search(-1)   # warm: workers import scikit-learn once
-                for _ in range(a.reps):
-                    t, r = timed(lambda: search(-1))
-                    times.append(t)
-            record(label, workers, times, start, r)
+            backends.append((label, workers, start,
+                             lambda c=c: joblib.parallel_backend("pydist", address=c.address, secret=c.secret), -1))
+        for _, _, _, ctx, n in backends:   # warm: workers start and import scikit-learn once
+            with ctx():
+                search(n)
+        times: dict = {b[0]: [] for b in backends}
+        last: dict = {}
+        for _ in range(a.reps):
+            for label, _, _, ctx, n in backends:
+                with ctx():
+                    t, last[label] = timed(lambda: search(n))
+                times[label].append(t)
+        for label, workers, start, _, _ in backends:
+            record(label, workers, times[label], start, last[label])
 
     print(f"GridSearchCV(SVC) on digits {X.shape}, {len(grid['C']) * len(grid['gamma'])} candidates x {cv} "
           f"folds = {fits} fits; {os.cpu_count()} CPUs; median of {a.reps}; best {ref.best_params_} "

@@ -4,7 +4,7 @@
 
 ``ClusterExecutor()`` with no address starts a private cluster on this machine (a Pyro5 name server
 and one pydist node with a worker per CPU, on loopback, with a random secret) and stops it on exit.
-Give it an address (``ClusterExecutor("head-host:9000", secret=...)``) to use a real cluster instead:
+Give it an address (``ClusterExecutor(address="head-host:9000", secret=...)``) to use a real cluster instead:
 the code below does not change.
 """
 import collections

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     secret = pydist.security.load_secret(None, a.secret_file)
     t0 = time.perf_counter()
     kw = {"ns": a.ns} if a.ns else {}
-    with ClusterExecutor(a.node, secret=secret, connect_timeout=10, **kw) as ex:
+    with ClusterExecutor(address=a.node, secret=secret, connect_timeout=10, **kw) as ex:
         futures = [ex.submit(work, i, a.sleep) for i in range(a.tasks)]
         results = []
         for fut in futures:   # in submission order

@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main() -> int:
-    with ClusterExecutor(max_workers=2) as ex:   # an embedded local cluster; or ClusterExecutor("host:port")
+    with ClusterExecutor(max_workers=2) as ex:   # an embedded local cluster; or ClusterExecutor(address="host:port")
         # Only now make mylib importable here (the embedded cluster's processes, started above, cannot
         # see it: on the nodes it comes from the upload alone).
         sys.path.insert(0, HERE)

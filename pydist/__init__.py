@@ -33,7 +33,7 @@ _EXPORTS = {
     "progress": "progressbar",
 }
 _ERRORS = ("PydistError", "ClusterUnavailable", "BrokenCluster", "VersionMismatch", "AuthenticationError",
-           "ConfigError", "TaskError", "SerializationError", "WorkerLost", "MemoryLimitExceeded", "NodeLost",
+           "ConfigError", "TaskError", "SerializationError", "DeserializationError", "WorkerLost", "MemoryLimitExceeded", "NodeLost",
            "RemoteError", "CodeSyncError", "BundleTooLarge", "UnsafeArchive", "BundleNotFound", "ProtocolError",
            "GroupAborted", "MessageTooLarge", "ResourceLimit")
 for _e in _ERRORS:

@@ -43,7 +43,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import NoReturn, Dict, Mapping, Optional, Sequence, Tuple
 
 from .config import read_secret_file
 from .errors import ConfigError
@@ -190,9 +190,9 @@ def encode_hello(key: Optional[bytes], dst: str, obj: str, *, scope: str = "", t
     ver, d, o, s = (_field("ver", str(v["ver"])), _field("dst", dst), _field("object", obj),
                     _field("scope", scope))
     major, minor = _py_pair(v)
-    head = _HELLO_HEAD.pack(HELLO_MAGIC, int(v["pydist"]) & 0xFFFF, major, minor, int(str(v["cp"]).split(".")[0]) & 0xFFFF,
-                            _FLAG_MAC if key else 0, len(ver), nonce, float(time.time() if ts is None else ts),
-                            len(d), len(o), len(s))
+    head = _HELLO_HEAD.pack(HELLO_MAGIC, int(v["pydist"]) & 0xFFFF, major, minor,
+                            int(str(v["cp"]).split(".")[0]) & 0xFFFF, _FLAG_MAC if key else 0, len(ver), nonce,
+                            float(time.time() if ts is None else ts), len(d), len(o), len(s))
     body = head + ver + d + o + s
     mac = hmac.new(key, b"pydist-hello|" + body, hashlib.sha256).digest() if key else b"\0" * MAC_SIZE
     return body + mac, nonce
@@ -477,7 +477,7 @@ def user_secret(create: bool = False, env: Mapping = os.environ) -> Optional[Use
     raise ConfigError(f"cannot create {path}")
 
 
-def _raise_empty(path) -> None:
+def _raise_empty(path) -> "NoReturn":
     raise ConfigError(f"{path} is empty: remove it (the next node makes a new one)")
 
 

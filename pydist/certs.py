@@ -37,6 +37,8 @@ def make_certs(directory, hosts: Iterable[str] = ("127.0.0.1", "localhost"),
     if ca_pem.exists() and ca_keyfile.exists():
         ca_cert = x509.load_pem_x509_certificate(ca_pem.read_bytes())
         ca_key = serialization.load_pem_private_key(ca_keyfile.read_bytes(), None)
+        if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"{ca_keyfile} is not an EC private key (it was not written by make-certs)")
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pydist cluster CA")])
@@ -52,7 +54,7 @@ def make_certs(directory, hosts: Iterable[str] = ("127.0.0.1", "localhost"),
                    .sign(ca_key, hashes.SHA256()))
         write_key(ca_keyfile, ca_key)
         ca_pem.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    sans = []
+    sans: list = []   # x509.IPAddress and x509.DNSName entries
     for h in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))

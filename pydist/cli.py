@@ -63,7 +63,7 @@ def _default_text(f: dataclasses.Field) -> str:
     d = f.default
     if d is None or d is False:
         return "default: off" if "bool" in str(f.type) else "default: none"
-    if f.name in ("code_cache_max", "max_message_size"):
+    if f.name in ("code_cache_max", "max_message_size") and isinstance(d, int):
         return f"default: {_size_text(d)}"
     return f"default: {d}"
 
@@ -315,7 +315,7 @@ def _cmd_run(a) -> int:
     if not a.ns and not a.node:
         print(f"pydist run: no --ns or --node given (nor {ENV_PREFIX}NS): running {a.script} on a private "
               "local cluster on this machine", file=sys.stderr)
-    with ClusterExecutor(a.node if a.node else None, secret=secret, connect_timeout=a.timeout, **kw) as ex:
+    with ClusterExecutor(address=a.node if a.node else None, secret=secret, connect_timeout=a.timeout, **kw) as ex:
         try:
             r = ex.submit_script(a.script, a.args, timeout=a.script_timeout, code=a.code).result()
         except ScriptTimeout as exc:

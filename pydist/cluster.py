@@ -33,7 +33,7 @@ class _Running:
     """The process-wide state pydist keeps, in one place: the LocalClusters this process runs.
 
     ``secrets`` maps every node and name-server address of a running LocalCluster to its secret, so
-    ``ClusterExecutor(cluster.address)`` needs no ``secret=``.  While any LocalCluster runs, its secret
+    ``ClusterExecutor(address=cluster.address)`` needs no ``secret=``.  While any LocalCluster runs, its secret
     is also exported as ``PYDIST_SECRET`` (unless that was already set) so that tools this process
     starts (``pydist status``, scripts) reach it too; it is removed when the last one stops.
     """
@@ -98,7 +98,8 @@ class LocalCluster:
     Use as a context manager; ``.address`` is the root node's ``host:port``, ``.ns_address`` the name
     server's, ``.secret`` the cluster secret (random unless given), ``.pids`` every process started.
     ``topology``: ``"tree"`` (binary), ``"chain"`` or ``"star"``.  The secret is ``PYDIST_SECRET`` if set,
-    else random; clients in this process find it by address (``ClusterExecutor(cluster.address)``).  ``tls_cert``/``tls_key``/``tls_ca``
+    else random; clients in this process find it by address (``ClusterExecutor(address=cluster.address)``).
+    ``tls_cert``/``tls_key``/``tls_ca``
     turn TLS on for the nodes, the name server and this process (see ``pydist make-certs``).  ``dashboard``
     (default True): the root serves the live web dashboard on a free port of its address; its URL, token
     included, is ``.dashboard_url``.
@@ -130,6 +131,7 @@ class LocalCluster:
         self.ns_in_process = bool(ns_in_process)
         self.wait_workers = bool(wait_workers)
         self._ns_thread: Optional[_ThreadNameServer] = None
+        self._janitor: Optional[subprocess.Popen] = None   # removes the temp folder if we are killed
         self.topology = topology
         if secret is None:
             env_secret = os.environ.get("PYDIST_SECRET")
@@ -208,12 +210,16 @@ class LocalCluster:
             self.ns_address = f"127.0.0.1:{ns_port}"
             if not in_process:
                 self.ns_proc = subprocess.Popen(
-                    [sys.executable, "-m", "pydist.cluster", "ns", "127.0.0.1", str(ns_port)],
+                    [sys.executable, "-m", "pydist.cluster", "ns", "127.0.0.1", str(ns_port), self._tmp],
                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ns_env)
             for k in range(self.n):
                 self.procs.append(self._start_node(k, env))
             if in_process:   # while the nodes' interpreters start
                 self._ns_thread = _ThreadNameServer("127.0.0.1", ns_port)
+                # no name server process to remove the temp folder if this process is killed: a tiny one
+                self._janitor = subprocess.Popen([sys.executable, "-c", _JANITOR, self._tmp],
+                                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.DEVNULL)
             self.addresses = [self._read_ready(k, p) for k, p in enumerate(self.procs)]
             self.address = self.addresses[0]
             if self.n > 1:
@@ -325,7 +331,7 @@ class LocalCluster:
     def stop(self) -> None:
         """Stop every process this cluster started (nodes, then the name server) and remove its files."""
         self._unregister()
-        procs = self.procs + ([self.ns_proc] if self.ns_proc is not None else [])
+        procs = self.procs + [p for p in (self.ns_proc, self._janitor) if p is not None]
         for p in procs:
             _terminate(p)
         for p in procs:
@@ -446,17 +452,51 @@ def watch_stdin() -> None:
     threading.Thread(target=watch, daemon=True, name="pydist-stdin-watch").start()
 
 
-def _ns_main(host: str, port: int) -> None:
-    """A Pyro5 name server that exits with its parent (``python -m pydist.cluster ns HOST PORT``)."""
+# ``python -c _JANITOR DIR``: removes DIR (a LocalCluster's temp folder) once its stdin pipe closes (the
+# LocalCluster stopped, or its process died, even by SIGKILL) or on SIGTERM.  No pydist import: it costs
+# the embedded cluster's start-up nothing.
+_JANITOR = """
+import os, shutil, signal, sys, time
+d = sys.argv[1]
+def bye(*_a):
+    for _ in range(5):
+        shutil.rmtree(d, ignore_errors=True)
+        if not os.path.exists(d):
+            break
+        time.sleep(0.3)
+    os._exit(0)
+signal.signal(signal.SIGTERM, bye)
+try:
+    while os.read(0, 4096):
+        pass
+except OSError:
+    pass
+bye()
+"""
+
+
+def _ns_main(host: str, port: int, cleanup_dir: Optional[str] = None) -> None:
+    """A Pyro5 name server that exits with its parent (``python -m pydist.cluster ns HOST PORT [DIR]``).
+    ``DIR``, the LocalCluster's temp folder, is removed when it exits: after ``stop()`` that is done
+    already, but a parent killed with SIGKILL (or gone without stopping its cluster) leaves it to us."""
     import Pyro5.nameserver
 
+    def bye(*_a):
+        if cleanup_dir:
+            for _ in range(3):   # the nodes, told by the same closed pipe, may still be writing in it
+                shutil.rmtree(cleanup_dir, ignore_errors=True)
+                if not os.path.exists(cleanup_dir):
+                    break
+                time.sleep(0.3)
+        os._exit(0)
+
     watch_stdin()
-    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    signal.signal(signal.SIGTERM, bye)
     Pyro5.nameserver.start_ns_loop(host=host, port=port, enableBroadcast=False)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "ns":
-        _ns_main(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "ns":
+        _ns_main(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) == 5 else None)
     else:
-        sys.exit("usage: python -m pydist.cluster ns HOST PORT")
+        sys.exit("usage: python -m pydist.cluster ns HOST PORT [CLEANUP_DIR]")

@@ -40,7 +40,7 @@ class CodeEndpoints:
         if size > self.cfg.code_cache_max:
             raise BundleTooLarge(f"bundle {digest[:12]} is {size} bytes, over node {self.name}'s cache "
                                  f"limit of {self.cfg.code_cache_max} bytes (--code-cache-max)")
-        self.store.begin(digest, size)
+        self.store.begin(digest, size, owner=security.connection_id())
 
     def code_chunk(self, digest: str, offset: int, data: bytes) -> None:
         """One chunk of a bundle being received."""
@@ -61,8 +61,7 @@ class CodeEndpoints:
         check_str(digest, "digest")
         if not isinstance(offset, int) or not isinstance(size, int) or size < 0 or offset < 0:
             raise TypeError("offset and size must be non-negative ints")
-        data = self.store.read(digest)
-        return data[offset:offset + min(size, 16 << 20)]
+        return self.store.read_chunk(digest, offset, min(size, 16 << 20))   # only these bytes are read
 
     def code_pin(self, digest: str, pinned: bool = True) -> list:
         """Pin (``pinned=True``) or unpin a bundle this node holds: a pinned bundle is on the
@@ -89,7 +88,7 @@ class CodeEndpoints:
     def code_size(self, digest: str) -> int:
         """Size of a bundle's archive, or -1 if absent."""
         check_str(digest, "digest")
-        return len(self.store.read(digest)) if self.store.has(digest) else -1
+        return self.store.size(digest) if self.store.has(digest) else -1
 
     # ------------------------------------------------------------------------------------ internals
     def _code_installed(self, digest: str, push: bool) -> int:
@@ -139,7 +138,7 @@ class CodeEndpoints:
                 if size < 0:
                     raise BundleNotFound(f"code bundle {digest[:12]} is on neither node {self.name} nor "
                                          f"its sender: upload it first (ClusterExecutor.upload_code)")
-                self.store.begin(digest, size)
+                self.store.begin(digest, size, owner=security.connection_id())
                 off = 0
                 while off < size:
                     data = proxy.code_read(digest, off, CHUNK_SIZE)

@@ -65,7 +65,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable, Optional, Union
+from typing import BinaryIO, Callable, Iterable, List, Optional, Union
 
 from .errors import BundleNotFound, BundleTooLarge, CodeSyncError, UnsafeArchive
 
@@ -195,7 +195,7 @@ class _Excluder:
         return False
 
 
-def _walk(top: str, prefix: str, excluded: _Excluder, out: list, seen_dirs: set) -> None:
+def _walk(top: str, prefix: str, excluded: "_Excluder | _ExcluderRel", out: list, seen_dirs: set) -> None:
     """Append (archive_name, full_path, size, executable) for every regular file under ``top``."""
     real = os.path.realpath(top)
     if real in seen_dirs:  # a symlinked folder pointing back up: do not loop
@@ -250,7 +250,7 @@ def _collect(path: str, excluded: _Excluder) -> tuple[list, tuple[str, ...]]:
         return files, (pkg,) if pkg.isidentifier() else ()
     _walk(path, "", excluded, files, set())                 # a project folder: its contents are top level
     roots = set()
-    for rel, full, _size, _exe in files:
+    for rel, _full, _size, _exe in files:
         top, _, rest = rel.partition("/")
         if not rest:
             mod = _module_name(top)
@@ -340,10 +340,10 @@ def build_bundle(paths: Union[_PathLike, Iterable[_PathLike]], exclude: Iterable
             if progress is not None:
                 progress(done, total)
     archive = buf.getvalue()
-    info = BundleInfo(hashlib.sha256(archive).hexdigest(), len(archive), len(members),
-                      tuple(sorted(root_owner)))
-    log.debug("built %s from %s in %.3f s", info, ", ".join(abspaths), time.perf_counter() - t0)
-    return info, archive
+    bundle = BundleInfo(hashlib.sha256(archive).hexdigest(), len(archive), len(members),
+                        tuple(sorted(root_owner)))
+    log.debug("built %s from %s in %.3f s", bundle, ", ".join(abspaths), time.perf_counter() - t0)
+    return bundle, archive
 
 
 def _same_content(a: str, b: str) -> bool:
@@ -438,6 +438,8 @@ def _extract(fileobj: BinaryIO, dest: str, max_bytes: Optional[int] = None,
                     os.makedirs(parent, mode=0o755, exist_ok=True)
                     made.add(parent)
                 src = tar.extractfile(m)
+                if src is None:   # a regular file always has data (checked above); keeps mypy informed
+                    raise UnsafeArchive(f"archive member {m.name!r} has no data")
                 fd = os.open(target, flags, 0o755 if m.mode & 0o111 else 0o644)
                 with os.fdopen(fd, "wb") as out, src:
                     shutil.copyfileobj(src, out, 1 << 20)
@@ -846,7 +848,7 @@ class CodeStore:
         up.close()
         _unlink(up.part)
 
-    def abort_owner(self, owner) -> list[str]:
+    def abort_owner(self, owner) -> List[str]:
         """Give up every upload ``owner`` began (its connection ended); returns the digests dropped."""
         with self._lock:
             mine = [d for d, up in self._uploads.items() if owner in up.owners]
@@ -862,7 +864,7 @@ class CodeStore:
         with self._lock:
             return len(self._uploads)
 
-    def abort_stale(self, older_than: float = 300.0) -> list[str]:
+    def abort_stale(self, older_than: float = 300.0) -> List[str]:
         """Drop uploads that received no chunk for ``older_than`` seconds (a client went away mid-upload);
         returns their digests. Call it now and then from the node."""
         now = time.monotonic()
@@ -892,11 +894,11 @@ class CodeStore:
             else:
                 self._pins.pop(digest, None)
 
-    def evict(self) -> list[str]:
+    def evict(self) -> List[str]:
         """Remove least-recently-used unpinned bundles until the cache fits ``max_bytes``."""
         return self._evict(keep=None)
 
-    def _evict(self, keep: Optional[str]) -> list[str]:
+    def _evict(self, keep: Optional[str]) -> List[str]:
         evicted: list[str] = []
         trashed: list[str] = []
         with self._lock:
@@ -954,7 +956,7 @@ def _purge(roots: Iterable[str], path: Optional[str]) -> int:
         hit = top in roots
         if not hit and prefix is not None and mod is not None:
             f = getattr(mod, "__file__", None)
-            hit = bool(f) and f.startswith(prefix)
+            hit = bool(f) and str(f).startswith(prefix)
             if not hit:
                 try:
                     hit = any(str(p).startswith(prefix) for p in (getattr(mod, "__path__", None) or ()))

@@ -24,7 +24,7 @@ import time
 import types
 from typing import Any, Callable, List, Optional, Sequence
 
-from . import commnet
+from . import commbox, commnet
 from .commnet import Aborted
 from .errors import GroupAborted
 
@@ -90,10 +90,10 @@ class Request:
             c = self._comm
             if self._kind == "send":
                 deadline = _deadline(timeout)
-                with c._ep.peer(self._h[2]).cond if self._h[2] is not None else _nolock:
+                with c._net.peer(self._h[2]).cond if self._h[2] is not None else _nolock:
                     while not self._h[0][1]:
                         c._check_live()
-                        p = c._ep.peers.get(self._h[2])
+                        p = c._net.peers.get(self._h[2])
                         if p is not None and p.error is not None:
                             raise c._translate(p.error)
                         if deadline is not None and time.monotonic() >= deadline:
@@ -112,7 +112,7 @@ class Request:
         """``(True, value)`` if done (completing it), else ``(False, None)``; never blocks."""
         if not self._done:
             if self._comm._ep is not None:
-                self._comm._ep.flush()
+                self._comm._net.flush()
             if self._kind == "send":
                 if not self._h[0][1]:
                     self._comm._check_live()
@@ -125,7 +125,7 @@ class Request:
     def cancel(self) -> None:
         """Withdraw a receive that has not matched yet."""
         if self._kind == "recv" and not self._done and self._h[3] is None:
-            self._comm._ep.mailbox.cancel(self._h)
+            self._comm._net.mailbox.cancel(self._h)
             self._done = True
 
     @staticmethod
@@ -216,6 +216,14 @@ class Comm:
     def _local(self, world_rank: int) -> int:
         return world_rank if self._world is None else self._world.index(world_rank)
 
+    @property
+    def _net(self) -> "commnet.Endpoint":
+        """The rank's endpoint (RuntimeError outside a running rank)."""
+        ep = self._ep
+        if ep is None:
+            raise RuntimeError("this Comm is not running in a rank of a task group (use ex.spawn_group)")
+        return ep
+
     def _check_live(self) -> None:
         ep = self._ep
         if ep is None:
@@ -274,16 +282,16 @@ class Comm:
         d = self._dest(dest, to)
         self._check_tag(tag)
         self._check_live()
-        self._call(self._ep.post, self._w(d), self._ctx, tag, obj, True, _deadline(timeout))
+        self._call(self._net.post, self._w(d), self._ctx, tag, obj, True, _deadline(timeout))
 
     def isend(self, obj: Any, dest: Optional[int] = None, tag: int = 0, *, to: Optional[int] = None) -> Request:
         """Start sending; returns a ``Request`` (``wait()`` for it to be written)."""
         d = self._dest(dest, to)
         self._check_tag(tag)
         self._check_live()
-        item = self._call(self._ep.post, self._w(d), self._ctx, tag, obj, False)
+        item = self._call(self._net.post, self._w(d), self._ctx, tag, obj, False)
         w = self._w(d)
-        return Request(self, "send", (item, d, None if w == self._ep.rank else w))
+        return Request(self, "send", (item, d, None if w == self._net.rank else w))
 
     def recv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Optional[Status] = None,
              timeout: Optional[float] = None) -> Any:
@@ -294,6 +302,13 @@ class Comm:
                 tag = source
             source = buf
         return self._recv(self._ctx, source, tag, status, timeout)
+
+    def recv_with_status(self, source: int = ANY_SOURCE, tag: int = ANY_TAG,
+                         timeout: Optional[float] = None) -> tuple:
+        """Like ``recv`` but returns ``(obj, source, tag)`` (kept from pydist's first API)."""
+        st = Status()
+        value = self._recv(self._ctx, source, tag, st, timeout)
+        return value, st.source, st.tag
 
     def _recv(self, ctx: int, source: int, tag: int, status: Optional[Status], timeout: Optional[float]) -> Any:
         h = self._post_recv(ctx, source, tag)
@@ -310,13 +325,13 @@ class Comm:
         src = self._w(source)
         if self._world is not None and source == ANY_SOURCE:
             src = ANY_SOURCE   # (sub-communicator: contexts keep strangers out)
-        return self._ep.mailbox.post(ctx, src, tag)
+        return self._net.mailbox.post(ctx, src, tag)
 
     def _finish_recv(self, h: list, timeout: Optional[float]) -> tuple:
         deadline = _deadline(timeout)
-        m = self._call(self._ep.mailbox.wait, h, deadline)
+        m = self._call(self._net.mailbox.wait, h, deadline)
         if m is None:
-            self._ep.mailbox.cancel(h)
+            self._net.mailbox.cancel(h)
             if h[3] is not None:   # matched just now
                 m = h[3]
             else:
@@ -324,7 +339,7 @@ class Comm:
                 tg = "any tag" if h[2] == ANY_TAG else f"tag {h[2]}"
                 raise CommTimeout(f"rank {self.rank} of group {self.group}: no message from {src} "
                                   f"({tg}) within {timeout} s")
-        return commnet.loads(m.flags, m.meta, m.bufs), Status(self._local(m.src), m.tag, m.size)
+        return commbox.loads(m.flags, m.meta, m.bufs), Status(self._local(m.src), m.tag, m.size)
 
     def irecv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
         """Post a receive; returns a ``Request`` whose ``wait()`` gives the object."""
@@ -362,13 +377,13 @@ class Comm:
         self._check_rank(source, "source", any_ok=True)
         self._check_tag(tag, any_ok=True)
         self._check_live()
-        return self._call(self._ep.mailbox.probe, self._ctx, self._w(source), tag, _deadline(timeout), block)
+        return self._call(self._net.mailbox.probe, self._ctx, self._w(source), tag, _deadline(timeout), block)
 
     def abort(self, reason: str = "comm.abort() called") -> None:
         """Abort the whole group: every rank's blocked call raises ``GroupAborted``; so does this call."""
         self._check_live()
-        self._ep.send_abort(str(reason))
-        self._ep._set_abort(self._ep.rank, f"called abort: {reason}", None)
+        self._net.send_abort(str(reason))
+        self._net._set_abort(self._net.rank, f"called abort: {reason}", None)
         raise self._translate(Aborted())
 
     # -------------------------------------------------------------------------------- collectives
@@ -377,7 +392,7 @@ class Comm:
         return self._coll
 
     def _csend(self, obj, dest, tag):
-        self._call(self._ep.post, self._w(dest), self._ctx + 1, tag, obj, True)
+        self._call(self._net.post, self._w(dest), self._ctx + 1, tag, obj, True)
 
     def _crecv(self, source, tag, deadline):
         t = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -481,7 +496,7 @@ class Comm:
         reqs = []
         for i in range(1, self.size):
             d = (self.rank + i) % self.size
-            reqs.append(self._call(self._ep.post, self._w(d), self._ctx + 1, tag, sendobj[d], False))
+            reqs.append(self._call(self._net.post, self._w(d), self._ctx + 1, tag, sendobj[d], False))
         out: List[Any] = [None] * self.size
         out[self.rank] = sendobj[self.rank]
         for i in range(1, self.size):
@@ -492,7 +507,7 @@ class Comm:
         return out
 
     def _wait_item(self, item: list, deadline: Optional[float]) -> None:
-        self._ep.flush()
+        self._net.flush()
         while not item[1]:
             self._check_live()
             if deadline is not None and time.monotonic() >= deadline:

@@ -12,7 +12,8 @@
 * **Shortest path.** Ranks connect to each other directly the first time they send: ranks on one node
   over a Unix socket (no network hop), ranks on different nodes over TCP between their machines.  The
   home node only introduces them (each rank's address arrives on the control line) and relays aborts.
-* **Frames.** ``header | lengths | pickle | out-of-band buffers``: pickle protocol 5 with numpy arrays
+* **Frames** (``pydist.commbox``, with the mailbox). ``header | lengths | pickle | out-of-band buffers``:
+  pickle protocol 5 with numpy arrays
   and large ``bytes`` out of band, written with ``sendmsg`` straight from the object's memory (no copy at
   the sender) and read into place at the receiver.  Each connection is one-way (the connector writes), so
   messages between two ranks on one context arrive in the order they were sent.
@@ -27,205 +28,27 @@
 from __future__ import annotations
 
 import collections
-import hashlib
 import hmac
 import itertools
 import logging
 import marshal
 import os
-import pickle
 import socket
 import struct
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from .commbox import (BUFLEN, F_RAW_BYTES, HDR, K_BYE, K_DATA, POLL, Aborted, Mailbox, Message,  # noqa: F401
+                      _skip, dumps, mac)
+
 log = logging.getLogger(__name__)
 
-# kind(1) ctx(4) tag(8) meta length(4) number of buffers(2) flags(1)
-HDR = struct.Struct("!BIqIHB")
-BUFLEN = struct.Struct("!Q")
-K_DATA, K_BYE = 1, 2
-F_RAW_BYTES = 1          # the message is one bytes object, sent as its only buffer
-OOB_MIN = 1 << 16        # bytes objects at least this big travel out of band
 READ_BLOCK = 1 << 18
 SMALL = 8 << 10          # frames up to this size are buffered and written in batches
 BATCH = 64 << 10         # bytes of buffered small frames that are written at once
 FLUSH_EVERY = 0.001      # s: buffered frames nobody waits on are written at most this late
-POLL = 0.2               # s between checks for an abort while a call waits
 ABORT_GRACE = 10.0       # s a rank may keep running after its group was aborted before its worker ends
-
-
-class Aborted(Exception):
-    """Internal: the endpoint was aborted (comm turns it into GroupAborted)."""
-
-
-def mac(token: bytes, nonce: bytes, group: str, rank: int) -> bytes:
-    """The proof a connecting rank sends (see the module docstring)."""
-    return hmac.new(token, nonce + group.encode() + struct.pack("!I", rank), hashlib.sha256).digest()
-
-
-# ----------------------------------------------------------------------------------------- pickling
-class _RawBytes:
-    __slots__ = ("data",)
-
-    def __init__(self, data):
-        self.data = data
-
-    def __reduce_ex__(self, protocol):
-        return bytes, (pickle.PickleBuffer(self.data),)
-
-
-def _wrap(obj: Any, depth: int = 0) -> Any:
-    if type(obj) is bytes and len(obj) >= OOB_MIN:
-        return _RawBytes(obj)
-    if depth < 1 and type(obj) in (list, tuple) and len(obj) <= 256:
-        return type(obj)(_wrap(x, depth + 1) for x in obj)
-    if depth < 1 and type(obj) is dict and len(obj) <= 256:
-        return {k: _wrap(v, depth + 1) for k, v in obj.items()}
-    return obj
-
-
-def dumps(obj: Any) -> Tuple[int, bytes, list]:
-    """``(flags, pickle, buffers)`` for a message: the C pickler first, cloudpickle for what it cannot
-    do (lambdas, functions of ``__main__``); large buffers out of band."""
-    if type(obj) is bytes and len(obj) >= OOB_MIN:
-        return F_RAW_BYTES, b"", [obj]
-    bufs: list = []
-    wrapped = _wrap(obj)
-    try:
-        meta = pickle.dumps(wrapped, 5, buffer_callback=bufs.append)
-    except Exception:
-        import cloudpickle
-
-        bufs = []
-        try:
-            meta = cloudpickle.dumps(wrapped, 5, buffer_callback=bufs.append)
-        except Exception as exc:
-            from .errors import SerializationError
-
-            raise SerializationError(f"cannot pickle the message ({type(obj).__qualname__}): "
-                                     f"{type(exc).__name__}: {exc}") from exc
-    return 0, meta, [b.raw() for b in bufs]
-
-
-def loads(flags: int, meta: bytes, bufs: list) -> Any:
-    """The object a message carries (numpy arrays arrive backed by the received, writable buffers)."""
-    if flags & F_RAW_BYTES:
-        return bufs[0]
-    return pickle.loads(meta, buffers=bufs) if bufs else pickle.loads(meta)
-
-
-def _skip(parts: list, n: int) -> list:
-    out = []
-    for p in parts:
-        ln = p.nbytes if isinstance(p, memoryview) else len(p)
-        if n >= ln:
-            n -= ln
-            continue
-        out.append(memoryview(p)[n:])
-        n = 0
-    return out
-
-
-# ----------------------------------------------------------------------------------------- mailbox
-class Message:
-    __slots__ = ("src", "ctx", "tag", "flags", "meta", "bufs", "size")
-
-    def __init__(self, src, ctx, tag, flags, meta, bufs, size):
-        self.src, self.ctx, self.tag, self.flags, self.meta, self.bufs, self.size = (
-            src, ctx, tag, flags, meta, bufs, size)
-
-
-class Mailbox:
-    """Messages that arrived for this rank, matched MPI style: a message goes to the first posted
-    receive that matches it (in posting order), else waits in the unexpected queue (in arrival order)."""
-
-    def __init__(self, cap: int):
-        self.cond = threading.Condition(threading.Lock())
-        self.unexpected: "collections.deque[Message]" = collections.deque()
-        self.posted: List[list] = []          # [ctx, src, tag, Message or None]
-        self.queued: Dict[int, int] = collections.Counter()   # bytes waiting, per source
-        self.cap = cap
-        self.aborted: Optional[BaseException] = None
-        self.before_wait = None                # the endpoint's flush: written before we wait
-
-    @staticmethod
-    def _match(m: Message, ctx: int, src: int, tag: int) -> bool:
-        return m.ctx == ctx and (src < 0 or m.src == src) and (tag < 0 or m.tag == tag)
-
-    def deliver(self, m: Message) -> None:
-        with self.cond:
-            for p in self.posted:
-                if p[3] is None and self._match(m, p[0], p[1], p[2]):
-                    p[3] = m
-                    self.posted.remove(p)
-                    self.cond.notify_all()
-                    return
-            self.unexpected.append(m)
-            self.queued[m.src] += m.size
-            self.cond.notify_all()
-
-    def wait_room(self, src: int, stop: threading.Event) -> None:
-        """Flow control: the reader of ``src`` waits while that source's unreceived bytes exceed the cap."""
-        with self.cond:
-            while self.queued[src] > self.cap and not stop.is_set() and self.aborted is None:
-                self.cond.wait(POLL)
-
-    def post(self, ctx: int, src: int, tag: int) -> list:
-        """Post a receive: it takes the first matching unexpected message now, or the next one to come."""
-        with self.cond:
-            for m in self.unexpected:
-                if self._match(m, ctx, src, tag):
-                    self.unexpected.remove(m)
-                    self.queued[m.src] -= m.size
-                    self.cond.notify_all()
-                    return [ctx, src, tag, m]
-            p = [ctx, src, tag, None]
-            self.posted.append(p)
-            return p
-
-    def cancel(self, p: list) -> None:
-        with self.cond:
-            if p in self.posted:
-                self.posted.remove(p)
-
-    def wait(self, p: list, deadline: Optional[float]) -> Optional[Message]:
-        """The message of a posted receive, waiting until ``deadline``; None on timeout."""
-        if p[3] is None and self.before_wait is not None:
-            self.before_wait()
-        with self.cond:
-            while p[3] is None:
-                if self.aborted is not None:
-                    raise Aborted()
-                left = POLL if deadline is None else min(POLL, deadline - time.monotonic())
-                if left <= 0:
-                    return None
-                self.cond.wait(left)
-            return p[3]
-
-    def probe(self, ctx: int, src: int, tag: int, deadline: Optional[float], block: bool) -> Optional[Message]:
-        if self.before_wait is not None:
-            self.before_wait()
-        with self.cond:
-            while True:
-                if self.aborted is not None:
-                    raise Aborted()
-                for m in self.unexpected:
-                    if self._match(m, ctx, src, tag):
-                        return m
-                if not block:
-                    return None
-                left = POLL if deadline is None else min(POLL, deadline - time.monotonic())
-                if left <= 0:
-                    return None
-                self.cond.wait(left)
-
-    def abort(self, exc: BaseException) -> None:
-        with self.cond:
-            if self.aborted is None:
-                self.aborted = exc
-            self.cond.notify_all()
 
 
 # ----------------------------------------------------------------------------------------- sending
@@ -384,7 +207,8 @@ class Endpoint:
         ctl.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         nonce = _read_exact(ctl, 16)
         g = self.group.encode()
-        ctl.sendall(struct.pack("!H", len(g)) + g + struct.pack("!I", self.rank) + mac(self.token, nonce, self.group, self.rank))
+        ctl.sendall(struct.pack("!H", len(g)) + g + struct.pack("!I", self.rank)
+                    + mac(self.token, nonce, self.group, self.rank))
         host = ctl.getsockname()[0]
         tcp = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         tcp.bind((host, 0))
@@ -471,23 +295,24 @@ class Endpoint:
     def close(self) -> None:
         if self.closed.is_set():
             return
-        try:
-            self.flush()
-        except BaseException:
-            pass
+        with self.peer_lock:
+            peers = list(self.peers.values())
+        deadline = time.monotonic() + 30
+        for p in peers:   # graceful: every queued frame is written first (unless the group aborted)
+            while self.mailbox.aborted is None and p.error is None and time.monotonic() < deadline:
+                try:
+                    p.flush()            # (returns at once if another thread is writing)
+                except BaseException:
+                    break
+                with p.cond:
+                    if not p.queue and not p.writing:
+                        break
+                    p.cond.wait(POLL)
         self.closed.set()
         with self.flush_cond:
             self.flusher_idle = False
             self.flush_cond.notify_all()
-        with self.peer_lock:
-            peers = list(self.peers.values())
-        for p in peers:   # graceful: queued frames are written first (unless the group aborted)
-            if p.thread is not None or p.writing:
-                with p.cond:
-                    deadline = time.monotonic() + 30
-                    while (p.queue or p.writing) and p.error is None and time.monotonic() < deadline \
-                            and self.mailbox.aborted is None:
-                        p.cond.wait(POLL)
+        for p in peers:
             p.close()
         for s in self.socks + ([self.ctl] if self.ctl else []):
             try:
@@ -509,7 +334,7 @@ class Endpoint:
     def _ctl_loop(self) -> None:
         try:
             while True:
-                self._on_ctl(_read_ctl(self.ctl))
+                self._on_ctl(_read_ctl(self.ctl))  # type: ignore[arg-type]  # set before this thread starts
         except (OSError, EOFError, ValueError) as exc:
             if not self.closed.is_set():
                 self._set_abort(-1, f"lost its connection to the group's home node ({type(exc).__name__})", None)

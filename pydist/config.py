@@ -5,7 +5,8 @@ by ``LocalCluster``; ``ClientConfig`` by ``ClusterExecutor``.  Precedence: expli
 ``PYDIST_*`` environment variable > config file > default.
 
 The config file is TOML, with a ``[node]`` and a ``[client]`` table whose keys are the field names below
-(``workers = 4``, ``heartbeat_timeout = 10.0``, ...).  It is the first of: ``--config FILE`` (or
+(``workers = 4``, ``heartbeat_timeout = 10.0``, ...); keys at the top of the file apply to both (where
+the setting exists), a table's keys win.  It is the first of: ``--config FILE`` (or
 ``PYDIST_CONFIG=FILE``), ``./pydist.toml``, ``$XDG_CONFIG_HOME/pydist/pydist.toml`` (default
 ``~/.config/pydist/pydist.toml``).  ``python -m pydist.config`` prints the table of every setting (the
 one in the README, checked by a test).
@@ -334,27 +335,38 @@ def _check_file_value(path: str, table: str, f: dataclasses.Field, v: Any) -> An
 
 
 def file_values(cls, path: Optional[str]) -> dict:
-    """The values ``path``'s table for ``cls`` sets (``[node]`` or ``[client]``), checked."""
+    """The values ``path`` sets for ``cls``, checked: keys at the top of the file apply to every class
+    that has such a setting, keys in its table (``[node]`` or ``[client]``) to it alone and win.
+    Keys may be written with ``-`` for ``_`` (``heartbeat-timeout``)."""
     if not path:
         return {}
     data = load_toml(path)
     table = _TABLES[cls.__name__]
-    unknown_tables = set(data) - set(_TABLES.values())
-    if unknown_tables:
-        raise ConfigError(f"{path}: unknown table(s) {sorted(unknown_tables)}: use [node] and [client]")
-    section = data.get(table, {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path}: [{table}] must be a table")
+    all_fields = {f.name for c in (NodeConfig, ClientConfig) for f in fields(c)}
+    top: dict = {}
+    for k, v in data.items():
+        if k in _TABLES.values():
+            if not isinstance(v, dict):
+                raise ConfigError(f"{path}: [{k}] must be a table")
+            continue
+        if isinstance(v, dict):
+            raise ConfigError(f"{path}: unknown table(s) {[k]}: use [node] and [client]")
+        name = k.replace("-", "_")
+        if name not in all_fields:
+            raise ConfigError(f"{path}: unknown setting {k!r}; known: {', '.join(sorted(all_fields))}")
+        top[name] = (k, v)
     by_name = {f.name: f for f in fields(cls)}
     out = {}
-    for k, v in section.items():
-        f = by_name.get(k)
-        if f is None:
-            raise ConfigError(f"{path} [{table}]: unknown setting {k!r}; known: {', '.join(sorted(by_name))}")
-        if k == "secret":
-            raise ConfigError(f"{path} [{table}]: do not put the secret itself in a config file: put it in a "
-                              "file readable only by you and name that file with secret_file")
-        out[k] = _check_file_value(path, table, f, v)
+    section = {k.replace("-", "_"): (k, v) for k, v in data.get(table, {}).items()}
+    for where, items in (("top level", {n: kv for n, kv in top.items() if n in by_name}), (f"[{table}]", section)):
+        for name, (k, v) in items.items():
+            f = by_name.get(name)
+            if f is None:
+                raise ConfigError(f"{path} [{table}]: unknown setting {k!r}; known: {', '.join(sorted(by_name))}")
+            if name == "secret":
+                raise ConfigError(f"{path} {where}: do not put the secret itself in a config file: put it in a "
+                                  "file readable only by you and name that file with secret_file")
+            out[name] = _check_file_value(path, table if where != "top level" else "top level", f, v)
     return out
 
 

@@ -140,7 +140,7 @@ class Snapshots:
 
     def _remote_status(self, uri: str) -> Optional[dict]:
         p = self._proxies.get(uri)
-        for attempt in (0, 1):
+        for _attempt in (0, 1):
             try:
                 if p is None:
                     p = self._proxies[uri] = self.connect(uri)
@@ -178,7 +178,8 @@ class Snapshots:
         """Tasks finished per second by each node, over a sliding window of ``RATE_WINDOW`` samples."""
         h = list(self.history)
         names = sorted({n for _, d in h for n in d})
-        t, series = [], {n: [] for n in names}
+        t: list = []
+        series: Dict[str, list] = {n: [] for n in names}
         for i in range(1, len(h)):
             (t0, d0), (t1, d1) = h[max(0, i - RATE_WINDOW)], h[i]
             dt = max(1e-3, t1 - t0)
@@ -377,7 +378,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(404, b"404: not a dashboard page\n", "text/plain; charset=utf-8")
 
     def _static(self, name: str, extra: Optional[dict]) -> None:
-        if "/" in name or "\\" in name or name.startswith(".") or not os.path.splitext(name)[1] in STATIC_TYPES:
+        if "/" in name or "\\" in name or name.startswith(".") or os.path.splitext(name)[1] not in STATIC_TYPES:
             self._send(404, b"404\n", "text/plain; charset=utf-8")
             return
         try:

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 from . import scheduler, wire
 from .errors import MemoryLimitExceeded, ProtocolError, WorkerLost
+from .quota import Quota
 from .ledger import Ledger, State, Task, describe_ids, id_hash, valid_runtime
 
 KIND_RANK = wire.KIND_RANK
@@ -29,6 +30,9 @@ class Dispatch:
         self.ledger = Ledger()
         self.ledger.on_leave = self._on_leave
         self.fns: Dict[str, list] = {}            # key -> [blob, refcount]
+        cfg = self.cfg
+        self.quota = Quota(cfg.max_client_tasks, cfg.max_client_bytes, cfg.max_queued_tasks, cfg.max_queued_bytes,
+                           f"node {self.name}")
         self.avg = scheduler.RuntimeAverage()
         self.worker_count = len(self.pool.handles)
         self.worker_up = [False] * self.worker_count
@@ -43,9 +47,10 @@ class Dispatch:
 
     def accept_tasks(self, fns: dict, tasks: list, origin: tuple, link=None) -> int:
         """Enter a batch into the ledger; returns how many were taken (new, re-sent or answered)."""
-        for k, blob in fns.items():
-            if k not in self.fns:
-                self.fns[k] = [blob, 0]
+        added = [k for k in fns if k not in self.fns]
+        for k in added:
+            self.fns[k] = [fns[k], 0]
+        owner = origin[1] if origin[0] == "c" else None
         lg = self.ledger
         back: List[tuple] = []       # results answered at once (reused, refused)
         resend: Dict[str, List[Task]] = {}
@@ -64,6 +69,7 @@ class Dispatch:
             n += 1
             if verdict == "new":
                 self.fns[rec[wire.T_FN]][1] += 1
+                self.quota.add(tid, owner, wire.payload_size(rec[wire.T_PAYLOAD]))
                 if rec[wire.T_BUNDLE] is not None:
                     self.store.pin(rec[wire.T_BUNDLE])   # never evicted while a task needs it
                     if rec[wire.T_BUNDLE] != self._last_touched and self.store.has(rec[wire.T_BUNDLE]):
@@ -82,6 +88,9 @@ class Dispatch:
                 n -= 1
                 log.warning("refused task %s from %s: %s", tid, origin[1], detail)
                 back.append(self.error_result(tid, ProtocolError(f"{detail} (node {self.name})")))
+        for k in added:   # a blob no task took (re-sent ids, collisions, names no task uses) is not kept
+            if self.fns[k][1] <= 0:
+                del self.fns[k]
         for t in fresh:   # after every reference is counted: a task failing here frees only its own
             if t.id in lg.tasks and not self._needs_code(t):
                 lg.enqueue(t, front=t.rec[wire.T_KIND] == KIND_RANK)   # a rank is claimed for its worker at once
@@ -316,6 +325,7 @@ class Dispatch:
                 self.ledger.keep_result(r)
 
     def _on_leave(self, t: Task) -> None:
+        self.quota.remove(t.id)
         entry = self.fns.get(t.rec[wire.T_FN])
         if entry is not None:
             entry[1] -= 1

@@ -4,15 +4,19 @@
 
     PydistError
      ├── ClusterUnavailable        no node answers at the address / name server
-     │    └── BrokenCluster        (also a concurrent.futures BrokenExecutor) the node died under us
+     │    └── BrokenCluster        (also a BrokenProcessPool) the node died under us
      ├── VersionMismatch           client and node would not understand each other's pickles
      ├── AuthenticationError       the other side does not know the cluster secret
      ├── ConfigError               a setting is invalid (names the setting and how to fix it)
      ├── TaskError                 a task could not be run as asked
-     │    ├── SerializationError   the function, an argument or a result cannot be pickled
-     │    ├── WorkerLost           the worker process running the task died
+     │    ├── SerializationError   (also a pickle.PicklingError) the function, an argument or a result
+     │    │    │                   cannot be pickled
+     │    │    └── DeserializationError  (also pickle.UnpicklingError and BrokenProcessPool) an argument
+     │    │                        or a result cannot be unpickled where it arrived
+     │    ├── WorkerLost           (also a BrokenProcessPool) the worker process running the task died
      │    │    └── MemoryLimitExceeded  ... restarted by its node: over ``--memory-limit``
-     │    ├── NodeLost             the node holding the task went away and it could not be re-placed
+     │    ├── NodeLost             (also a BrokenProcessPool) the node holding the task went away and it
+     │    │                        could not be re-placed
      │    ├── GroupAborted         a rank of the task's group failed: the whole group stopped
      │    └── RemoteError          carrier of a remote traceback (set as ``__cause__``)
      ├── CodeSyncError             uploading or installing a code bundle failed
@@ -24,10 +28,17 @@
      └── MessageTooLarge           (also a ValueError) a group message over the group's size limit
 
 Messages say what went wrong and what to do about it.
+
+Where ``ProcessPoolExecutor`` raises a standard type, the pydist error is *also* that type, so code
+written for PPE catches it: a lost worker or node is a ``concurrent.futures.process.BrokenProcessPool``
+(PPE's pool breaks; pydist's heals, and only the futures concerned fail), a pickling failure a
+``pickle.PicklingError``, an argument or result that cannot be unpickled on arrival both a
+``pickle.UnpicklingError`` and a ``BrokenProcessPool`` (what PPE reports for it).
 """
 from __future__ import annotations
 
-from concurrent.futures import BrokenExecutor
+import pickle
+from concurrent.futures.process import BrokenProcessPool
 
 
 class PydistError(Exception):
@@ -38,8 +49,9 @@ class ClusterUnavailable(PydistError):
     """No pydist node answers at the given address (or the name server has none)."""
 
 
-class BrokenCluster(ClusterUnavailable, BrokenExecutor):
-    """The node this executor talks to died or went away; pending futures failed with this."""
+class BrokenCluster(ClusterUnavailable, BrokenProcessPool):
+    """The node this executor talks to died or went away; pending futures failed with this.
+    Also a ``BrokenProcessPool`` (hence a ``concurrent.futures.BrokenExecutor``)."""
 
 
 class VersionMismatch(PydistError):
@@ -58,12 +70,19 @@ class TaskError(PydistError):
     """A task could not be run as asked."""
 
 
-class SerializationError(TaskError):
-    """A function, argument or result could not be pickled or unpickled."""
+class SerializationError(TaskError, pickle.PicklingError):
+    """A function, argument or result could not be pickled (also a ``pickle.PicklingError``)."""
 
 
-class WorkerLost(TaskError):
-    """The worker process that ran the task died (segfault, ``os._exit``, killed)."""
+class DeserializationError(SerializationError, pickle.UnpicklingError, BrokenProcessPool):
+    """A task's function, arguments or result could not be unpickled where they arrived (worker or
+    client).  Also a ``pickle.UnpicklingError`` and, as ``ProcessPoolExecutor`` reports this case, a
+    ``BrokenProcessPool``; unlike PPE's pool, the executor stays usable."""
+
+
+class WorkerLost(TaskError, BrokenProcessPool):
+    """The worker process that ran the task died (segfault, ``os._exit``, killed).  Also a
+    ``BrokenProcessPool``; the node starts a replacement and the executor stays usable."""
 
 
 class MemoryLimitExceeded(WorkerLost):
@@ -71,8 +90,8 @@ class MemoryLimitExceeded(WorkerLost):
     restarted (instead of the OOM killer taking the node)."""
 
 
-class NodeLost(TaskError):
-    """The node that held the task went away."""
+class NodeLost(TaskError, BrokenProcessPool):
+    """The node that held the task went away (also a ``BrokenProcessPool``)."""
 
 
 class GroupAborted(TaskError):
@@ -105,7 +124,8 @@ class MessageTooLarge(PydistError, ValueError):
 
 
 class RemoteError(PydistError):
-    """Holds the formatted remote traceback; set as ``__cause__`` of re-raised task exceptions."""
+    """Holds the formatted remote traceback (``tb``, as ``concurrent.futures.process._RemoteTraceback``
+    does); set as ``__cause__`` of re-raised task exceptions."""
 
     def __init__(self, tb: str):
         super().__init__(tb)

@@ -1,81 +1,74 @@
-"""The client side: a ``concurrent.futures.Executor`` whose workers are the nodes of a pydist cluster.
+"""The client side: ``ClusterExecutor``, a ``concurrent.futures.Executor`` whose workers are the nodes of a
+pydist cluster, with ``ProcessPoolExecutor``'s signature and behaviour (see README, "Differences from
+ProcessPoolExecutor", for what differs by design).
 
 ::
 
-    user thread                 sender thread                 node                 collector thread
-    submit(fn, *a) ─▶ pickle ─▶ outbox ─▶ one submit(batch) ─▶ queue ─▶ workers ─▶ results
-      returns Future (pending)    (everything queued since                           │
-                                   the last call, ≤ max_batch)   collect(long poll) ◀┘
-                                                                   ─▶ set_running / set_result
+    submit(fn, *a) ─▶ pickle fn (keyed by the pickle's digest) and the arguments, in the caller's thread
+                  ─▶ ClientCore (pydist.clientcore): outbox ─▶ node ─▶ results ─▶ the future
 
-``submit`` pickles the arguments in the caller's thread (so an unpicklable argument raises there and
-the executor stays usable) and the *function* once per executor (cached by identity; mutate a
-closure's captured state and submit again: the first pickle is reused).  A sender thread coalesces
-everything submitted while its previous call was in flight into one call: a lone task costs one
-round trip, 10,000 tasks cost a handful.  A collector thread keeps one long poll open; the node
-answers it as soon as anything finished, with every result ready by then.  Finished futures are
-forgotten at once: the executor holds no reference to results.
-
-If the node goes away, every pending future fails with ``BrokenCluster`` (a ``BrokenExecutor``) and
-later ``submit`` raises it: nothing hangs.
+What cannot be pickled fails its future (``SerializationError``, a ``pickle.PicklingError``), as with
+``ProcessPoolExecutor``; ``submit`` raises only after shutdown or once the cluster is gone.  Functions are
+not cached by identity (a bound method keeps no instance alive; a changed ``__main__`` function is sent
+anew): only what pickles by reference is.  The executor's state and threads live in a ``ClientCore``
+that never refers back to the executor, so a dropped executor is collected; its finalizer lets the
+pending work finish and closes everything.
 """
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
+import types
 import uuid
 import weakref
-from concurrent.futures import Executor, Future, InvalidStateError
-from concurrent.futures._base import PENDING as _PENDING
+from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 from . import security, wire
-from .client import Entries, Reconciler
 from .config import ClientConfig
-from .errors import AuthenticationError, BrokenCluster, ClusterUnavailable, SerializationError, VersionMismatch
-from .output import FORWARD_OUTPUT, emit as emit_output, split as split_output
+from .clientcore import ClientCore, PydistFuture
+from .client import Entries
+from .errors import SerializationError
 from .scripts import run_script
 from .sources import dumps_function
 
 if TYPE_CHECKING:
     from .aio import AsyncClusterExecutor
+    from .taskgroup import TaskGroup
 
 log = logging.getLogger(__name__)
 
 FN_CACHE = 256
-RECONCILE_EVERY = 2.0   # s between comparisons of our unfinished task ids with the entry node's
-BATCH_BYTES = 4 << 20   # bytes of task arguments per submit call (more tasks wait for the next call)
 
 
-class PydistFuture(Future):
-    """A ``concurrent.futures.Future`` for a pydist task.
-
-    ``cancel()`` asks the node (one round trip) and succeeds only if the task had not yet been handed to
-    a worker or another node, so a cancelled task never runs; otherwise the future is marked running and
-    ``cancel()`` returns False, as ``ProcessPoolExecutor`` does for started work.
-    """
-
-    _pydist_tid: str = ""
-    _pydist_exec: Any = None
-
-    def cancel(self) -> bool:
-        with self._condition:
-            if self._state != _PENDING:
-                return super().cancel()
-        ex = self._pydist_exec() if self._pydist_exec is not None else None
-        if ex is not None and self._pydist_tid not in ex._cancel_remote([self._pydist_tid]):
-            self._mark_running()
-            return False
-        return super().cancel()
-
-    def _mark_running(self) -> None:
-        with self._condition:
-            if self._state == _PENDING:
-                self.set_running_or_notify_cancel()
+def _check_pool_args(max_workers, mp_context, initializer, initargs, max_tasks_per_child) -> None:
+    """ProcessPoolExecutor's checks of its own arguments, with its exception types and messages."""
+    if isinstance(mp_context, (int, str)) and not isinstance(mp_context, bool):
+        raise TypeError(f"mp_context must be a multiprocessing context or None, got {mp_context!r}: the "
+                        f"positional arguments are ProcessPoolExecutor's (max_workers, mp_context, "
+                        f"initializer, initargs); give the cluster as address=... or ns=...")
+    if max_workers is not None:
+        if not isinstance(max_workers, int):
+            raise TypeError(f"max_workers must be an int or None, got {type(max_workers).__name__}")
+        if max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+    if initializer is not None and not callable(initializer):
+        raise TypeError("initializer must be a callable")
+    try:
+        tuple(initargs)
+    except TypeError:
+        raise TypeError(f"initargs must be a tuple (or another iterable), got {type(initargs).__name__}") from None
+    if max_tasks_per_child is not None:
+        if not isinstance(max_tasks_per_child, int):
+            raise TypeError("max_tasks_per_child must be an integer")
+        if max_tasks_per_child <= 0:
+            raise ValueError("max_tasks_per_child must be >= 1")
 
 
 def _parse_address(address: str) -> str:
@@ -88,69 +81,64 @@ def _parse_address(address: str) -> str:
 class ClusterExecutor(Executor):
     """Run callables on a pydist cluster through the ``concurrent.futures`` interface.
 
-    ``ClusterExecutor()`` starts an embedded ``LocalCluster`` (a name server and one node with
-    ``max_workers`` worker processes on loopback) and stops it on shutdown.  On a running cluster
+    The positional parameters are ``ProcessPoolExecutor``'s, in its order: ``max_workers``,
+    ``mp_context`` (accepted, unused: workers are the nodes' processes), ``initializer``, ``initargs``;
+    ``max_tasks_per_child`` is keyword-only there and here (validated, unused).  On a running cluster
     ``max_workers`` caps how many of *this client's* tasks run at once (the rest wait on the client,
-    where ``cancel()`` always succeeds); other clients are not affected.
-    ``ClusterExecutor("host:port")`` (or a Pyro5 URI) connects to a running node;
-    ``ClusterExecutor(ns="host:port")`` finds the cluster's root node in a Pyro5 name server.
+    where ``cancel()`` always succeeds); other clients are not affected.  Where to run is keyword-only:
 
-    Accepts what ``ProcessPoolExecutor`` accepts (``max_workers``, ``mp_context`` (ignored),
-    ``initializer``, ``initargs``, ``max_tasks_per_child`` (ignored)), plus ``secret`` (else
-    ``PYDIST_SECRET``), ``code`` (paths uploaded at start, see ``upload_code``), TLS files and
-    ``connect_timeout`` (seconds before ``ClusterUnavailable``) and ``forward_output`` (print what tasks
-    print and log here, each line prefixed ``[node/wN task-id]``; default: on for the embedded cluster).
+    * ``ClusterExecutor()`` / ``ClusterExecutor(4)`` starts an embedded ``LocalCluster`` (a name server
+      and one node with ``max_workers`` worker processes on loopback) and stops it on shutdown;
+    * ``ClusterExecutor(address="host:port")`` (or a Pyro5 URI) connects to a running node
+      (``ClusterExecutor("host:port")``, a string where ``max_workers`` goes, is taken as the address);
+    * ``ClusterExecutor(ns="host:port")`` finds the cluster's root node in a Pyro5 name server.
+
+    Also keyword-only: ``secret`` (else ``PYDIST_SECRET``), ``code`` (paths uploaded at start, see
+    ``upload_code``), TLS files, ``connect_timeout`` (seconds before ``ClusterUnavailable``) and
+    ``forward_output`` (print what tasks print and log here, each line prefixed ``[node/wN task-id]``;
+    default: on for the embedded cluster).
+    ``_max_workers`` is ``max_workers`` if given, else the cluster's worker count at connection time.
 
     Liveness (``pydist.client``): every call to the entry node has a deadline; a node silent for
     ``node_timeout`` s (default ``ClientConfig.node_timeout``) fails the pending futures with
     ``BrokenCluster`` naming it and how long it was silent, or, with ``failover=True`` (the default
-    with ``ns=`` or a list of addresses), the client moves to another node and resubmits what had not
-    finished; each future still resolves once.  ``retries``: default re-runs of a task whose worker
-    died (``submit(..., retries=N)`` per task).
+    with ``ns=`` or a list of addresses, ``address=["h1:9000", "h2:9000"]``), the client moves to
+    another node and resubmits what had not finished; each future still resolves once.  ``retries``:
+    default re-runs of a task whose worker died (``submit(..., retries=N)`` per task).
     """
 
-    def __init__(self, address: Union[None, str, Sequence[str]] = None, max_workers: Optional[int] = None, mp_context: Any = None,
-                 initializer: Optional[Callable] = None, initargs: tuple = (), *, ns: Optional[str] = None,
-                 secret: Optional[bytes] = None, code: Optional[Sequence[str]] = None,
-                 max_tasks_per_child: Optional[int] = None, connect_timeout: Optional[float] = None,
-                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, tls_ca: Optional[str] = None,
+    def __init__(self, max_workers: Optional[int] = None, mp_context: Any = None,
+                 initializer: Optional[Callable] = None, initargs: tuple = (), *,
+                 max_tasks_per_child: Optional[int] = None, address: Union[None, str, Sequence[str]] = None,
+                 ns: Optional[str] = None, secret: Optional[bytes] = None, code: Optional[Sequence[str]] = None,
+                 connect_timeout: Optional[float] = None, tls_cert: Optional[str] = None,
+                 tls_key: Optional[str] = None, tls_ca: Optional[str] = None,
                  forward_output: Optional[bool] = None, failover: Optional[bool] = None,
                  node_timeout: Optional[float] = None, retries: int = 0):
-        if isinstance(address, int) and not isinstance(address, bool):
-            # ProcessPoolExecutor's positional order: (max_workers, mp_context, initializer, initargs)
-            address, max_workers, mp_context, initializer, initargs = (
-                None, address, max_workers, mp_context, initializer if initializer is not None else ())
-        if max_workers is not None and max_workers < 1:
-            raise ValueError("max_workers must be greater than 0")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
+        if isinstance(max_workers, (list, tuple)) and max_workers and all(
+                isinstance(a, (str, os.PathLike)) for a in max_workers):
+            max_workers = [os.fspath(a) for a in max_workers]   # ClusterExecutor(["h1:9000", "h2:9000"])
+        if isinstance(max_workers, (str, os.PathLike, list)):
+            # ClusterExecutor("host:port"): the short form of pydist's first release (and its brief)
+            if address is not None or ns is not None:
+                raise TypeError(f"ClusterExecutor got an address twice ({max_workers!r} and "
+                                f"{'address' if address is not None else 'ns'}=...)")
+            address, max_workers = (max_workers if isinstance(max_workers, list) else os.fspath(max_workers)), None
+        _check_pool_args(max_workers, mp_context, initializer, initargs, max_tasks_per_child)
         self._retries = _check_retries(retries)
         self._cfg = ClientConfig.from_env(secret=secret, connect_timeout=connect_timeout,
                                           tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
                                           node_timeout=node_timeout)
-        self._pid = os.getpid()
-        self._records: Dict[str, tuple] = {}   # unfinished tasks, for a resubmission after failover
-        self._recon = Reconciler()
         self._cluster = None
         # on a running cluster max_workers caps this client's tasks sent and unfinished (so running at
         # once); the rest wait in the outbox, where cancel() withdraws them at no cost
-        self._max_inflight: Optional[int] = max_workers if (address is not None or ns is not None) else None
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._pending: Dict[str, PydistFuture] = {}
-        self._outbox: List[tuple] = []
-        self._fns: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+        max_inflight: Optional[int] = max_workers if (address is not None or ns is not None) else None
+        self._fns: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()   # by-reference only
         self._fn_seq = itertools.count()
-        self._seq = itertools.count()
         self._cid = uuid.uuid4().hex[:16]
-        self._shutdown = False
-        self._broken: Optional[BaseException] = None
         self._bundle: Optional[str] = None
         self._code_paths: "collections.OrderedDict[str, str]" = collections.OrderedDict()
         self._code_exclude: tuple = ()
-        self._threads: List[threading.Thread] = []
-        self._closed = threading.Event()
-        self._finalized = False
         tls = None
         if self._cfg.tls_ca or self._cfg.tls_cert:
             tls = security.TLSSettings(cert=self._cfg.tls_cert, key=self._cfg.tls_key, ca=self._cfg.tls_ca)
@@ -176,27 +164,29 @@ class ClusterExecutor(Executor):
         if self._cfg.secret is None:   # this user's secret file (what a pydist-node without a secret uses)
             self._cfg.secret = security.load_secret()
         try:
-            self._entry = Entries(self._cfg, tls, address, ns, failover)
-            self._entry.find_first()
-            proxy = self._connect()
-            self._init_blob = None
+            entry = Entries(self._cfg, self._tls, address, ns, failover)   # deadlines, failover (pydist.client)
+            entry.find_first()
+            proxy = entry.connect()
+            init_blob = None
             if initializer is not None:
-                self._init_blob = wire.dumps((initializer, tuple(initargs)), "the initializer")
-            self._node_info = proxy.open_client(self._cid, self._init_blob)
-            self._entry.name = self._node_name = self._node_info["name"]
+                init_blob = wire.dumps((initializer, tuple(initargs)), "the initializer")
+            self._node_info = proxy.open_client(self._cid, init_blob)
+            entry.name = self._node_info["name"]
+            # dask's compute(scheduler=ex) and others size their concurrency by _max_workers
+            self._max_workers = max_workers if max_workers is not None else max(1, _total_workers(proxy.status()))
             proxy._pyroRelease()
+            # print()/logging of tasks shown here (prefixed "[node/wN task]"): default on for the embedded cluster
+            forward = (self._cluster is not None) if forward_output is None else bool(forward_output)
+            self._core = ClientCore(self._cfg, self._tls, entry, self._cid, self._node_info["name"],
+                                    self._cluster, max_inflight, forward, init_blob)
         except BaseException:
             if self._cluster is not None:
                 self._cluster.stop()
             raise
-        self._wref = weakref.ref(self)
-        self._send_lock = threading.Lock()
-        self._submit_gen = self._entry.gen
-        self._submit_proxy = self._connect()
-        for target, name in ((self._sender, "sender"), (self._collector, "collector")):
-            t = threading.Thread(target=target, name=f"pydist-client-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        del self._cluster   # the core owns it now (and stops it); reads go to the core
+        self._core.start()
+        # collected without shutdown: the core finishes the pending work and closes, in the background
+        weakref.finalize(self, ClientCore.executor_dropped, self._core).atexit = False
         if code:
             try:
                 for p in ([code] if isinstance(code, (str, os.PathLike)) else code):
@@ -205,100 +195,95 @@ class ClusterExecutor(Executor):
                 self.shutdown(wait=True)   # leave nothing behind: client threads, embedded cluster
                 raise
 
+    def __getattr__(self, name: str) -> Any:
+        # the state lives in the core (self._pending, self._broken, ... read as before)
+        if name.startswith("__") or name == "_core" or "_core" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.__dict__["_core"], name)
+
     # ------------------------------------------------------------------------------------ connecting
-    def _connect(self, timeout: Optional[float] = None, call_timeout: Optional[float] = None):
-        """A proxy to the entry node; each of its calls has a deadline (``node_timeout``)."""
-        return self._entry.connect(timeout, call_timeout)
+    def _connect_args(self) -> tuple:
+        # what the finalizer of a dropped executor needs to tell the node (no reference to the executor)
+        return (self._uri, {"secret": self._cfg.secret, "timeout": 1.0, "tls": self._tls})
 
-    @property
-    def _uri(self) -> str:
-        return self._entry.uri
-
-    @property
-    def _address(self) -> str:
-        return self._entry.address
+    def _connect(self, timeout: Optional[float] = None):
+        return self._core._connect(timeout)
 
     # ------------------------------------------------------------------------------------ Executor API
     def submit(self, fn: Callable, /, *args: Any, retries: Optional[int] = None, **kwargs: Any) -> PydistFuture:
-        """Schedule ``fn(*args, **kwargs)`` on the cluster; returns a Future.  ``retries``: re-runs if
-        its worker dies (default: the executor's ``retries``); when every attempt lost its worker the
-        future fails with ``WorkerLost`` naming each attempt's node and exit code.  (To pass a keyword
-        argument named ``retries`` to ``fn`` use ``functools.partial``.)"""
+        """Schedule ``fn(*args, **kwargs)`` on the cluster; returns a Future.
+
+        ``retries``: re-runs if its worker dies (default: the executor's ``retries``); when every
+        attempt lost its worker the future fails with ``WorkerLost`` naming each attempt's node and
+        exit code.  (To pass a keyword argument named ``retries`` to ``fn`` use ``functools.partial``.)
+
+        As with ``ProcessPoolExecutor``, a function or argument that cannot be pickled fails the
+        returned future (with ``SerializationError``, a ``pickle.PicklingError``); ``submit`` itself
+        raises only ``RuntimeError`` after shutdown and ``BrokenCluster`` once the cluster is gone."""
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         r = self._retries if retries is None else _check_retries(retries)
-        key, blob = self._fn_key(fn)
-        payload = wire.dumps_call(args, kwargs)
+        try:
+            key, blob = self._fn_key(fn)
+            payload = wire.dumps_call(args, kwargs)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:   # a __reduce__ may even raise SystemExit: the future fails
+            return self._failed_future(exc)
         return self._enqueue(key, blob, payload, wire.KIND_CALL, retries=r)
 
-    def _enqueue(self, key: str, blob: bytes, payload: bytes, kind: int, bundle: Any = False,
-                 retries: Optional[int] = None) -> PydistFuture:
-        fut = PydistFuture()
+    def _failed_future(self, exc: BaseException) -> PydistFuture:
         with self._lock:
             self._check_open()
-            tid = f"{self._cid}.{next(self._seq)}"
-            fut._pydist_tid = tid
-            fut._pydist_exec = self._wref
-            self._pending[tid] = fut
-            code = self._bundle if bundle is False else bundle
-            if self._forward_output:
-                kind |= FORWARD_OUTPUT
-            r = self._retries if retries is None else retries
-            rec = (tid, key, payload, code, 0, [], kind, self._cid) + ((r,) if r else ())
-            self._records[tid] = (rec, blob)
-            self._outbox.append((rec, blob))
-            # A lone submit (no other task of this executor outstanding) is sent from this thread: no
-            # hand-off to the sender thread.  Submits while others are in flight go through the sender,
-            # which batches everything queued meanwhile into one call.
-            direct = len(self._pending) == 1 and len(self._outbox) == 1 and self._room() > 0
-            if len(self._outbox) == 1 and not direct:
-                self._cond.notify_all()
-        if direct and self._send_lock.acquire(blocking=False):
-            try:
-                gen = self._entry.gen
-                try:
-                    self._send_outbox()
-                except Exception as exc:
-                    self._node_failed(exc, gen)
-            except BaseException as exc:
-                self._break(exc)
-            finally:
-                self._send_lock.release()
-        elif direct:
-            with self._cond:
-                self._cond.notify_all()
+        if not isinstance(exc, SerializationError):
+            err = SerializationError(f"cannot pickle the task: {type(exc).__name__}: {exc}{wire.mp_hint(exc)}")
+            err.__cause__ = exc
+            exc = err
+        fut = PydistFuture()
+        fut.set_exception(exc)
         return fut
 
-    def _room(self) -> int:
-        """How many more tasks may be sent now (caller holds ``_lock``)."""
-        if self._max_inflight is None:
-            return len(self._outbox)
-        return self._max_inflight - (len(self._pending) - len(self._outbox))
+    def _enqueue(self, key: str, blob: bytes, payload, kind: int, bundle: Any = False,
+                 retries: Optional[int] = None) -> PydistFuture:
+        return self._core._enqueue(key, blob, payload, kind, self._bundle if bundle is False else bundle,
+                                   self._retries if retries is None else retries)
 
-    def _check_open(self) -> None:
-        if os.getpid() != self._pid:
-            raise RuntimeError(f"this ClusterExecutor was created in process {self._pid}; a forked child "
-                               f"(process {os.getpid()}) cannot use it (its threads and connections did not "
-                               "survive the fork, and its task ids would collide): create a new "
-                               "ClusterExecutor in the child")
-        if self._broken is not None:
-            raise BrokenCluster(str(self._broken))
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; optionally cancel pending ones; with ``wait`` block until all are done.
+        Stops the embedded cluster, if any, once nothing is pending."""
+        self._core.shutdown(wait, cancel_futures=cancel_futures)
+
+    @property
+    def _executor_manager_thread(self) -> threading.Thread:
+        """The thread that resolves futures (it ends after shutdown), under ``ProcessPoolExecutor``'s name
+        for it: code that joins PPE's after ``shutdown(wait=False)`` works here too."""
+        return self._core._threads[1]
 
     def _fn_key(self, fn: Callable) -> tuple:
-        entry = self._fns.get(id(fn))
-        if entry is not None and entry[0] is fn:
-            self._fns.move_to_end(id(fn))
-            return entry[1], entry[2]
+        """``(key, blob)`` for a function: its pickle, named by the pickle's digest.
+
+        Functions are not cached by identity: a bound method must not keep its instance alive, and a
+        ``__main__`` function whose globals changed must be sent anew.  Only what pickles by reference
+        (an importable module-level function, class or builtin: its pickle is its name) is kept, in a
+        small LRU keyed by identity; holding it costs nothing (its module holds it anyway)."""
+        stable = _pickles_by_reference(fn)
+        if stable:
+            entry = self._fns.get(id(fn))
+            if entry is not None and entry[0] is fn:
+                self._fns.move_to_end(id(fn))
+                return entry[1], entry[2]
         try:
             blob = dumps_function(fn, wire.PICKLE_PROTOCOL)   # file names and source lines kept (pydist.sources)
-        except Exception as exc:
-            raise SerializationError(f"cannot pickle the function {fn!r}: {type(exc).__name__}: {exc}") from exc
-        key = f"{self._cid}.f{next(self._fn_seq)}"
-        self._fns[id(fn)] = (fn, key, blob)
-        if len(self._fns) > FN_CACHE:
-            self._fns.popitem(last=False)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            raise SerializationError(f"cannot pickle the function {wire._short_repr(fn)}: "
+                                     f"{type(exc).__name__}: {exc}{wire.mp_hint(exc)}") from exc
+        key = f"{self._cid}.f{hashlib.blake2b(blob, digest_size=12).hexdigest()}"
+        if stable:
+            self._fns[id(fn)] = (fn, key, blob)
+            if len(self._fns) > FN_CACHE:
+                self._fns.popitem(last=False)
         return key, blob
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None, chunksize: int = 1,
@@ -311,7 +296,11 @@ class ClusterExecutor(Executor):
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
             raise ValueError("buffersize must be None or > 0")
         end_time = None if timeout is None else timeout + time.monotonic()
-        key, blob = self._fn_key(fn)
+        try:
+            key, blob = self._fn_key(fn)
+        except SerializationError as exc:
+            key = blob = None
+            fn_error = exc
         calls = zip(*iterables)
         kind = wire.KIND_CALL if chunksize == 1 else wire.KIND_CHUNK
 
@@ -327,11 +316,20 @@ class ClusterExecutor(Executor):
             bar = ProgressBar(total, desc=getattr(fn, "__name__", None), unit="call")
 
         def make(group):
-            if kind == wire.KIND_CALL:
-                f = self._enqueue(key, blob, wire.dumps_call(group, {}), kind)
-            else:
-                group = list(group)
-                f = self._enqueue(key, blob, wire.dumps(group, "map arguments"), kind)
+            # as submit: what cannot be pickled fails its own future (raised when iteration reaches it)
+            if key is None:
+                return self._failed_future(fn_error)
+            try:
+                if kind == wire.KIND_CALL:
+                    payload = wire.dumps_call(group, {})
+                else:
+                    group = list(group)
+                    payload = wire.dumps(group, "map arguments")
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                return self._failed_future(exc)
+            f = self._enqueue(key, blob, payload, kind)
             if bar is not None:
                 bar.attach(f, 1 if kind == wire.KIND_CALL else len(group))
             return f
@@ -366,7 +364,7 @@ class ClusterExecutor(Executor):
 
         return result_iterator()
 
-    def spawn_group(self, fn: Callable, size: int, /, *args: Any, restart: int = 0, **kwargs: Any):
+    def spawn_group(self, fn: Callable, size: int, *args: Any, restart: int = 0, **kwargs: Any) -> "TaskGroup":
         """Start ``size`` ranks that start together and fail together: rank ``r`` runs
         ``fn(comm, *args, **kwargs)`` with ``comm`` a ``pydist.comm.Comm`` (mpi4py's lowercase API).
         Returns a ``TaskGroup`` (list-like: the ranks' futures in rank order).  The group starts once
@@ -406,58 +404,6 @@ class ClusterExecutor(Executor):
         key, blob = self._fn_key(run_script)
         return self._enqueue(key, blob, wire.dumps_call(call, {}), wire.KIND_CALL, bundle=info.digest)
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting tasks; optionally cancel pending ones; with ``wait`` block until all are done.
-        Stops the embedded cluster, if any, once nothing is pending."""
-        with self._lock:
-            self._shutdown = True
-            pending = list(self._pending.values())
-        if cancel_futures:
-            waiting = [f for f in pending if not f.running() and not f.done()]
-            gone = self._cancel_remote([f._pydist_tid for f in waiting])
-            for f in waiting:
-                if f._pydist_tid in gone:
-                    Future.cancel(f)
-                else:
-                    f._mark_running()
-        if wait:
-            self._drain_and_close()
-        else:
-            threading.Thread(target=self._drain_and_close, daemon=True, name="pydist-client-close").start()
-
-    def _drain_and_close(self) -> None:
-        while True:
-            with self._lock:
-                pending = list(self._pending.values())
-            if not pending:
-                break
-            for f in pending:
-                try:
-                    f.exception()
-                except BaseException:
-                    pass
-        with self._lock:
-            if self._finalized:
-                return
-            self._finalized = True
-        self._closed.set()
-        with self._cond:
-            self._cond.notify_all()
-        if self._broken is None:
-            try:   # also ends the collector's long poll at once
-                p = self._connect(timeout=1.0)
-                p._pyroTimeout = 2.0
-                p.close_client(self._cid)
-                p._pyroRelease()
-            except Exception as exc:
-                log.debug("close_client failed: %s", exc)
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout=10)
-        if self._cluster is not None:
-            self._cluster.stop()
-            self._cluster = None
-
     # ------------------------------------------------------------------------------------ extras
     def asyncio(self) -> "AsyncClusterExecutor":
         """This executor for asyncio code: ``await ex.asyncio().submit(fn, x)`` (see ``pydist.aio``)."""
@@ -484,7 +430,7 @@ class ClusterExecutor(Executor):
     @property
     def cluster(self):
         """The embedded ``LocalCluster`` (None when connected to a running cluster)."""
-        return self._cluster
+        return self._core._cluster
 
     def status(self) -> dict:
         """The status of the node this executor talks to (see ``pydist status``)."""
@@ -519,275 +465,6 @@ class ClusterExecutor(Executor):
         _upload_bundle(self._uri, self._cfg.secret, self._tls, info, data, timeout, progress)
         return info
 
-    # ------------------------------------------------------------------------------------ threads
-    def _cancel_remote(self, tids: List[str]) -> set:
-        """Withdraw tasks that no worker has started: those still in our outbox, and those the node
-        still holds in its queue (one round trip).  Returns the ids withdrawn."""
-        gone = set()
-        with self._lock:
-            if self._broken is not None or self._finalized:
-                return set(tids)
-            want = set(tids)
-            keep = []
-            for item in self._outbox:
-                if item[0][0] in want:
-                    gone.add(item[0][0])
-                else:
-                    keep.append(item)
-            self._outbox[:] = keep
-            ask = [t for t in tids if t not in gone and t in self._pending]
-            gone.update(t for t in tids if t not in self._pending)
-        if ask:
-            with self._send_lock:
-                gen = self._entry.gen
-                try:
-                    gone.update(self._submit_proxy_now().cancel(self._cid, ask))
-                except Exception as exc:   # the node is gone: fail over (the tasks run there) or break
-                    if not self._node_failed(exc, gen):
-                        return set(tids)
-        with self._lock:
-            for t in gone:
-                self._pending.pop(t, None)
-                self._records.pop(t, None)
-                self._recon.discard(t)
-        return gone
-
-    def _submit_proxy_now(self):
-        """The submit proxy (caller holds ``_send_lock``), reconnected after a failover; each use claims
-        it (Pyro5 proxies belong to a thread, and this one moves between the sender and callers)."""
-        if self._submit_gen != self._entry.gen:
-            security.release(self._submit_proxy)
-            self._submit_gen = self._entry.gen
-            self._submit_proxy = self._connect()
-        self._submit_proxy._pyroClaimOwnership()
-        return self._submit_proxy
-
-    def _node_failed(self, exc: BaseException, gen: int) -> bool:
-        """A call to the entry node of generation ``gen`` failed or timed out.  Fail over (True: carry
-        on, unfinished tasks are queued again) or fail every pending future (False)."""
-        if self._closed.is_set():
-            return False
-        if self._entry.fail_over(gen, self._open_here):
-            self._requeue_unfinished()
-            return True
-        self._break(self._entry.broken(exc), already=True)
-        return False
-
-    def _open_here(self, proxy) -> dict:
-        info = proxy.open_client(self._cid, self._init_blob)
-        with self._lock:
-            self._node_name = info["name"]
-            self._requeue = True
-        return info
-
-    def _requeue_unfinished(self) -> None:
-        """After a failover: every task sent and not finished goes to the new entry node again (same
-        ids: a node that holds a copy adopts it)."""
-        with self._lock:
-            if not getattr(self, "_requeue", False):
-                return
-            self._requeue = False
-            queued = {rec[0] for rec, _ in self._outbox}
-            again = [self._records[t] for t in self._pending if t not in queued and t in self._records]
-            self._outbox[:0] = again
-            self._recon.clear()
-            self._cond.notify_all()
-        log.info("resubmitting %d unfinished tasks to node %s", len(again), self._node_name)
-
-    def _send_outbox(self) -> None:
-        """Send everything queued (caller holds ``_send_lock``); the submit proxy moves between the
-        sender thread and direct callers, so each use claims it (Pyro5 proxies belong to a thread)."""
-        proxy = self._submit_proxy_now()
-        while True:
-            with self._lock:
-                # at most max_batch tasks and about BATCH_BYTES per call, so large arguments stream to
-                # the node (its workers start on the first while the next are on the wire)
-                n = size = 0
-                for rec, _ in self._outbox[:min(self._cfg.max_batch, self._room())]:
-                    n += 1
-                    size += wire.payload_size(rec[2])
-                    if size >= BATCH_BYTES:
-                        break
-                batch = self._outbox[:n]
-                del self._outbox[:n]
-            if not batch:
-                return
-            fns = {}
-            recs = []
-            for rec, blob in batch:
-                fns[rec[1]] = blob
-                recs.append(rec)
-            try:
-                proxy.submit(self._cid, fns, recs)
-            except BaseException:
-                with self._lock:   # not delivered: a failover sends them again
-                    self._outbox[:0] = [b for b in batch if b[0][0] in self._pending]
-                raise
-            self._entry.heard()
-            with self._lock:
-                for rec in recs:
-                    if rec[0] in self._pending:
-                        self._recon.add(rec[0])
-
-    def _sender(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while (not self._outbox or self._room() <= 0) and not self._closed.is_set():
-                        self._cond.wait()
-                    if self._closed.is_set() and not self._outbox:
-                        return
-                with self._send_lock:
-                    gen = self._entry.gen
-                    try:
-                        self._send_outbox()
-                    except Exception as exc:   # the node is gone or silent
-                        if not self._node_failed(exc, gen):
-                            return
-        except BaseException as exc:
-            if not self._closed.is_set():
-                self._break(exc)
-        finally:
-            with self._send_lock:
-                try:
-                    self._submit_proxy._pyroClaimOwnership()
-                    self._submit_proxy._pyroRelease()
-                except Exception:
-                    pass
-
-    def _collector(self) -> None:
-        proxy = None
-        poll = self._cfg.poll_interval
-        next_recon = time.monotonic() + RECONCILE_EVERY
-        try:
-            while not self._closed.is_set():
-                gen = self._entry.gen
-                try:
-                    if proxy is None:
-                        proxy = self._connect(call_timeout=poll + self._cfg.node_timeout)
-                    recon = None
-                    if time.monotonic() >= next_recon:
-                        with self._lock:
-                            recon = self._recon.summary()
-                        next_recon = time.monotonic() + RECONCILE_EVERY
-                    reply = proxy.collect(self._cid, poll, recon) if recon else proxy.collect(self._cid, poll)
-                    self._entry.heard()
-                    results, started = reply[0], reply[1]
-                    if started:
-                        self._mark_started(started)
-                    if results:
-                        self._deliver(results)
-                        # let a thread woken by those futures run before this one marshals its next
-                        # poll (it held the GIL for ~0.1-0.2 ms: 5-8 % of a lone task's latency, #15)
-                        time.sleep(0)
-                    if recon is not None and (reply[2]["n"], reply[2]["d"]) != (recon["n"], recon["d"]):
-                        self._reconcile(proxy)
-                except Exception as exc:
-                    security.release(proxy)
-                    proxy = None
-                    if not self._node_failed(exc, gen):
-                        return
-        except BaseException as exc:
-            if not self._closed.is_set():
-                self._break(exc)
-        finally:
-            security.release(proxy)
-
-    def _reconcile(self, proxy) -> None:
-        """The entry node's count of our tasks differs from ours: ask which it holds; what it lacks
-        (twice in a row) is sent again."""
-        with self._lock:
-            asked = list(self._recon.sent)
-        held = proxy.client_tasks(self._cid, asked)
-        with self._lock:
-            again = self._recon.missing(asked, held)
-            again = [t for t in again if t in self._pending and t in self._records]
-            for t in again:
-                self._recon.discard(t)
-            self._outbox[:0] = [self._records[t] for t in again]
-            if again:
-                self._cond.notify_all()
-        if again:
-            log.warning("node %s lost %d of our tasks (%s...): sending them again", self._node_name,
-                        len(again), again[0])
-
-    def _mark_started(self, ids: List[str]) -> None:
-        pending = self._pending
-        for tid in ids:
-            f = pending.get(tid)
-            if f is not None and not f.running() and not f.done():
-                try:
-                    f.set_running_or_notify_cancel()
-                except (InvalidStateError, RuntimeError):
-                    pass
-
-    def _deliver(self, results: List[tuple]) -> None:
-        broken = None
-        with self._lock:
-            futs = [(self._pending.pop(r[0], None), r) for r in results]
-            for r in results:
-                self._records.pop(r[0], None)
-                self._recon.discard(r[0])
-            if self._outbox and self._max_inflight is not None:
-                self._cond.notify_all()   # room for tasks held back by max_workers
-        for f, r in futs:
-            if r[wire.R_BLOB][:1] == b"\x00":   # the task printed: its output rides in front (pydist.output)
-                items, blob = split_output(r[wire.R_BLOB])
-                r = tuple(r[:wire.R_BLOB]) + (blob,) + tuple(r[wire.R_BLOB + 1:])
-                if items:
-                    try:
-                        emit_output(items, r[wire.R_NODE], r[wire.R_WORKER], r[0])
-                    except Exception as exc:   # a closed sys.stdout must not lose the result
-                        log.warning("could not print the output of task %s: %s", r[0], exc)
-            if f is None:
-                continue
-            status = r[wire.R_STATUS]
-            try:
-                if status == wire.OK:
-                    try:
-                        value = wire.loads(r[wire.R_BLOB])
-                    except Exception as exc:
-                        f.set_exception(SerializationError(
-                            f"the result of task {r[0]} could not be unpickled here: {type(exc).__name__}: {exc}"))
-                        continue
-                    f.set_result(value)
-                elif status == wire.INIT_FAILED:
-                    cause = wire.loads_exception(r[wire.R_BLOB])
-                    broken = BrokenCluster(f"the executor's initializer failed on node {r[wire.R_NODE]}: "
-                                           f"{type(cause).__name__}: {cause}")
-                    broken.__cause__ = cause
-                    f.set_exception(broken)
-                else:
-                    f.set_exception(wire.loads_exception(r[wire.R_BLOB]))
-            except InvalidStateError:
-                pass   # cancelled meanwhile
-        if broken is not None:
-            self._break(broken, already=True)
-
-    def _break(self, exc: BaseException, already: bool = False) -> None:
-        if already:
-            err = exc
-        else:
-            err = BrokenCluster(f"lost the connection to pydist node {getattr(self, '_node_name', '?')} at "
-                                f"{self._address}: {type(exc).__name__}: {exc}")
-        with self._lock:
-            if self._broken is None:
-                self._broken = err
-            pending = list(self._pending.values())
-            self._pending.clear()
-            self._outbox.clear()
-            self._records.clear()
-            self._recon.clear()
-            self._cond.notify_all()
-        for f in pending:
-            try:
-                f.set_exception(BrokenCluster(str(err)))
-            except InvalidStateError:
-                pass
-        self._closed.set()
-        with self._cond:
-            self._cond.notify_all()
-
     def __enter__(self) -> "ClusterExecutor":
         return self
 
@@ -795,12 +472,34 @@ class ClusterExecutor(Executor):
         self.shutdown(wait=True)
         return False
 
-    def __del__(self):
-        try:
-            if self._cluster is not None and not self._closed.is_set():
-                self._cluster.stop()
-        except Exception:
-            pass
+
+def _pickles_by_reference(fn: Any) -> bool:
+    """Whether ``fn`` pickles as a reference (module + qualified name) whose target is ``fn`` itself."""
+    if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, type)):
+        return False
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and not isinstance(owner, types.ModuleType):
+        return False   # a bound builtin method ([].append): its instance travels with it
+    mod, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not isinstance(mod, str) or mod == "__main__" or "<" in qual or mod in _BY_VALUE_MODULES():
+        return False
+    obj: Any = sys.modules.get(mod)
+    for part in qual.split("."):
+        obj = getattr(obj, part, None)
+    return obj is fn
+
+
+def _BY_VALUE_MODULES() -> set:
+    try:
+        from cloudpickle.cloudpickle import _PICKLE_BY_VALUE_MODULES
+        return _PICKLE_BY_VALUE_MODULES
+    except ImportError:
+        return set()
+
+
+def _total_workers(st: dict) -> int:
+    """Workers of a node and of everything below it or beside it, from its status."""
+    return st["workers"] + sum(l["workers"] for l in st["links"] if l["alive"] and l["role"] != "parent")
 
 
 def _add_code_path(paths: "collections.OrderedDict[str, str]", path) -> "collections.OrderedDict[str, str]":

@@ -70,13 +70,14 @@ class GroupRec:
 class GroupTable:
     """Every group-related piece of a node's state; all methods run under ``node.lock``."""
 
-    def __init__(self, node):
+    def __init__(self, node: Any) -> None:
         self.node = node
         self.groups: Dict[str, GroupRec] = {}           # home groups, in arrival order
         self.reserved: Dict[int, list] = {}             # worker index -> [gid, tid or None, expiry]
         self.held: Dict[str, int] = {}                  # rank tid -> reserved worker, not sent yet
         self.running: Dict[str, int] = {}               # rank tid -> worker it was sent to
         self.seen: set = set()                          # rank tids placed here once (never again)
+        self.sub: Dict[str, list] = {}                  # gid -> [{link: count}, expiry, uris]: reserved behind us
         self.server: Optional[GroupServer] = None
 
     # ------------------------------------------------------------------------------ client side calls
@@ -92,7 +93,7 @@ class GroupTable:
         total = self.capacity()
         if size > total:
             raise ValueError(f"a group of {size} ranks must run at once, but the cluster has {total} workers "
-                             f"(this node's and its directly linked nodes')")
+                             f"(on this node and the nodes behind its links)")
         if self.server is None:
             self.server = GroupServer(self, self.node.address.rsplit(":", 1)[0].strip("[]"))
         g = self.groups[gid] = GroupRec(gid, cid, size)
@@ -109,12 +110,15 @@ class GroupTable:
         g.why = f"waiting for {g.size} workers to be free at once"
 
     def capacity(self) -> int:
-        n = self.node
-        total = len(n.worker_up)
-        for l in n.links.values():
-            if l.may_send and l.alive and l.role != "parent":
-                total += l.remote_map.get(l.name, [0, 0])[0]
-        return total
+        """Workers of this node and of every node behind its child/peer links."""
+        return len(self.node.worker_up) + sum(self._behind(l) for l in self._links())
+
+    def _links(self, exclude: str = "") -> list:
+        return [l for l in self.node.links.values()
+                if l.may_send and l.alive and l.role != "parent" and l.name != exclude]
+
+    def _behind(self, link) -> int:
+        return sum(v[0] for k, v in link.remote_map.items() if k != self.node.name)
 
     def state(self, cid: str, gid: str) -> str:
         g = self.groups.get(gid)
@@ -149,6 +153,8 @@ class GroupTable:
         for i, r in list(self.reserved.items()):
             if r[1] is None and r[2] < now:
                 del self.reserved[i]
+        for gid in [gid for gid, v in self.sub.items() if v[1] < now]:
+            del self.sub[gid]
         for g in list(self.groups.values()):
             if g.state != "waiting":
                 continue
@@ -166,7 +172,7 @@ class GroupTable:
         by_group: Dict[str, List[str]] = {}
         for tid in self.held:
             by_group.setdefault(split_tid(tid)[0], []).append(tid)
-        for gid, tids in by_group.items():
+        for _gid, tids in by_group.items():
             if any(n.worker_inflight[self.held[t]] or not n.worker_up[self.held[t]] for t in tids
                    if t in n.tasks and not n.tasks[t].cancelled):
                 continue
@@ -195,9 +201,8 @@ class GroupTable:
                 self._hold(tid, i, g.gid)
             self._started(g)
             return True
-        links = [l for l in self.node.links.values()
-                 if l.may_send and l.alive and l.role != "parent" and l.remote_map.get(l.name, [0])[0] > 0]
-        if sum(l.remote_map[l.name][0] for l in links) + len(free) < g.size:
+        links = [l for l in self._links() if self._behind(l) > 0]
+        if sum(self._behind(l) for l in links) + len(free) < g.size:
             g.why = f"waiting for {g.size} workers to be free at once ({len(free)} free here)"
             return False
         g.placing = True
@@ -227,15 +232,7 @@ class GroupTable:
             for name, uri in links:
                 if want <= 0:
                     break
-                try:
-                    p = security.connect(uri, secret=n.cfg.secret, timeout=2.0, call_timeout=5.0)
-                    try:
-                        k = int(p.group_reserve(n.name, g.gid, want, RESERVE_TTL))
-                    finally:
-                        security.release(p)
-                except Exception as exc:
-                    log.info("group %s: reserving on %s failed: %s", g.gid, name, exc)
-                    k = 0
+                k = self._remote(uri, "group_reserve", g.gid, want, RESERVE_TTL)
                 if k:
                     got[name] = k
                     want -= k
@@ -266,18 +263,55 @@ class GroupTable:
                          f"({len(free)} here, {sum(got.values())} on linked nodes)")
             for name, uri in links:
                 if name in got:
-                    try:
-                        p = security.connect(uri, secret=n.cfg.secret, timeout=2.0, call_timeout=5.0)
-                        try:
-                            p.group_release(n.name, g.gid)
-                        finally:
-                            security.release(p)
-                    except Exception:
-                        pass
+                    self._remote(uri, "group_release", g.gid)
             n.stopping.wait(delay)
             delay = min(delay * 2, 0.5)
 
+    def _remote(self, uri: str, method: str, gid: str, *args) -> int:
+        """Call ``group_reserve``/``group_release`` on a linked node (no lock held); 0 on failure."""
+        n = self.node
+        try:
+            p = security.connect(uri, secret=n.cfg.secret, timeout=2.0, call_timeout=10.0)
+            try:
+                return int(getattr(p, method)(n.name, gid, *args) or 0)
+            finally:
+                security.release(p)
+        except Exception as exc:
+            log.info("group %s: %s on %s failed: %s", gid, method, uri, exc)
+            return 0
+
     # ------------------------------------------------------------------------------ linked node side
+    def reserve_tree(self, sender: str, gid: str, want: int, ttl: float) -> int:
+        """``group_reserve`` from a linked node: this node's workers first, then nodes behind our own
+        links (their reservations are remembered: ranks that arrive beyond ours go on to them).
+        Called without the node lock (it calls other nodes)."""
+        n = self.node
+        ttl = min(max(float(ttl), 0.1), 60.0)
+        with n.lock:
+            k = self.reserve(gid, want, ttl)
+            links = [(l.name, l.uri) for l in self._links(exclude=sender) if self._behind(l) > 0]
+        got: Dict[str, int] = {}
+        for name, uri in links:
+            more = want - k - sum(got.values())
+            if more <= 0:
+                break
+            r = self._remote(uri, "group_reserve", gid, more, ttl)
+            if r:
+                got[name] = r
+        if got:
+            with n.lock:
+                self.sub[gid] = [got, time.monotonic() + ttl, [u for nm, u in links if nm in got]]
+        return k + sum(got.values())
+
+    def release_tree(self, gid: str) -> None:
+        """``group_release``: our reservations for ``gid`` and those we made behind our links."""
+        n = self.node
+        with n.lock:
+            self.release(gid)
+            sub = self.sub.pop(gid, None)
+        for uri in (sub[2] if sub else ()):
+            self._remote(uri, "group_release", gid)
+
     def reserve(self, gid: str, want: int, ttl: float) -> int:
         """Reserve up to ``want`` of this node's workers for ranks of ``gid`` about to arrive."""
         free = self._free_workers()[:max(0, int(want))]
@@ -305,6 +339,15 @@ class GroupTable:
             return
         gid, _ = split_tid(tid)
         free = [i for i, r in self.reserved.items() if r[0] == gid and r[1] is None]
+        sub = self.sub.get(gid)
+        if not free and sub:   # reserved behind one of our links: the rank goes on there
+            for name, k in sub[0].items():
+                link = n.links.get(name)
+                if k > 0 and link is not None and link.alive:
+                    sub[0][name] -= 1
+                    self.seen.add(tid)
+                    n._send_to_link(link, [tid])
+                    return
         if not free:
             free = self._free_workers()[:1]
         if not free:
@@ -506,7 +549,7 @@ class GroupServer:
         except (OSError, EOFError, ValueError, TypeError, IndexError):
             pass
         finally:
-            if g is not None:
+            if g is not None and rank is not None:
                 with lock:
                     t.rank_gone(g, rank)
             try:

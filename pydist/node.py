@@ -43,7 +43,7 @@ from typing import Dict, List, Optional
 
 import Pyro5.api
 
-from . import diagnose, security
+from . import diagnose, security, wire
 from .checks import (check_fns, check_ids, check_int, check_map, check_recon, check_results, check_str,
                      check_tasks, check_timeout)
 from .codeserve import CodeEndpoints
@@ -84,7 +84,7 @@ class Node(Dispatch, CodeEndpoints):
         self.fetching: set = set()
         from .codesync import CodeStore
 
-        self.store = CodeStore(config.code_cache, config.code_cache_max)
+        self.store = CodeStore.for_node(config)
         self.pinned: List[str] = []          # bundles on every task's sys.path (pydist sync-code --pin)
         from .codesync import write_pins
 
@@ -186,7 +186,11 @@ class Node(Dispatch, CodeEndpoints):
         with self.lock:
             self.check_fns_known(fns, tasks)
             self.sessions.touch(client_id)
-            n = self.accept_tasks(fns, tasks, ("c", client_id))
+            fit, err = self.quota.admit(client_id, [wire.payload_size(t[wire.T_PAYLOAD]) for t in tasks])
+            n = self.accept_tasks(fns, tasks[:fit], ("c", client_id))
+            if err is not None:   # over a limit: those tasks fail at once, naming it; the client goes on
+                self.counts["refused_limit"] += len(tasks) - fit
+                self._deliver(("c", client_id), [self.error_result(t[wire.T_ID], err) for t in tasks[fit:]])
             self.counts["submitted"] += len(tasks)
             self.schedule()
         return n
@@ -402,6 +406,7 @@ class Node(Dispatch, CodeEndpoints):
                 "queued": sum(1 for t in lg.tasks.values() if t.state is State.QUEUED),
                 "forwarded": sum(l["inflight"] for l in links),
                 "held": len(lg), "stale_results": lg.stale, "ledger": dict(lg.counts),
+                "held_bytes": self.quota.bytes, "fns": len(self.fns), "refused_limit": self.counts["refused_limit"],
                 "done": self.counts["done"], "failed": self.counts["failed"],
                 "submitted": self.counts["submitted"], "worker_restarts": self.pool.restarts,
                 "clients": len(self.sessions), "links": links, "max_hops": self.cfg.max_hops,
@@ -478,19 +483,18 @@ class Node(Dispatch, CodeEndpoints):
         check_str(group, "group")
         if not isinstance(want, int) or isinstance(want, bool):
             raise TypeError("want must be an int")
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl):
+            raise TypeError("ttl must be a number of seconds")
         with self.lock:
             if sender not in self.links:
                 raise ProtocolError(f"node {sender!r} reserves workers on {self.name} without joining first")
-            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl):
-                raise TypeError("ttl must be a number of seconds")
-            return self.groups.reserve(group, want, ttl)
+        return self.groups.reserve_tree(sender, group, want, ttl)   # (may ask the nodes behind us)
 
     def group_release(self, sender: str, group: str) -> None:
         """A linked node gives back the workers it had reserved for ``group``."""
         check_str(sender, "sender")
         check_str(group, "group")
-        with self.lock:
-            self.groups.release(group)
+        self.groups.release_tree(group)
 
     # ======================================================================================== threads
     def _watch_workers_ready(self) -> None:
@@ -544,8 +548,10 @@ def serve(config: NodeConfig, on_ready=None) -> None:
                             tls=tls, server=True)
     node = Node(config)
     daemon = security.SecureDaemon(config.host, config.port, secret=config.secret, name=config.name,
+                                   **security.daemon_options(config),
                                    nathost=diagnose.advertise_host(config.host, config.advertise))
     try:
+        daemon.on_disconnect(node.store.abort_owner)   # uploads a connection left unfinished
         node.start(daemon)
         if on_ready is not None:
             on_ready(node)

@@ -250,7 +250,10 @@ class TaskOutput:
 
     def _real_write(self, text: str) -> None:
         try:
-            self._real_err.write(text)
-            self._real_err.flush()
+            err = self._real_err
+            if err is None:
+                return
+            err.write(text)
+            err.flush()
         except Exception:
             pass

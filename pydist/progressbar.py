@@ -15,7 +15,7 @@ from .errors import ConfigError
 
 def _tqdm():
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
     except ImportError:
         raise ConfigError("progress bars need tqdm: pip install 'pydist[progress]' (or pip install tqdm)") from None
     return tqdm

@@ -88,7 +88,8 @@ def open_connection(uri: Pyro5.core.URI, secret: Optional[bytes], scope: str, ti
         tag, ver, msgtype, ser, flags, _seq, size, ann, _c, _r, magic = HEADER.unpack(
             _recv_exact(sock, HEADER.size, deadline))
         if tag != b"PYRO" or ver != protocol.PROTOCOL_VERSION or magic != protocol._magic_number:
-            raise AuthenticationError(f"{where} is not a pydist node (it does not speak Pyro5 {protocol.PROTOCOL_VERSION})")
+            raise AuthenticationError(f"{where} is not a pydist node "
+                                      f"(it does not speak Pyro5 {protocol.PROTOCOL_VERSION})")
         plain = ann or flags & ~protocol.FLAGS_CORR_ID or ser != auth.HELLO_SERIALIZER
         if msgtype == protocol.MSG_CONNECTFAIL and not plain and size <= auth.REFUSAL_MAX:
             text = auth.parse_refusal(_recv_exact(sock, size, deadline))
@@ -225,7 +226,8 @@ def translate_connect_error(exc: BaseException, address: str) -> Exception:
     i = text.find(TAG_REFUSED)
     if i >= 0:
         return AuthenticationError(f"{address} refused the connection: {text[i + len(TAG_REFUSED):].strip()}")
-    chain, c = [], exc
+    chain: list = []
+    c: Optional[BaseException] = exc
     while c is not None and len(chain) < 5:
         chain.append(c)
         c = c.__cause__ or c.__context__
@@ -240,7 +242,7 @@ def translate_connect_error(exc: BaseException, address: str) -> Exception:
         loc = address.rsplit("@", 1)[-1] if str(address).upper().startswith("PYRO") else address
         if is_name_server(loc):
             err = ClusterUnavailable(name_server_hint(loc))
-            err.pydist_final = True   # type: ignore[attr-defined]  (no use retrying)
+            err.pydist_final = True   # type: ignore[attr-defined]  # (no use retrying)
             return err
     hint = "is pydist-node running there and reachable (host, port, firewall)?"
     if isinstance(exc, Pyro5.errors.ConnectionClosedError):

@@ -237,7 +237,7 @@ def _install_client_context(tls: TLSSettings) -> None:
 @functools.lru_cache(maxsize=256)
 def _resolve_cached(host: str, _bucket: int) -> frozenset:
     try:
-        return frozenset(ipaddress.ip_address(ai[4][0].split("%")[0]) for ai in socket.getaddrinfo(host, None))
+        return frozenset(ipaddress.ip_address(str(ai[4][0]).split("%")[0]) for ai in socket.getaddrinfo(host, None))
     except (OSError, ValueError):
         return frozenset()
 
@@ -429,13 +429,13 @@ class SecureDaemon(Pyro5.server.Daemon):
         self._accept_pause = threading.Event()
         self._pydist_hooks: list = []
         super().__init__(host, port, **kw)
-        objects = _ScopedObjects(self.objectsById)
+        objects = _ScopedObjects(self.objectsById)   # type: ignore[has-type]
         objects.daemon = self
         self.objectsById = objects
         ts = self.transportServer
         sock = ts.sock
         if isinstance(sock, ssl.SSLSocket):
-            sock.do_handshake_on_connect = False     # the gate runs it, without blocking, under the deadline
+            sock.do_handshake_on_connect = False  # type: ignore[attr-defined]  # the gate runs it, without blocking, under the deadline
         sock.setblocking(False)
         self._gate = Gate(self._on_frame, self._on_drop, timeout=self._pydist_handshake_timeout,
                           max_pending=max_pending_handshakes, max_body=self._max_body,
@@ -462,11 +462,12 @@ class SecureDaemon(Pyro5.server.Daemon):
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # out of descriptors: free the oldest waiting hello, and do not spin on the backlog
                     self.refusals.refused("out of file descriptors", "?")
-                    self._gate.shed()
+                    if self._gate is not None:
+                        self._gate.shed()
                     self._accept_pause.wait(0.05)
                     return
                 raise
-            if ts.shutting_down:
+            if ts.shutting_down or self._gate is None:
                 csock.close()
                 return
             self._gate.submit(csock, caddr)

@@ -13,7 +13,7 @@ import linecache
 import threading
 import types
 from collections import ChainMap
-from typing import Callable, Dict
+from typing import Any, Callable, Dict
 
 import cloudpickle
 
@@ -79,12 +79,18 @@ class _WithSources:
         return (_load, (self.sources, self.blob))
 
 
+def register(sources: Dict[str, list]) -> None:
+    """Worker side: put shipped source lines into ``linecache`` (never over a file on disk)."""
+    for name, lines in sources.items():
+        cached: Any = linecache.cache.get(name)
+        if cached is None or len(cached) < 2 or cached[1] is None:   # never shadow a file the worker has on disk
+            linecache.cache[name] = (sum(len(ln) for ln in lines), None, list(lines), name)
+
+
 def _load(sources: Dict[str, list], blob: bytes):
-    """Worker side: register the shipped source lines, then unpickle the function."""
+    """Worker side: register the shipped source lines, then unpickle the function.  (A worker's
+    ``pydist.globalspace.ClientUnpickler`` takes this over, to unpickle ``blob`` its own way.)"""
     import pickle
 
-    for name, lines in sources.items():
-        cached = linecache.cache.get(name)
-        if cached is None or cached[1] is None:   # never shadow a file the worker has on disk
-            linecache.cache[name] = (sum(len(ln) for ln in lines), None, list(lines), name)
+    register(sources)
     return pickle.loads(blob)

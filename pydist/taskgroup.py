@@ -136,7 +136,8 @@ class TaskGroup:
         try:
             info = p.group_open(ex._cid, gid, self.size)
             key, blob = ex._fn_key(run_rank)
-            recs, futs = [], []
+            recs: list = []
+            futs: List[Future] = []
             with ex._lock:
                 ex._check_open()
                 for r in range(self.size):
@@ -154,7 +155,7 @@ class TaskGroup:
             except BaseException:
                 with ex._lock:
                     for f in futs:
-                        ex._pending.pop(f._pydist_tid, None)
+                        ex._pending.pop(getattr(f, "_pydist_tid", ""), None)
                 raise
         finally:
             p._pyroRelease()

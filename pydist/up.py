@@ -28,7 +28,7 @@ The file (``ConfigError`` naming the key for anything wrong)::
 
     [cluster]
     name = "lab"                      # default: the file's stem
-    ns = "10.0.0.1:9090"              # name server; its host must be one of the hosts (default: first)
+    ns = "192.0.2.1:9090"              # name server; its host must be one of the hosts (default: first)
     python = "python3"                # default Python on the hosts
     secret_file = "~/.config/pydist/lab.secret"   # made (random, 0600) if missing
     remote_dir = "~/.cache/pydist/up/lab"         # pid, log and secret files on the hosts
@@ -37,8 +37,8 @@ The file (``ConfigError`` naming the key for anything wrong)::
     start_timeout = 60
 
     [[hosts]]
-    address = "10.0.0.1"              # what the node binds and advertises, and where ssh connects
-    user = "me"                       # ssh user (or ssh_user, or address = "me@10.0.0.1"; default: ssh's)
+    address = "192.0.2.1"              # what the node binds and advertises, and where ssh connects
+    user = "me"                       # ssh user (or ssh_user, or address = "me@192.0.2.1"; default: ssh's)
     ssh_port = 22
     ssh_key = "~/.ssh/id_lab"         # ssh -i (also in [cluster]); ssh_options = [...] per host too
     workers = 8                       # default: the host's CPU count
@@ -189,7 +189,7 @@ def load_spec(path: str) -> ClusterSpec:
         if not addr:
             raise ConfigError(f"{hw}: address is missing (the host's IP or name)")
         user = _typed(h, "user", str, hw) or _typed(h, "ssh_user", str, hw)
-        if "@" in addr:   # "me@10.0.0.1"
+        if "@" in addr:   # "me@192.0.2.1"
             user, addr = addr.rsplit("@", 1)
         hw = f"{where} host {addr}"
         workers = _typed(h, "workers", int, hw)

@@ -25,11 +25,12 @@ out of band (written with ``writev``, read into place), never copied into the pi
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import struct
 import traceback
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import cloudpickle
 
@@ -57,6 +58,16 @@ def make_task(task_id: str, fn_key: str, payload: bytes, bundle: Optional[str] =
 
 
 # -- pickling ---------------------------------------------------------------------------------------------
+def cp_dumps(obj: Any, protocol: int = PICKLE_PROTOCOL, buffer_callback=None) -> bytes:
+    """``cloudpickle.dumps`` whose code objects keep their file name (``pydist.sources``): a lambda in
+    the arguments or a task's exception still names its file in tracebacks."""
+    from .sources import _Pickler
+
+    f = io.BytesIO()
+    _Pickler(f, protocol=protocol, buffer_callback=buffer_callback).dump(obj)
+    return f.getvalue()
+
+
 def _is_plain(obj: Any, depth: int = 0) -> bool:
     t = type(obj)
     if t in _PLAIN:
@@ -80,9 +91,25 @@ def dumps(obj: Any, what: str = "object") -> bytes:
             return cloudpickle.dumps(obj, PICKLE_PROTOCOL)
         if _is_plain(obj):
             return pickle.dumps(obj, PICKLE_PROTOCOL)
-        return cloudpickle.dumps(obj, PICKLE_PROTOCOL)
+        return cp_dumps(obj, PICKLE_PROTOCOL)
     except Exception as exc:  # pickling raises many types: PicklingError, TypeError, AttributeError...
-        raise SerializationError(f"cannot pickle {what} ({_short_repr(obj)}): {type(exc).__name__}: {exc}") from exc
+        raise SerializationError(f"cannot pickle {what} ({_short_repr(obj)}): {type(exc).__name__}: {exc}"
+                                 f"{mp_hint(exc)}") from exc
+
+
+def mp_hint(exc: BaseException) -> str:
+    """What to do instead, when pickling failed on a ``multiprocessing`` lock, queue or pipe (they work
+    only between a process and the children it starts itself, never on another machine)."""
+    text = str(exc)
+    if "through inheritance" in text or "multiprocessing" in text or "SemLock" in text \
+            or "_thread.lock" in text or "_thread.RLock" in text:
+        return ("; a lock, queue, pipe or event of multiprocessing (or threading) cannot travel to a pydist "
+                "worker, which may be on another machine: pass data as arguments and results instead, use "
+                "a multiprocessing.Manager() proxy (start the manager with address=(host, port) the workers can "
+                "reach, and set multiprocessing.current_process().authkey to its authkey in the executor's "
+                "initializer), or exchange messages between tasks with ClusterExecutor.spawn_group "
+                "(pydist.Comm)")
+    return ""
 
 
 OOB_MIN = 1 << 18   # bytes: buffers at least this big travel out of band (pickle protocol 5)
@@ -134,27 +161,33 @@ def dumps_call(args: tuple, kwargs: dict):
     bufs: list = []
     obj = (tuple(_wrap_big(a) for a in args), {k: _wrap_big(v) for k, v in kwargs.items()} if kwargs else None)
     try:
-        data = cloudpickle.dumps(obj, 5, buffer_callback=bufs.append)
+        data = cp_dumps(obj, 5, buffer_callback=bufs.append)
     except Exception as exc:
         raise SerializationError(f"cannot pickle task arguments ({_short_repr(args)}): "
-                                 f"{type(exc).__name__}: {exc}") from exc
+                                 f"{type(exc).__name__}: {exc}{mp_hint(exc)}") from exc
     if not bufs:
         return data
     return [data] + [b.raw() for b in bufs]
 
 
-def loads_payload(payload) -> Any:
-    """Unpickle a task payload (bytes, or ``[pickle, buffer, ...]``)."""
-    if isinstance(payload, (bytes, bytearray)):
+def loads_payload(payload, loads: Optional[Callable] = None) -> Any:
+    """Unpickle a task payload: one buffer (bytes, or the bytearray / read-only memoryview a frame's
+    out-of-band part arrives as), or the list form ``[pickle, buffer, ...]``.  ``loads(data, buffers)``
+    replaces ``pickle.loads`` (the worker's per-client namespaces)."""
+    if loads is None:
+        if isinstance(payload, (list, tuple)):
+            return pickle.loads(payload[0], buffers=payload[1:])
         return pickle.loads(payload)
-    return pickle.loads(payload[0], buffers=payload[1:])
+    if isinstance(payload, (list, tuple)):
+        return loads(payload[0], payload[1:])
+    return loads(payload)
 
 
 def payload_size(payload) -> int:
     """Bytes in a payload of either form."""
-    if isinstance(payload, (bytes, bytearray)):
-        return len(payload)
-    return sum(len(p) for p in payload)
+    if isinstance(payload, (list, tuple)):
+        return sum(memoryview(p).nbytes for p in payload)
+    return memoryview(payload).nbytes
 
 
 def loads(data: bytes) -> Any:
@@ -179,16 +212,19 @@ def dumps_exception(exc: BaseException) -> bytes:
     """
     from .errors import TaskError
 
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException as err:
+        tb = f"(the traceback could not be formatted: {type(err).__name__})\n"
     name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     try:
         message = str(exc)
-    except Exception:
+    except BaseException:
         message = "<unprintable>"
     try:
-        blob = cloudpickle.dumps(exc, PICKLE_PROTOCOL)
+        blob = cp_dumps(exc, PICKLE_PROTOCOL)
         pickle.loads(blob)
-    except Exception as err:
+    except BaseException as err:   # a __reduce__ may raise anything, SystemExit included
         blob = pickle.dumps(TaskError(f"{name}: {message} (the original exception cannot be pickled: {err})"),
                             PICKLE_PROTOCOL)
     return pickle.dumps((blob, tb, name, message), PICKLE_PROTOCOL)
@@ -214,19 +250,51 @@ def loads_exception(data: bytes) -> BaseException:
 
     try:
         blob, tb, name, message = pickle.loads(data)
-    except Exception as err:
+    except BaseException as err:
         return SerializationError(f"the task failed and its error report could not be read: {err}")
     try:
         exc = pickle.loads(blob)
         if not isinstance(exc, BaseException):
             raise TypeError(f"not an exception: {type(exc).__name__}")
-    except Exception as err:   # e.g. the exception's class does not exist here
+    except BaseException as err:   # e.g. the exception's class does not exist here
         exc = TaskError(f"{name}: {message} (the exception could not be rebuilt here: {err})")
-    exc.__cause__ = RemoteError(tb)
+    exc.__cause__ = RemoteError(with_source_lines(tb))
     resolve = getattr(exc, "_resolve_cause", None)   # GroupAborted: the failing rank's error as cause
     if resolve is not None:
         resolve(tb, loads_exception)
     return exc
+
+
+_FRAME_LINE = None
+
+
+def with_source_lines(tb: str) -> str:
+    """A formatted remote traceback with the source lines the remote side lacked (a ``__main__``
+    function's file exists on the client only) filled in from this machine's files, where it has them."""
+    import linecache
+    import re
+
+    global _FRAME_LINE
+    if _FRAME_LINE is None:
+        _FRAME_LINE = re.compile(r'^(\s*)File "([^"]+)", line (\d+), in ')
+    lines = tb.splitlines(keepends=True)
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        m = _FRAME_LINE.match(line)
+        if not m:
+            continue
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        indent = m.group(1)
+        if nxt.startswith(indent + "    ") and not _FRAME_LINE.match(nxt):
+            continue   # the remote side had the source line
+        try:
+            src = linecache.getline(m.group(2), int(m.group(3))).strip()
+        except Exception:
+            src = ""
+        if src:
+            out.append(f"{indent}    {src}\n")
+    return "".join(out)
 
 
 # -- frames over a pipe (node <-> its own workers) -----------------------------------------------------

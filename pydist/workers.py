@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from . import wire
-from .errors import SerializationError, TaskError
+from .errors import DeserializationError, TaskError
+from .globalspace import ClientSpaces
 from .output import FORWARD_OUTPUT, TaskOutput, attach as attach_output, split as split_output
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class _Worker:
         self.index, self.node, self.code_cache = index, node, code_cache
         self.fns: "collections.OrderedDict[str, object]" = collections.OrderedDict()
         self.init_blobs: Dict[str, bytes] = {}
+        self.spaces = ClientSpaces()   # one globals dict per client and by-value module (item 10)
         self.init_done: Dict[str, Optional[bytes]] = {}   # client -> None (ok) or exception blob
         self.slot_names: Dict[str, bytes] = {}
         self.output: Optional[TaskOutput] = None   # set by worker_main: captures the tasks' output
@@ -116,6 +118,7 @@ class _Worker:
             elif op == "forget":
                 for c in msg[1]:
                     self.init_blobs.pop(c, None)
+                    self.spaces.forget(c)
                     self.init_done.pop(c, None)
             elif op == "stop":
                 return
@@ -135,7 +138,7 @@ class _Worker:
         if out:
             wire.write_frame(self.fd_out, ("res", out))
 
-    def function(self, fns: Dict[str, bytes], key: str):
+    def function(self, fns: Dict[str, bytes], key: str, client: str = ""):
         # keyed by (bundle, key): the same function object submitted after a new upload_code must be
         # unpickled again, against the new bundle's modules
         key = (_WorkerState.active_bundle, key)
@@ -147,13 +150,13 @@ class _Worker:
         if blob is None:
             raise TaskError(f"function {key[1]} was not sent with its task (node bug)")
         try:
-            fn = wire.loads(blob)
-        except Exception as exc:
+            fn = self.spaces.loads(blob, client)
+        except BaseException as exc:
             hint = ""
             if isinstance(exc, (ModuleNotFoundError, ImportError)):
                 hint = " (upload the code it needs with ClusterExecutor.upload_code(...))"
-            raise SerializationError(f"cannot unpickle the task's function on node {self.node}: "
-                                     f"{type(exc).__name__}: {exc}{hint}") from exc
+            raise DeserializationError(f"cannot unpickle the task's function on node {self.node}: "
+                                       f"{type(exc).__name__}: {exc}{hint}") from exc
         self.fns[key] = fn
         if len(self.fns) > FN_CACHE:
             self.fns.popitem(last=False)
@@ -181,7 +184,7 @@ class _Worker:
         err = None
         if blob is not None:
             try:
-                fn, args = wire.loads(blob)
+                fn, args = self.spaces.loads(blob, client)
                 fn(*args)
             except BaseException as exc:  # an initializer may sys.exit too
                 err = wire.dumps_exception(exc)
@@ -231,6 +234,11 @@ class _Worker:
             self.slot[SLOT_TAIL:SLOT_TAIL + len(b) + 1] = b + b"\0"
 
     def _run_one(self, fns, tid, key, payload, bundle, hops, path, kind, client) -> tuple:
+        """Run one task and return its result record.  Every outcome is a record, as
+        ``ProcessPoolExecutor`` reports it: what the function raises (``SystemExit`` and
+        ``KeyboardInterrupt`` included) comes back as itself; a function or arguments that cannot be
+        unpickled here as ``DeserializationError``; a result that cannot be pickled as
+        ``SerializationError`` (``SystemExit`` while pickling it, as itself)."""
         if client:
             err = self.initialize(client)
             if err is not None:
@@ -239,27 +247,23 @@ class _Worker:
         _WorkerState.current = TaskContext(self.node, self.index, tid, hops, tuple(path))
         try:
             self.activate(bundle)
-            fn = self.function(fns, key)
+            fn = self.function(fns, key, client)
             if self.slot is not None:   # what the dashboard shows as running (no message to the node)
                 self.slot[SLOT_TID + SLOT_T.size:] = self.slot_name(key, fn)
             try:
-                call = wire.loads_payload(payload)
-            except Exception as exc:
-                raise SerializationError(f"cannot unpickle the arguments of task {tid}: "
-                                         f"{type(exc).__name__}: {exc}") from exc
+                call = wire.loads_payload(payload, lambda d, b=None: self.spaces.loads(d, client, b))
+            except BaseException as exc:   # a __reduce__ may call sys.exit: still the task's failure
+                raise DeserializationError(f"cannot unpickle the arguments of task {tid} on node {self.node}: "
+                                           f"{type(exc).__name__}: {exc}") from exc
             if kind == wire.KIND_CHUNK:
                 value = [fn(*a) for a in call]
             else:
                 args, kwargs = call
                 value = fn(*args, **kwargs) if kwargs else fn(*args)
+            del call
             runtime = time.perf_counter() - t0
             blob = wire.dumps(value, f"the result of task {tid} ({type(value).__qualname__})")
             return (tid, wire.OK, blob, self.node, self.index, runtime)
-        except SystemExit as exc:
-            err = TaskError(f"task {tid} called sys.exit({exc.code!r}); a task cannot stop its worker")
-            err.__context__ = exc
-            return (tid, wire.ERROR, wire.dumps_exception(err), self.node, self.index,
-                    time.perf_counter() - t0)
         except BaseException as exc:
             tb = exc.__traceback__   # the traceback starts in the task, not in this function
             while tb is not None and tb.tb_frame.f_code.co_filename == __file__ and tb.tb_next is not None:

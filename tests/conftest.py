@@ -135,7 +135,7 @@ def cluster(_no_children_left_at_session_end):
 
 @pytest.fixture
 def executor(cluster):
-    ex = ClusterExecutor(cluster.address, secret=cluster.secret)
+    ex = ClusterExecutor(address=cluster.address, secret=cluster.secret)
     try:
         yield ex
     finally:

@@ -202,12 +202,12 @@ def test_wrong_secret_is_named_by_sync_code_and_status(proc_guard, tmp_path):
 # ================================================================ Found 5: advertise
 def test_wildcard_bind_never_advertises_loopback():
     assert advertise_host("127.0.0.5", None) is None          # advertises what it binds
-    assert advertise_host("0.0.0.0", "10.1.2.3") == "10.1.2.3"
-    assert advertise_host("0.0.0.0", None, ["127.0.1.1", "10.0.0.7"]) == "10.0.0.7"
+    assert advertise_host("0.0.0.0", "192.0.2.3") == "192.0.2.3"
+    assert advertise_host("0.0.0.0", None, ["127.0.1.1", "192.0.2.7"]) == "192.0.2.7"
     with pytest.raises(ConfigError, match="--advertise"):
         advertise_host("0.0.0.0", None, ["127.0.1.1"])
     with pytest.raises(ConfigError, match="--advertise"):
-        advertise_host("0.0.0.0", "10.0.0.7:9000")
+        advertise_host("0.0.0.0", "192.0.2.7:9000")
 
 
 def test_advertise_flag_is_on_the_ready_line_and_in_the_uri(nodes):

@@ -46,7 +46,7 @@ def test_attributes_and_cleanup(proc_guard):
         wait_for(lambda: len(descendants(c.procs[0].pid)) == 2, 15, "two workers")
         pids = cluster_pids(c)
         assert all(psutil.pid_exists(p) for p in pids)
-        with ClusterExecutor(c.address, secret=c.secret) as ex:
+        with ClusterExecutor(address=c.address, secret=c.secret) as ex:
             assert ex.submit(sum, [1, 2, 3]).result(20) == 6
             assert ex.status()["workers"] == 2
     wait_gone(pids, 15, "the cluster's processes")
@@ -73,7 +73,7 @@ def test_invalid_arguments():
 def test_wrong_secret_is_refused(proc_guard):
     with LocalCluster(nodes=1, workers_per_node=1) as c:
         with pytest.raises(Exception) as info:
-            ClusterExecutor(c.address, secret=b"not-the-secret-" * 3, connect_timeout=2)
+            ClusterExecutor(address=c.address, secret=b"not-the-secret-" * 3, connect_timeout=2)
         assert "secret" in str(info.value).lower() or "auth" in type(info.value).__name__.lower()
 
 
@@ -113,7 +113,7 @@ def test_processes_die_with_a_killed_parent(tmp_path, proc_guard):
 def test_three_nodes_share_the_work(proc_guard, tmp_path):
     with LocalCluster(nodes=3, workers_per_node=1) as c:
         assert len(c.procs) == 3 and len(c.pids) == 4
-        with ClusterExecutor(c.address, secret=c.secret) as ex:
+        with ClusterExecutor(address=c.address, secret=c.secret) as ex:
             fs = [ex.submit(where_all_at_once, str(tmp_path), 3, i) for i in range(3)]
             out = [f.result(40) for f in fs]
         nodes = sorted(n for n, _ in out)
@@ -134,7 +134,7 @@ def test_per_node_worker_counts_make_tasks_travel(proc_guard):
     with pytest.raises(ValueError, match="2 counts"):
         LocalCluster(nodes=2, workers_per_node=[1])
     with LocalCluster(nodes=2, workers_per_node=[0, 1], topology="chain") as c:
-        with ClusterExecutor(c.address, secret=c.secret) as ex:
+        with ClusterExecutor(address=c.address, secret=c.secret) as ex:
             assert set(ex.map(lambda _: _hops(), range(10))) == {("node1", 1)}
 
 
@@ -143,7 +143,7 @@ def test_clients_and_tools_of_this_process_need_no_secret(proc_guard, monkeypatc
     tools it starts (the secret is exported as PYDIST_SECRET while the cluster runs)."""
     monkeypatch.delenv("PYDIST_SECRET", raising=False)
     with LocalCluster(nodes=2, workers_per_node=1) as c:
-        with ClusterExecutor(c.address) as ex:
+        with ClusterExecutor(address=c.address) as ex:
             assert list(ex.map(abs, [-1, -2])) == [1, 2]
         with ClusterExecutor(ns=c.ns_address) as ex:
             assert ex.submit(abs, -3).result(timeout=30) == 3

@@ -5,6 +5,8 @@ import hashlib
 import io
 import json
 import os
+import tempfile
+import pathlib
 import subprocess
 import sys
 import tarfile
@@ -504,7 +506,7 @@ _part = st.sampled_from(["a", "b.py", "..", ".", "", "/", "c:", "\\x", "d\\e", "
 @given(parts=st.lists(_part, min_size=1, max_size=5))
 def test_safe_extract_never_writes_outside(tmp_path, parts):
     name = "/".join(parts)
-    base = tmp_path / f"case{abs(hash(name))}"
+    base = pathlib.Path(tempfile.mkdtemp(dir=tmp_path))    # a fresh folder per example (Hypothesis may replay one)
     dest = base / "dest"
     try:
         data = tar_with((member(name), b"payload"))

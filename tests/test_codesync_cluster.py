@@ -212,7 +212,7 @@ def small_cluster():
 
 @pytest.fixture
 def ex(cluster3):
-    e = ClusterExecutor(cluster3.address, secret=cluster3.secret)
+    e = ClusterExecutor(address=cluster3.address, secret=cluster3.secret)
     try:
         yield e
     finally:
@@ -247,7 +247,7 @@ def test_code_kwarg_with_project_dir_and_single_file(cluster3, tmp_path):
     want = build_bundle([str(proj), str(single)])[0]
     assert set(want.roots) == {"cs_projpkg", "cs_tool", "cs_single"}
 
-    with ClusterExecutor(cluster3.address, secret=cluster3.secret, code=[str(proj), str(single)]) as ex2:
+    with ClusterExecutor(address=cluster3.address, secret=cluster3.secret, code=[str(proj), str(single)]) as ex2:
         assert holders(cluster3, want.digest) == cluster3.names
         with importable(proj, "cs_projpkg", "cs_tool") as (pkg, _tool), importable(single.parent, "cs_single") as one:
             results = everywhere(ex2, pkg.probe, cluster3.names)
@@ -342,8 +342,8 @@ def test_reupload_same_function_object_sees_new_code(cluster3, ex, tmp_path):
 def test_two_clients_two_versions_interleaved_on_the_same_workers(cluster3, tmp_path):
     v1 = make_pkg(tmp_path / "v1", "cs_two", 1)
     v2 = make_pkg(tmp_path / "v2", "cs_two", 2)
-    with ClusterExecutor(cluster3.address, secret=cluster3.secret) as ex1, \
-            ClusterExecutor(cluster3.address, secret=cluster3.secret) as ex2:
+    with ClusterExecutor(address=cluster3.address, secret=cluster3.secret) as ex1, \
+            ClusterExecutor(address=cluster3.address, secret=cluster3.secret) as ex2:
         d1, d2 = ex1.upload_code(v1).digest, ex2.upload_code(v2).digest
         assert d1 != d2
         with importable(tmp_path / "v1", "cs_two") as pkg:   # by reference: only the name travels
@@ -364,7 +364,7 @@ def test_unchanged_code_is_not_sent_again(cluster3, tmp_path):
     blob = os.urandom(8 << 20)
     pkg_dir = make_pkg(tmp_path / "src", "cs_same_bytes", 1, blob=blob)
     before = bundle_counts(cluster3)
-    with ClusterExecutor(cluster3.address, secret=cluster3.secret) as ex1:
+    with ClusterExecutor(address=cluster3.address, secret=cluster3.secret) as ex1:
         reads = [rchar(p.pid) for p in cluster3.procs]
         t0 = time.perf_counter()
         first = ex1.upload_code(pkg_dir)
@@ -380,7 +380,7 @@ def test_unchanged_code_is_not_sent_again(cluster3, tmp_path):
         t0 = time.perf_counter()
         second = ex1.upload_code(pkg_dir)
         t_second = time.perf_counter() - t0
-        with ClusterExecutor(cluster3.address, secret=cluster3.secret) as ex2:   # another client, same code
+        with ClusterExecutor(address=cluster3.address, secret=cluster3.secret) as ex2:   # another client, same code
             third = ex2.upload_code(pkg_dir)
         got = [rchar(p.pid) - r for p, r in zip(cluster3.procs, reads)]
         assert second.digest == third.digest == first.digest
@@ -421,7 +421,7 @@ def test_code_kwarg_missing_path_leaves_nothing_behind(cluster3, tmp_path):
     clients = node_call(cluster3.address, cluster3.secret, "status")["clients"]
     try:
         with pytest.raises(CodeSyncError, match="no-such-dir"):
-            ClusterExecutor(cluster3.address, secret=cluster3.secret, code=[str(tmp_path / "no-such-dir")])
+            ClusterExecutor(address=cluster3.address, secret=cluster3.secret, code=[str(tmp_path / "no-such-dir")])
         wait_for(lambda: len(_client_threads()) <= before, 3, "the failed executor's threads to end")
         wait_for(lambda: node_call(cluster3.address, cluster3.secret, "status")["clients"] <= clients, 3,
                  "the node to forget the failed executor")
@@ -455,7 +455,7 @@ def test_too_large_bundle_is_refused_naming_its_size(small_cluster, tmp_path):
     big, want = _too_large_tree(tmp_path)
     cache = cache_dir(small_cluster, 0)
     listing = sorted(os.listdir(cache))
-    with ClusterExecutor(small_cluster.address, secret=small_cluster.secret) as e:
+    with ClusterExecutor(address=small_cluster.address, secret=small_cluster.secret) as e:
         with pytest.raises(CodeSyncError) as ei:
             e.upload_code(big)
         msg = str(ei.value)
@@ -529,7 +529,7 @@ def test_hostile_archives_are_refused_naming_the_member(cluster3, tmp_path):
         assert type(err).__name__ == "UnsafeArchive" and isinstance(err, CodeSyncError), f"{member}: {err!r}"
         assert member in str(err), f"{member}: {err!r}"
     # the node is fine afterwards: a real upload still works
-    with ClusterExecutor(cluster3.address, secret=cluster3.secret) as e:
+    with ClusterExecutor(address=cluster3.address, secret=cluster3.secret) as e:
         info = e.upload_code(make_pkg(tmp_path / "src", "cs_after_hostile", 1))
         assert holders(cluster3, info.digest) == cluster3.names
 
@@ -581,7 +581,7 @@ def _evict_pkg(parent, tag: str) -> str:
 
 
 def test_eviction_removes_the_oldest_unused_bundle(small_cluster, tmp_path):
-    with ClusterExecutor(small_cluster.address, secret=small_cluster.secret) as e:
+    with ClusterExecutor(address=small_cluster.address, secret=small_cluster.secret) as e:
         a, b, c, d = (e.upload_code(_evict_pkg(tmp_path, t)).digest for t in "abcd")
         have = node_call(small_cluster.address, small_cluster.secret, "code_has", [a, b, c, d])
     assert d in have and c in have, have          # the newest stay
@@ -591,8 +591,8 @@ def test_eviction_removes_the_oldest_unused_bundle(small_cluster, tmp_path):
 
 def test_eviction_keeps_the_recently_used_bundle(small_cluster, tmp_path):
     a_dir, b_dir, c_dir = (_evict_pkg(tmp_path, t) for t in ("ua", "ub", "uc"))
-    with ClusterExecutor(small_cluster.address, secret=small_cluster.secret) as ea, \
-            ClusterExecutor(small_cluster.address, secret=small_cluster.secret) as eb:
+    with ClusterExecutor(address=small_cluster.address, secret=small_cluster.secret) as ea, \
+            ClusterExecutor(address=small_cluster.address, secret=small_cluster.secret) as eb:
         a = ea.upload_code(a_dir).digest
         b = eb.upload_code(b_dir).digest
         with importable(os.path.dirname(a_dir), "cs_evict") as mod:
@@ -615,8 +615,8 @@ def test_eviction_never_removes_a_bundle_in_use(small_cluster, tmp_path):
         return cs_evict.TAG, hashlib.sha256(importlib.resources.files("cs_evict").joinpath("blob.bin")
                                             .read_bytes()).hexdigest()
 
-    with ClusterExecutor(small_cluster.address, secret=small_cluster.secret) as ea, \
-            ClusterExecutor(small_cluster.address, secret=small_cluster.secret) as eb:
+    with ClusterExecutor(address=small_cluster.address, secret=small_cluster.secret) as ea, \
+            ClusterExecutor(address=small_cluster.address, secret=small_cluster.secret) as eb:
         a = ea.upload_code(a_dir).digest
         fut = ea.submit(hold, str(flag))
         wait_for(fut.running, 30, "the holding task to start")
@@ -643,7 +643,7 @@ def test_cli_sync_code_then_tasks_import_it(cluster3, tmp_path):
     assert "3 nodes" in r.stdout, r.stdout
     assert holders(cluster3, want.digest) == cluster3.names
     counts = bundle_counts(cluster3)
-    with ClusterExecutor(cluster3.address, secret=cluster3.secret) as e:
+    with ClusterExecutor(address=cluster3.address, secret=cluster3.secret) as e:
         assert e.upload_code(pkg_dir).digest == want.digest   # already there: nothing new is installed
         assert bundle_counts(cluster3) == counts
         with importable(tmp_path / "src", "cs_cli") as pkg:
@@ -663,7 +663,7 @@ def test_upload_times(cluster3, tmp_path):
 
     timings = {}
     for tree in (small, big):
-        with ClusterExecutor(cluster3.address, secret=cluster3.secret) as e:   # a fresh bundle each time
+        with ClusterExecutor(address=cluster3.address, secret=cluster3.secret) as e:   # a fresh bundle each time
             t0 = time.perf_counter()
             info = e.upload_code(tree)
             timings[tree.name] = (info, time.perf_counter() - t0)

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def ex():
-    with LocalCluster(nodes=2, workers_per_node=2) as c, ClusterExecutor(c.address, secret=c.secret) as e:
+    with LocalCluster(nodes=2, workers_per_node=2) as c, ClusterExecutor(address=c.address, secret=c.secret) as e:
         yield e
 
 

@@ -41,6 +41,21 @@ def test_file_then_env_then_argument(tmp_path):
     assert ClientConfig.from_env(environ={}, config_file=f, connect_timeout=1.5).connect_timeout == 1.5
 
 
+def test_top_level_keys_apply_to_both_and_tables_win(tmp_path):
+    f = write(tmp_path / "t.toml", "tls-ca = '/ca.pem'\nworkers = 4\nconnect_timeout = 3\n"
+                                   "[client]\ntls_ca = '/client-ca.pem'\n")
+    node = NodeConfig.from_env(environ={}, config_file=f)
+    client = ClientConfig.from_env(environ={}, config_file=f)
+    assert (node.tls_ca, node.workers) == ("/ca.pem", 4)
+    assert (client.tls_ca, client.connect_timeout) == ("/client-ca.pem", 3.0)
+    f = write(tmp_path / "u.toml", "colour = 'blue'\n")
+    with pytest.raises(ConfigError, match="unknown setting 'colour'"):
+        NodeConfig.from_env(environ={}, config_file=f)
+    f = write(tmp_path / "s.toml", "secret = 'x'\n")
+    with pytest.raises(ConfigError, match="do not put the secret"):
+        ClientConfig.from_env(environ={}, config_file=f)
+
+
 def test_where_the_file_is_found(tmp_path, monkeypatch):
     home_cfg = tmp_path / "xdg" / "pydist"
     home_cfg.mkdir(parents=True)

@@ -157,7 +157,7 @@ def test_functions_from_main_of_a_script(cluster, tmp_path, proc_guard):
             return Box(box.v * 3)
 
         if __name__ == "__main__":
-            with ClusterExecutor(sys.argv[1]) as ex:
+            with ClusterExecutor(address=sys.argv[1]) as ex:
                 r = ex.submit(triple, Box(14)).result(30)
                 lam = ex.submit(lambda x: x - 1, 100).result(30)
                 out = list(ex.map(triple, [Box(1), Box(2)]))
@@ -189,10 +189,12 @@ def test_unrebuildable_exception_keeps_remote_traceback(executor):
     assert "custom failure 1" in text and "raise_custom" in text
 
 
-def test_unpicklable_function_raises_at_submit(executor):
+def test_unpicklable_function_fails_its_future(executor):
+    """As with ProcessPoolExecutor, the future fails (submit does not raise)."""
     lock = threading.Lock()
+    fut = executor.submit(lambda: lock.locked())
     with pytest.raises(SerializationError, match="function"):
-        executor.submit(lambda: lock.locked())
+        fut.result(10)
     assert executor.submit(pow, 3, 2).result(10) == 9
 
 
@@ -335,7 +337,7 @@ def test_as_completed(executor, gate):
 
 def test_hang_issue12364(cluster):
     """Many short futures, then shutdown: every future finishes, nothing hangs."""
-    ex = ClusterExecutor(cluster.address, secret=cluster.secret)
+    ex = ClusterExecutor(address=cluster.address, secret=cluster.secret)
     fs = [ex.submit(time.sleep, 0.001) for _ in range(300)]
     ex.shutdown(wait=True)
     done, not_done = cf.wait(fs, timeout=0)
@@ -346,7 +348,7 @@ def test_hang_issue12364(cluster):
 # ------------------------------------------------------------------------------------------ cancel
 def test_cancel_not_started(fresh_cluster, gate):
     c = fresh_cluster(workers_per_node=1)
-    with ClusterExecutor(c.address, secret=c.secret) as ex:
+    with ClusterExecutor(address=c.address, secret=c.secret) as ex:
         blockers = [ex.submit(gated, gate.path, i, gate.started(i)) for i in range(3)]
         last = ex.submit(gated, gate.path, "last", gate.started("last"))
         wait_for(lambda: blockers[0].running(), 10, "the first task to run")
@@ -366,7 +368,7 @@ def test_cancel_not_started(fresh_cluster, gate):
 def test_cancel_futures(fresh_cluster):
     """CPython's test_cancel_futures: 50 short tasks, 2 workers, shutdown(cancel_futures=True)."""
     c = fresh_cluster(workers_per_node=2)
-    ex = ClusterExecutor(c.address, secret=c.secret)
+    ex = ClusterExecutor(address=c.address, secret=c.secret)
     fs = [ex.submit(time.sleep, 0.1) for _ in range(50)]
     ex.shutdown(cancel_futures=True)
     cancelled = [f for f in fs if f.cancelled()]
@@ -378,7 +380,7 @@ def test_cancel_futures(fresh_cluster):
 
 def test_cancel_futures_after_some_started(fresh_cluster):
     c = fresh_cluster(workers_per_node=2)
-    ex = ClusterExecutor(c.address, secret=c.secret)
+    ex = ClusterExecutor(address=c.address, secret=c.secret)
     fs = [ex.submit(time.sleep, 0.1) for _ in range(50)]
     wait_for(lambda: fs[0].running() or fs[0].done(), 10, "the first task to start")
     ex.shutdown(cancel_futures=True)
@@ -397,7 +399,7 @@ def mark_and_sleep(directory, i, seconds):
 
 def test_cancelled_tasks_do_not_run_after_short_tasks(fresh_cluster, tmp_path):
     c = fresh_cluster(workers_per_node=2)
-    ex = ClusterExecutor(c.address, secret=c.secret)
+    ex = ClusterExecutor(address=c.address, secret=c.secret)
     try:
         assert list(ex.map(abs, range(-500, 0))) == list(range(500, 0, -1))   # the node learns "tasks are short"
         fs = [ex.submit(mark_and_sleep, str(tmp_path), i, 0.05) for i in range(40)]
@@ -419,14 +421,14 @@ def security_connect(c):
 
 # ------------------------------------------------------------------------------------------ shutdown
 def test_shutdown_race_issue12456(cluster):
-    ex = ClusterExecutor(cluster.address, secret=cluster.secret)
+    ex = ClusterExecutor(address=cluster.address, secret=cluster.secret)
     f = ex.submit(pow, 3, 3)
     ex.shutdown(wait=False)
     assert f.result(20) == 27
 
 
 def test_submit_after_shutdown_raises(cluster):
-    ex = ClusterExecutor(cluster.address, secret=cluster.secret)
+    ex = ClusterExecutor(address=cluster.address, secret=cluster.secret)
     ex.shutdown()
     with pytest.raises(RuntimeError, match="after shutdown"):
         ex.submit(pow, 2, 2)
@@ -434,7 +436,7 @@ def test_submit_after_shutdown_raises(cluster):
 
 
 def test_context_manager_shutdown(cluster):
-    with ClusterExecutor(cluster.address, secret=cluster.secret) as ex:
+    with ClusterExecutor(address=cluster.address, secret=cluster.secret) as ex:
         fs = [ex.submit(abs, -i) for i in range(20)]
     assert all(f.done() for f in fs)
     assert [f.result(0) for f in fs] == list(range(20))
@@ -443,7 +445,7 @@ def test_context_manager_shutdown(cluster):
 
 
 def test_shutdown_wait_waits_for_running(cluster, gate):
-    ex = ClusterExecutor(cluster.address, secret=cluster.secret)
+    ex = ClusterExecutor(address=cluster.address, secret=cluster.secret)
     f = ex.submit(gated, gate.path, "finished")
     wait_for(f.running, 10, "the task to start")
     returned = threading.Event()
@@ -498,7 +500,7 @@ def test_embedded_cluster(proc_guard):
 
 
 def test_connect_by_uri_and_name_server(cluster):
-    with ClusterExecutor(f"PYRO:pydist.node@{cluster.address}", secret=cluster.secret) as ex:
+    with ClusterExecutor(address=f"PYRO:pydist.node@{cluster.address}", secret=cluster.secret) as ex:
         assert ex.submit(mul, 6, 7).result(10) == 42
     with ClusterExecutor(ns=cluster.ns_address, secret=cluster.secret) as ex:
         assert ex.submit(mul, 6, 7).result(10) == 42
@@ -506,7 +508,7 @@ def test_connect_by_uri_and_name_server(cluster):
 
 
 def test_initializer_runs_in_every_worker(cluster, gate):
-    with ClusterExecutor(cluster.address, secret=cluster.secret, initializer=set_init,
+    with ClusterExecutor(address=cluster.address, secret=cluster.secret, initializer=set_init,
                          initargs=("ready",)) as ex:
         # two tasks that must run at the same time: one per worker
         fs = [ex.submit(gated, gate.path, None, gate.started(i)) for i in range(2)]

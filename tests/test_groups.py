@@ -278,3 +278,43 @@ def _peek_secret(comm=None):
 def test_ranks_never_see_the_cluster_secret(ex):
     assert ex.spawn_group(_peek_secret, 2).results(timeout=30) == [None, None]
     assert ex.submit(_peek_secret).result(timeout=30) is None
+
+
+def _flood(comm, gate):
+    if comm.rank == 0:
+        t0 = time.monotonic()
+        blob = b"\x01" * (1 << 20)
+        for _ in range(100):            # 100 MiB: more than the receiver's queue cap (64 MiB)
+            comm.send(blob, dest=1)
+        return time.monotonic() - t0
+    deadline = time.monotonic() + 30
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)               # not receiving yet
+    return sum(len(comm.recv(source=0, timeout=60)) for _ in range(100))
+
+
+def test_a_sender_blocks_while_the_receivers_queue_is_full(ex, tmp_path):
+    gate = str(tmp_path / "gate")
+    group = ex.spawn_group(_flood, 2, gate)
+    wait_for(lambda: group.state == "running", 20, "the group to run")
+    with pytest.raises(Exception):
+        group[0].result(timeout=3)      # still blocked: the receiver holds 64 MiB and reads no more
+    open(gate, "w").close()
+    blocked_for, received = group.results(timeout=60)
+    assert received == 100 << 20 and blocked_for >= 1.5   # it waited for the receiver
+
+
+def test_a_group_reaches_workers_two_hops_away(proc_guard):
+    from pydist import LocalCluster
+
+    with LocalCluster(nodes=3, workers_per_node=[1, 0, 2], topology="chain") as c, \
+            ClusterExecutor(c.address, secret=c.secret) as e:
+        wait_for(lambda: e.status()["task_groups"] is not None and sum(
+            l["workers"] for l in e.status()["links"]) >= 2, 20, "the chain to link up")
+        out = e.spawn_group(_node_of_rank, 3).results(timeout=60)
+    assert sorted(out) == sorted(["node0", "node2", "node2"]), out
+
+
+def _node_of_rank(comm):
+    comm.barrier(timeout=30)
+    return pydist.task_context().node

@@ -28,7 +28,8 @@ from Pyro5 import protocol
 from pydist import ClusterExecutor, LocalCluster
 from pydist import security as S
 from pydist.codesync import CodeStore
-from pydist.errors import AuthenticationError, BundleTooLarge, ClusterUnavailable, CodeSyncError, UnsafeArchive
+from pydist.errors import (AuthenticationError, BundleTooLarge, ClusterUnavailable, CodeSyncError, ResourceLimit,
+                           UnsafeArchive)
 from conftest import wait_for
 from test_hostile import NodeProc, node_env, read_reply, reply_type
 
@@ -339,6 +340,171 @@ def test_unfinished_uploads_are_bounded_and_hold_no_descriptor(start_node):
     assert after["fds"] - before["fds"] < 8
     S.release(p)
     served(node.address)
+
+
+# ------------------------------------------------------------------------------------------ 7, 8. uploads, code_read
+def test_uploads_a_connection_left_unfinished_are_freed_when_it_ends(start_node, tmp_path):
+    node = start_node("--host", "127.0.0.2", "--log-level", "ERROR", "--max-uploads-per-client", "3")
+    cache = str(node.log_path) + ".code"
+    parts = lambda: [n for n in os.listdir(cache) if n.startswith(".upload-")]      # noqa: E731
+    p = S.connect(node.address, secret=SECRET)
+    for i in range(3):
+        p.code_begin(hashlib.sha256(b"u%d" % i).hexdigest(), 5000)
+    with pytest.raises(CodeSyncError, match="this connection already has 3"):
+        p.code_begin(hashlib.sha256(b"u9").hexdigest(), 5000)
+    assert len(parts()) == 3
+    S.release(p)
+    wait_for(lambda: not parts(), 10, "the node to drop the uploads of the connection that ended")
+
+
+def _bundle_of(size: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("blob.bin")
+        info.size = size
+        t.addfile(info, io.BytesIO(os.urandom(size)))
+    return buf.getvalue()
+
+
+def test_code_read_and_code_size_read_only_what_they_return(start_node):
+    node = start_node("--host", "127.0.0.2", "--log-level", "ERROR")
+    data = _bundle_of(16 * MIB)
+    digest = hashlib.sha256(data).hexdigest()
+    p = S.connect(node.address, secret=SECRET)
+    p.code_begin(digest, len(data))
+    for off in range(0, len(data), 4 * MIB):
+        p.code_chunk(digest, off, data[off:off + 4 * MIB])
+    p.code_finish(digest, False)
+    io0 = psutil.Process(node.pid).io_counters().read_chars
+    before = usage(node.pid)
+    assert p.code_size(digest) == len(data)
+    got = b"".join(p.code_read(digest, off, MIB) for off in range(0, len(data), MIB))
+    assert got == data
+    for _ in range(20):
+        p.code_size(digest)
+    read = psutil.Process(node.pid).io_counters().read_chars - io0
+    after = usage(node.pid)
+    report("fetch a 16 MiB bundle in 1 MiB chunks + 21 code_size", before, after,
+           f"; node read {read / MIB:.0f} MiB from disk")
+    S.release(p)
+    assert read < 3 * len(data), f"the node read {read / MIB:.0f} MiB to serve {len(data) / MIB:.0f} MiB"
+
+
+# ------------------------------------------------------------------------------------------ 10. queued tasks, blobs
+def _task(cid: str, i: int, fn: str, payload: bytes = b"\x80\x05N.") -> tuple:
+    from pydist import wire
+    return wire.make_task(f"{cid}.{i}", fn, payload, client=cid)
+
+
+def _error_of(result: tuple) -> BaseException:
+    from pydist import wire
+    loads = getattr(wire, "loads_exception", wire.loads)
+    return loads(result[wire.R_BLOB])
+
+
+def _collect(p, cid: str, n: int, timeout: float = 30.0) -> dict:
+    got: dict = {}
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        results, _ = p.collect(cid, 0.5)
+        for r in results:
+            got[r[0]] = r
+    return got
+
+
+def test_queued_tasks_are_bounded_per_client_with_a_clear_error(start_node, tmp_path):
+    import cloudpickle
+    from pydist import wire
+    node = start_node("--host", "127.0.0.2", "--log-level", "ERROR", "--workers", "0",
+                      "--max-client-tasks", "50", "--max-client-bytes", "1M")
+    p = S.connect(node.address, secret=SECRET, call_timeout=15)
+    cid = "quota-client"
+    p.open_client(cid, None)
+    fn = cloudpickle.dumps(square)
+    before = usage(node.pid)
+    assert p.submit(cid, {"f": fn}, [_task(cid, i, "f") for i in range(80)]) == 50   # no workers: they wait
+    got = _collect(p, cid, 30)
+    assert len(got) == 30 and all(r[wire.R_STATUS] != wire.OK for r in got.values())
+    err = _error_of(next(iter(got.values())))
+    assert isinstance(err, ResourceLimit) and "--max-client-tasks 50" in str(err), err
+    # bytes: one task with a 2 MiB argument is refused by --max-client-bytes, the node keeps serving
+    other = "quota-bytes"
+    p.open_client(other, None)
+    assert p.submit(other, {"f": fn}, [_task(other, 0, "f", b"x" * (2 * MIB))]) == 0
+    err = _error_of(_collect(p, other, 1)[f"{other}.0"])
+    assert isinstance(err, ResourceLimit) and "--max-client-bytes" in str(err), err
+    st = p.status()
+    assert st["held"] == 50 and st["refused_limit"] == 31
+    p.close_client(cid)
+    p.close_client(other)
+    wait_for(lambda: p.status()["held"] == 0 and p.status()["fns"] == 0, 10, "the closed clients' tasks to go")
+    after = usage(node.pid)
+    report("81 tasks over --max-client-tasks 50 / --max-client-bytes 1M", before, after)
+    S.release(p)
+
+
+def test_function_blobs_no_task_keeps_are_not_kept(start_node):
+    import cloudpickle
+    node = start_node("--host", "127.0.0.2", "--log-level", "ERROR", "--workers", "1")
+    p = S.connect(node.address, secret=SECRET, call_timeout=15)
+    cid = "blob-client"
+    p.open_client(cid, None)
+    big = cloudpickle.dumps(square)
+    before = usage(node.pid)
+    p.submit(cid, {f"unused-{i}": b"\0" * MIB for i in range(20)}, [])          # blobs no task names
+    with pytest.raises(Exception):
+        p.submit(cid, {f"bad-{i}": b"\0" * MIB for i in range(20)}, [("not", "a", "task")])   # fails validation
+    assert p.submit(cid, {"f": big}, [_task(cid, 0, "f")]) == 1
+    for i in range(20):                                                          # the same id again, new blob
+        p.submit(cid, {f"again-{i}": b"\0" * MIB}, [_task(cid, 0, f"again-{i}")])
+    _collect(p, cid, 1)
+    st = p.status()
+    after = usage(node.pid)
+    report("60 stray 1 MiB function blobs", before, after, f"; node keeps {st['fns']} blobs")
+    assert st["fns"] <= 1, st
+    p.close_client(cid)
+    wait_for(lambda: p.status()["fns"] == 0, 10, "the client's blobs to go")
+    S.release(p)
+
+
+# ------------------------------------------------------------------------------------------ 11. dropped executors
+def _client_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name.startswith("pydist-client") and t.is_alive())
+
+
+def _node_connections(pid: int) -> int:
+    return sum(1 for c in psutil.Process(pid).net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED)
+
+
+def test_executors_dropped_without_shutdown_let_go_of_threads_and_connections(start_node):
+    import gc
+    node = start_node("--host", "127.0.0.2", "--log-level", "ERROR", "--threadpool", "16")
+    threads0, conns0 = _client_threads(), _node_connections(node.pid)
+    for _ in range(10):                     # more than a --threadpool 16 node could hold at 2-3 each
+        ex = ClusterExecutor(node.address, secret=SECRET, connect_timeout=10)
+        assert ex.submit(square, 3).result(timeout=30) == 9
+        del ex
+        gc.collect()
+    wait_for(lambda: _client_threads() <= threads0, 20, "the dropped executors' threads to end")
+    wait_for(lambda: _node_connections(node.pid) <= conns0, 20, "the node to see their connections close")
+    served(node.address)
+# ------------------------------------------------------------------------------------------ 4. joining
+def test_a_child_that_cannot_join_says_why_at_warning_once_per_interval(start_node):
+    parent = start_node("--host", "127.0.0.2", "--log-level", "WARNING", "--refusal-log-interval", "1")
+    child = start_node("--host", "127.0.0.3", "--log-level", "WARNING", "--parent", parent.address,
+                       secret=b"another-cluster-secret-0123456789")
+    wait_for(lambda: "cannot join" in child.log(), 15, "the child's warning")
+    line = next(l for l in child.log().splitlines() if "cannot join" in l)
+    assert "WARNING" in line and parent.address in line and "wrong cluster secret" in line, line
+    # the parent counts many more refused attempts meanwhile; the child has still said it once
+    import re
+    def refused() -> int:
+        log = parent.log()
+        return log.count("refused connection from") + sum(int(n) for n in re.findall(r"refused (\d+) more", log))
+
+    wait_for(lambda: refused() >= 5, 30, "the child to retry")
+    assert sum("cannot join" in l for l in child.log().splitlines()) == 1, child.log()
+    assert child.alive() and parent.alive()
 
 
 # ------------------------------------------------------------------------------------------ 12. local users

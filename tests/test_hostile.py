@@ -155,7 +155,7 @@ def _square(x):
 
 def check_workload(address, secret, n=200):
     """A normal workload: every result right."""
-    with ClusterExecutor(address, secret=secret, connect_timeout=10) as ex:
+    with ClusterExecutor(address=address, secret=secret, connect_timeout=10) as ex:
         got = list(ex.map(_square, range(n), timeout=60))
     assert got == [x * x for x in range(n)]
 
@@ -171,7 +171,7 @@ def test_wrong_and_missing_secret_refused_fast_logged_rate_limited_and_node_keep
     for bad, why in ((b"wrong", "wrong cluster secret"), (None, "requires the cluster secret")):
         t0 = time.monotonic()
         with pytest.raises(pydist.AuthenticationError) as ei:
-            ClusterExecutor(node.address, secret=bad, connect_timeout=10)
+            ClusterExecutor(address=node.address, secret=bad, connect_timeout=10)
         took = time.monotonic() - t0
         assert took < 2.0, f"refusal took {took:.2f} s (the connect timeout is 10 s: it must not retry)"
         assert node.address in str(ei.value) and why in str(ei.value)
@@ -190,7 +190,7 @@ def test_client_with_secret_refuses_node_without_one(start_node, monkeypatch):
     assert "INSECURE" in node.log()
     t0 = time.monotonic()
     with pytest.raises(pydist.AuthenticationError) as ei:
-        ClusterExecutor(node.address, secret=SECRET, connect_timeout=10)
+        ClusterExecutor(address=node.address, secret=SECRET, connect_timeout=10)
     assert time.monotonic() - t0 < 2.0
     assert node.address in str(ei.value) and "no cluster secret" in str(ei.value)
     # a client without a secret may use a node started with --insecure (PYDIST_INSECURE=1: not even this
@@ -235,7 +235,7 @@ def test_secret_file_flag(start_node, tmp_path):
     f.chmod(0o600)
     node = start_node("--host", "127.0.0.3", "--secret-file", str(f), secret=None)
     with pytest.raises(pydist.AuthenticationError):
-        ClusterExecutor(node.address, secret=None, connect_timeout=5)
+        ClusterExecutor(address=node.address, secret=None, connect_timeout=5)
     check_workload(node.address, b"file-secret-0123456789abcdef", n=10)
 
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(90)
 CLIENT = textwrap.dedent("""
     import sys, threading, time
     from pydist import ClusterExecutor
-    ex = ClusterExecutor(sys.argv[1], secret=sys.argv[2].encode())
+    ex = ClusterExecutor(address=sys.argv[1], secret=sys.argv[2].encode())
     fs = [ex.submit(time.sleep, 0.2) for _ in range(200)]
     print("SUBMITTED", flush=True)
     threading.Event().wait(600)   # until the test kills us
@@ -38,7 +38,7 @@ def test_vanished_client_tasks_are_dropped_after_its_lease():
                 assert st["done"] < 100       # far from all 200 ran: they were dropped, not run
             finally:
                 node._pyroRelease()
-            with ClusterExecutor(c.address, secret=c.secret) as ex:   # and it serves others
+            with ClusterExecutor(address=c.address, secret=c.secret) as ex:   # and it serves others
                 assert list(ex.map(abs, [-1, -2, -3])) == [1, 2, 3]
         finally:
             if p.poll() is None:

@@ -48,7 +48,7 @@ CLIENT = textwrap.dedent(r'''
     t0 = time.monotonic()
     out = {}
     try:
-        with ClusterExecutor(address, secret=secret, connect_timeout=4, **tls) as ex:
+        with ClusterExecutor(address=address, secret=secret, connect_timeout=4, **tls) as ex:
             out["connect_s"] = time.monotonic() - t0
             nodes, ok = set(), True
             deadline = time.monotonic() + 30
@@ -79,7 +79,7 @@ CLUSTER = textwrap.dedent(r'''
         with LocalCluster(nodes=2, workers_per_node=1, secret=secret, start_timeout=8,
                           node_args=["--tls-cert", d + "/node.pem", "--tls-key", d + "/node.key",
                                      "--tls-ca", d + "/ca.pem"]) as c:
-            with ClusterExecutor(c.address, secret=secret, tls_cert=tls.cert, tls_key=tls.key, tls_ca=tls.ca) as ex:
+            with ClusterExecutor(address=c.address, secret=secret, tls_cert=tls.cert, tls_key=tls.key, tls_ca=tls.ca) as ex:
                 out["nodes"] = sorted(set(ex.map(where, range(40), timeout=30)))
     except Exception as exc:
         out.update(error=type(exc).__name__, message=str(exc))

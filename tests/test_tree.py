@@ -209,7 +209,7 @@ def stop_cluster(cluster: LocalCluster, extra_pids=()) -> None:
 def executor(address, secret):
     """A ClusterExecutor that, when the test fails, does not wait for futures the cluster lost
     (``shutdown(wait=True)`` would block on them and outlive the test's timeout)."""
-    ex = ClusterExecutor(address, secret=secret)
+    ex = ClusterExecutor(address=address, secret=secret)
     try:
         yield ex
     except BaseException:

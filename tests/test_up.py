@@ -369,8 +369,8 @@ def test_the_example_file_reads():
 
     spec = load_spec(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
                                   "cluster.toml"))
-    assert spec.name == "lab" and spec.ns_address == "10.0.0.1:9090"
-    assert [[h.name for h in w] for w in _levels(spec)] == [["head"], ["10.0.0.2"], ["10.0.0.3"]]
+    assert spec.name == "lab" and spec.ns_address == "192.0.2.1:9090"
+    assert [[h.name for h in w] for w in _levels(spec)] == [["head"], ["192.0.2.2"], ["192.0.2.3"]]
 
 
 def test_host_names_are_resolved_and_loopback_names_refused_in_a_real_network(tmp_path):
@@ -380,7 +380,7 @@ def test_host_names_are_resolved_and_loopback_names_refused_in_a_real_network(tm
     p = tmp_path / "names.toml"
     p.write_text("[[hosts]]\naddress = 'localhost'\n[[hosts]]\naddress = '127.0.0.3'\n")
     assert bind_addresses(load_spec(str(p))) == {"localhost": "127.0.0.1", "127.0.0.3": "127.0.0.3"}
-    p.write_text("[[hosts]]\naddress = '10.1.2.3'\n[[hosts]]\naddress = 'localhost'\n")
+    p.write_text("[[hosts]]\naddress = '192.0.2.3'\n[[hosts]]\naddress = 'localhost'\n")
     with pytest.raises(ConfigError, match="localhost resolve.*loopback.*network IP"):
         bind_addresses(load_spec(str(p)))
     p.write_text("[[hosts]]\naddress = 'no-such-host.invalid'\n")

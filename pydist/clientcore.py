@@ -1,0 +1,575 @@
+"""The client's moving parts: its state, the sender and collector threads, the futures they resolve.
+
+::
+
+    user thread                 sender thread                 node                 collector thread
+    submit(fn, *a) ─▶ pickle ─▶ outbox ─▶ one submit(batch) ─▶ queue ─▶ workers ─▶ results
+      returns Future (pending)    (everything queued since                           │
+                                   the last call, ≤ max_batch)   collect(long poll) ◀┘
+                                                                   ─▶ set_running / set_result
+
+``ClusterExecutor`` (``pydist.executor``) is the face; a ``ClientCore`` owns what the threads touch:
+the pending futures, the outbox, the connection to the node.  The threads hold the core, never the
+executor, so an executor the program drops is collected (as ``ProcessPoolExecutor``'s threads hold
+only a weak reference to theirs): its finalizer shuts the core down without waiting, which finishes
+the pending work, closes the session and stops an embedded ``LocalCluster``.
+
+A lone submit is sent from the caller's thread; submits while others are in flight go through the
+sender thread, which coalesces everything queued meanwhile into one call: a lone task costs one round
+trip, 10,000 tasks cost a handful.  The collector keeps one long poll open; the node answers it as soon
+as anything finished, with every result ready by then.  Finished futures are forgotten at once.
+
+Liveness (``pydist.client``): every call to the entry node has a deadline (``node_timeout``); a call
+that fails or times out fails the client over to another node (``Entries.fail_over``: unfinished
+tasks are resubmitted under the same ids) or, when there is none, breaks it with ``BrokenCluster``
+naming the node and how long it was silent.  Every ``RECONCILE_EVERY`` s the long poll carries a count
+and digest of the ids we wait for; on a mismatch the client asks which the node holds and resends
+what it lacks.
+
+At interpreter exit (before ``atexit`` hooks, as ``concurrent.futures`` does) every live core waits
+for its pending futures, then closes: work submitted without waiting is not lost.  A submit after that
+(from an ``atexit`` hook) raises ``RuntimeError``.  If the node goes away, every pending future fails
+with ``BrokenCluster`` (a ``BrokenProcessPool``) and later ``submit`` raises it: nothing hangs.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import PENDING as _PENDING
+from typing import Any, Dict, List, Optional
+
+from . import security, wire
+from .client import Reconciler
+from .errors import BrokenCluster, DeserializationError, RemoteError
+from .output import FORWARD_OUTPUT, emit as emit_output, split as split_output
+
+log = logging.getLogger("pydist.executor")
+
+RECONCILE_EVERY = 2.0   # s between comparisons of our unfinished task ids with the entry node's
+BATCH_BYTES = 4 << 20   # bytes of task arguments per submit call (more tasks wait for the next call)
+
+
+class _Exit:
+    """Interpreter exit: set once ``_python_exit`` ran; the cores still alive."""
+
+    started = False
+    live: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _python_exit() -> None:
+    """Before ``atexit`` hooks: let every live executor finish what it was given, then close it."""
+    _Exit.started = True
+    for core in list(_Exit.live):
+        try:
+            core.shutdown(wait=True)
+        except Exception as exc:
+            log.debug("closing a client at exit: %s", exc)
+
+
+threading._register_atexit(_python_exit)
+
+
+class PydistFuture(Future):
+    """A ``concurrent.futures.Future`` for a pydist task.
+
+    ``cancel()`` asks the node (one round trip) and succeeds only if the task had not yet been handed to
+    a worker or another node, so a cancelled task never runs; otherwise the future is marked running and
+    ``cancel()`` returns False, as ``ProcessPoolExecutor`` does for started work.
+    """
+
+    _pydist_tid: str = ""
+    _pydist_exec: Any = None
+
+    def cancel(self) -> bool:
+        with self._condition:
+            if self._state != _PENDING:
+                return super().cancel()
+        ex = self._pydist_exec() if self._pydist_exec is not None else None
+        if ex is not None and self._pydist_tid not in ex._cancel_remote([self._pydist_tid]):
+            self._mark_running()
+            return False
+        return super().cancel()
+
+    def _invoke_callbacks(self) -> None:
+        # concurrent.futures catches only Exception here: a callback raising SystemExit or
+        # KeyboardInterrupt would end the thread that resolved the future (our collector) for good
+        for callback in self._done_callbacks:
+            try:
+                callback(self)
+            except BaseException:
+                log.exception("exception calling callback for %r", self)
+
+    def _mark_running(self) -> None:
+        with self._condition:
+            if self._state == _PENDING:
+                self.set_running_or_notify_cancel()
+
+
+def _unpickling_error(what: str, exc: BaseException) -> DeserializationError:
+    import traceback
+
+    err = DeserializationError(f"{what} could not be unpickled here: {type(exc).__name__}: {exc}")
+    err.__cause__ = RemoteError("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    return err
+
+
+def _resolve(f: Future, value: Any = None, exc: Optional[BaseException] = None) -> None:
+    """Set a future's outcome; a future cancelled meanwhile keeps its state."""
+    try:
+        if exc is not None:
+            f.set_exception(exc)
+        else:
+            f.set_result(value)
+    except InvalidStateError:
+        pass
+    except BaseException:   # only from a foreign Future subclass's callbacks: never end our thread
+        log.exception("setting the outcome of %r raised", f)
+
+
+class ClientCore:
+    """Everything a client's threads touch (see the module docstring); ``ClusterExecutor`` holds one."""
+
+    def __init__(self, cfg, tls, entry, cid: str, node_name: str, cluster=None,
+                 max_inflight: Optional[int] = None, forward_output: bool = False,
+                 init_blob: Optional[bytes] = None):
+        self._cfg, self._tls, self._entry = cfg, tls, entry
+        self._init_blob = init_blob
+        self._pid = os.getpid()
+        self._records: Dict[str, tuple] = {}   # unfinished tasks, for a resubmission after failover
+        self._recon = Reconciler()
+        self._requeue = False
+        self._cid, self._node_name, self._cluster = cid, node_name, cluster
+        self._max_inflight = max_inflight
+        self._forward_output = forward_output
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._pending: Dict[str, PydistFuture] = {}
+        self._outbox: List[tuple] = []
+        self._seq = itertools.count()
+        self._shutdown = False
+        self._broken: Optional[BaseException] = None
+        self._threads: List[threading.Thread] = []
+        self._closed = threading.Event()
+        self._finalized = False
+        self._wref = weakref.ref(self)
+        self._send_lock = threading.Lock()
+        self._submit_gen = entry.gen
+        self._submit_proxy = self._connect()
+
+    def start(self) -> None:
+        """Start the sender and collector threads."""
+        for target, name in ((self._sender, "sender"), (self._collector, "collector")):
+            t = threading.Thread(target=target, name=f"pydist-client-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        _Exit.live.add(self)
+
+    @staticmethod
+    def executor_dropped(core: "ClientCore") -> None:
+        """The executor was collected without shutdown: finish its work in the background, then close."""
+        try:
+            core.shutdown(wait=False)
+        except Exception as exc:
+            log.debug("closing a dropped executor: %s", exc)
+
+    @property
+    def _uri(self) -> str:
+        return self._entry.uri
+
+    @property
+    def _address(self) -> str:
+        return self._entry.address
+
+    def _connect(self, timeout: Optional[float] = None, call_timeout: Optional[float] = None):
+        """A proxy to the entry node; each of its calls has a deadline (``node_timeout``)."""
+        return self._entry.connect(timeout, call_timeout)
+
+    def _enqueue(self, key: str, blob: bytes, payload: bytes, kind: int, bundle: Optional[str],
+                 retries: int = 0) -> PydistFuture:
+        fut = PydistFuture()
+        with self._lock:
+            self._check_open()
+            tid = f"{self._cid}.{next(self._seq)}"
+            fut._pydist_tid = tid
+            fut._pydist_exec = self._wref
+            self._pending[tid] = fut
+            if self._forward_output:
+                kind |= FORWARD_OUTPUT
+            rec = (tid, key, payload, bundle, 0, [], kind, self._cid) + ((retries,) if retries else ())
+            self._records[tid] = (rec, blob)
+            self._outbox.append((rec, blob))
+            # A lone submit (no other task of this executor outstanding) is sent from this thread: no
+            # hand-off to the sender thread.  Submits while others are in flight go through the sender,
+            # which batches everything queued meanwhile into one call.
+            direct = len(self._pending) == 1 and len(self._outbox) == 1 and self._room() > 0
+            if len(self._outbox) == 1 and not direct:
+                self._cond.notify_all()
+        if direct and self._send_lock.acquire(blocking=False):
+            try:
+                gen = self._entry.gen
+                try:
+                    self._send_outbox()
+                except Exception as exc:
+                    self._node_failed(exc, gen)
+            finally:
+                self._send_lock.release()
+        elif direct:
+            with self._cond:
+                self._cond.notify_all()
+        return fut
+
+    def _room(self) -> int:
+        """How many more tasks may be sent now (caller holds ``_lock``)."""
+        if self._max_inflight is None:
+            return len(self._outbox)
+        return self._max_inflight - (len(self._pending) - len(self._outbox))
+
+    def _check_open(self) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(f"this ClusterExecutor was created in process {self._pid}; a forked child "
+                               f"(process {os.getpid()}) cannot use it (its threads and connections did not "
+                               "survive the fork, and its task ids would collide): create a new "
+                               "ClusterExecutor in the child")
+        if self._broken is not None:
+            raise BrokenCluster(str(self._broken))
+        if _Exit.started:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; optionally cancel pending ones; with ``wait`` block until all are done.
+        Stops the embedded cluster, if any, once nothing is pending."""
+        with self._lock:
+            self._shutdown = True
+            pending = list(self._pending.values())
+        if cancel_futures:
+            waiting = [f for f in pending if not f.running() and not f.done()]
+            gone = self._cancel_remote([f._pydist_tid for f in waiting])
+            for f in waiting:
+                if f._pydist_tid in gone:
+                    Future.cancel(f)
+                else:
+                    f._mark_running()
+        if wait:
+            self._drain_and_close()
+        else:
+            threading.Thread(target=self._drain_and_close, daemon=True, name="pydist-client-close").start()
+
+    def _drain_and_close(self) -> None:
+        while True:
+            with self._lock:
+                pending = list(self._pending.values())
+            if not pending:
+                break
+            for f in pending:
+                try:
+                    f.exception()
+                except BaseException:
+                    pass
+        with self._lock:
+            if self._finalized:
+                return
+            self._finalized = True
+        self._closed.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._broken is None:
+            try:   # also ends the collector's long poll at once
+                p = self._connect(timeout=1.0)
+                p._pyroTimeout = 2.0
+                p.close_client(self._cid)
+                p._pyroRelease()
+            except Exception as exc:
+                log.debug("close_client failed: %s", exc)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=10)
+        if self._cluster is not None:
+            self._cluster.stop()
+            self._cluster = None
+
+    def _cancel_remote(self, tids: List[str]) -> set:
+        """Withdraw tasks that no worker has started: those still in our outbox, and those the node
+        still holds in its queue (one round trip).  Returns the ids withdrawn."""
+        gone = set()
+        with self._lock:
+            if self._broken is not None or self._finalized:
+                return set(tids)
+            want = set(tids)
+            keep = []
+            for item in self._outbox:
+                if item[0][0] in want:
+                    gone.add(item[0][0])
+                else:
+                    keep.append(item)
+            self._outbox[:] = keep
+            ask = [t for t in tids if t not in gone and t in self._pending]
+            gone.update(t for t in tids if t not in self._pending)
+        if ask:
+            with self._send_lock:
+                gen = self._entry.gen
+                try:
+                    gone.update(self._submit_proxy_now().cancel(self._cid, ask))
+                except Exception as exc:   # the node is gone: fail over (the tasks run there) or break
+                    if not self._node_failed(exc, gen):
+                        return set(tids)
+        with self._lock:
+            for t in gone:
+                self._pending.pop(t, None)
+                self._records.pop(t, None)
+                self._recon.discard(t)
+        return gone
+
+    def _submit_proxy_now(self):
+        """The submit proxy (caller holds ``_send_lock``), reconnected after a failover; each use claims
+        it (Pyro5 proxies belong to a thread, and this one moves between the sender and callers)."""
+        if self._submit_gen != self._entry.gen:
+            security.release(self._submit_proxy)
+            self._submit_gen = self._entry.gen
+            self._submit_proxy = self._connect()
+        self._submit_proxy._pyroClaimOwnership()
+        return self._submit_proxy
+
+    def _node_failed(self, exc: BaseException, gen: int) -> bool:
+        """A call to the entry node of generation ``gen`` failed or timed out.  Fail over (True: carry
+        on, unfinished tasks are queued again) or fail every pending future (False)."""
+        if self._closed.is_set():
+            return False
+        if self._entry.fail_over(gen, self._open_here):
+            self._requeue_unfinished()
+            return True
+        self._break(self._entry.broken(exc), already=True)
+        return False
+
+    def _open_here(self, proxy) -> dict:
+        info = proxy.open_client(self._cid, self._init_blob)
+        with self._lock:
+            self._node_name = info["name"]
+            self._requeue = True
+        return info
+
+    def _requeue_unfinished(self) -> None:
+        """After a failover: every task sent and not finished goes to the new entry node again (same
+        ids: a node that holds a copy adopts it)."""
+        with self._lock:
+            if not self._requeue:
+                return
+            self._requeue = False
+            queued = {rec[0] for rec, _ in self._outbox}
+            again = [self._records[t] for t in self._pending if t not in queued and t in self._records]
+            self._outbox[:0] = again
+            self._recon.clear()
+            self._cond.notify_all()
+        log.info("resubmitting %d unfinished tasks to node %s", len(again), self._node_name)
+
+    def _send_outbox(self) -> None:
+        """Send everything queued (caller holds ``_send_lock``); the submit proxy moves between the
+        sender thread and direct callers, so each use claims it (Pyro5 proxies belong to a thread)."""
+        proxy = self._submit_proxy_now()
+        while True:
+            with self._lock:
+                # at most max_batch tasks and about BATCH_BYTES per call, so large arguments stream to
+                # the node (its workers start on the first while the next are on the wire)
+                n = size = 0
+                for rec, _ in self._outbox[:min(self._cfg.max_batch, self._room())]:
+                    n += 1
+                    size += wire.payload_size(rec[2])
+                    if size >= BATCH_BYTES:
+                        break
+                batch = self._outbox[:n]
+                del self._outbox[:n]
+            if not batch:
+                return
+            fns = {}
+            recs = []
+            for rec, blob in batch:
+                fns[rec[1]] = blob
+                recs.append(rec)
+            try:
+                proxy.submit(self._cid, fns, recs)
+            except Exception:
+                with self._lock:   # not delivered: a failover sends them again
+                    self._outbox[:0] = [b for b in batch if b[0][0] in self._pending]
+                raise   # the node is gone or silent: the caller fails over or breaks the executor
+            except BaseException:
+                # KeyboardInterrupt / SystemExit (a signal handler) in the caller's thread mid-call: the
+                # batch goes back (a resent task id is ignored by the node), the connection is dropped
+                # (half a message may be on it; the next call reconnects), the executor stays usable
+                with self._lock:
+                    self._outbox[:0] = batch
+                    self._cond.notify_all()
+                try:
+                    proxy._pyroRelease()
+                except Exception:
+                    pass
+                raise
+            self._entry.heard()
+            with self._lock:
+                for rec in recs:
+                    if rec[0] in self._pending:
+                        self._recon.add(rec[0])
+
+    def _sender(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while (not self._outbox or self._room() <= 0) and not self._closed.is_set():
+                        self._cond.wait()
+                    if self._closed.is_set() and not self._outbox:
+                        return
+                with self._send_lock:
+                    gen = self._entry.gen
+                    try:
+                        self._send_outbox()
+                    except Exception as exc:   # the node is gone or silent
+                        if not self._node_failed(exc, gen):
+                            return
+        except BaseException as exc:
+            if not self._closed.is_set():
+                self._break(exc)
+        finally:
+            with self._send_lock:
+                try:
+                    self._submit_proxy._pyroClaimOwnership()
+                    self._submit_proxy._pyroRelease()
+                except Exception:
+                    pass
+
+    def _collector(self) -> None:
+        proxy = None
+        poll = self._cfg.poll_interval
+        next_recon = time.monotonic() + RECONCILE_EVERY
+        try:
+            while not self._closed.is_set():
+                gen = self._entry.gen
+                try:
+                    if proxy is None:
+                        proxy = self._connect(call_timeout=poll + self._cfg.node_timeout)
+                    recon = None
+                    if time.monotonic() >= next_recon:
+                        with self._lock:
+                            recon = self._recon.summary()
+                        next_recon = time.monotonic() + RECONCILE_EVERY
+                    reply = proxy.collect(self._cid, poll, recon) if recon else proxy.collect(self._cid, poll)
+                    self._entry.heard()
+                    results, started = reply[0], reply[1]
+                    if started:
+                        self._mark_started(started)
+                    if results:
+                        self._deliver(results)
+                        # let a thread woken by those futures run before this one marshals its next
+                        # poll (it held the GIL for ~0.1-0.2 ms: 5-8 % of a lone task's latency, #15)
+                        time.sleep(0)
+                    if recon is not None and (reply[2]["n"], reply[2]["d"]) != (recon["n"], recon["d"]):
+                        self._reconcile(proxy)
+                except Exception as exc:
+                    security.release(proxy)
+                    proxy = None
+                    if self._closed.is_set() or not self._node_failed(exc, gen):
+                        return
+        except BaseException as exc:
+            if not self._closed.is_set():
+                self._break(exc)
+        finally:
+            security.release(proxy)
+
+    def _reconcile(self, proxy) -> None:
+        """The entry node's count of our tasks differs from ours: ask which it holds; what it lacks
+        (twice in a row) is sent again."""
+        with self._lock:
+            asked = list(self._recon.sent)
+        held = proxy.client_tasks(self._cid, asked)
+        with self._lock:
+            again = self._recon.missing(asked, held)
+            again = [t for t in again if t in self._pending and t in self._records]
+            for t in again:
+                self._recon.discard(t)
+            self._outbox[:0] = [self._records[t] for t in again]
+            if again:
+                self._cond.notify_all()
+        if again:
+            log.warning("node %s lost %d of our tasks (%s...): sending them again", self._node_name,
+                        len(again), again[0])
+
+    def _mark_started(self, ids: List[str]) -> None:
+        pending = self._pending
+        for tid in ids:
+            f = pending.get(tid)
+            if f is not None and not f.running() and not f.done():
+                try:
+                    f.set_running_or_notify_cancel()
+                except (InvalidStateError, RuntimeError):
+                    pass
+
+    def _deliver(self, results: List[tuple]) -> None:
+        """Resolve the futures of finished tasks.  Nothing a result or a callback does may end the
+        collector thread: a result whose unpickling raises (even ``SystemExit``) fails its own future
+        with ``DeserializationError``; callbacks run under ``PydistFuture._invoke_callbacks``."""
+        broken = None
+        with self._lock:
+            futs = [(self._pending.pop(r[0], None), r) for r in results]
+            for r in results:
+                self._records.pop(r[0], None)
+                self._recon.discard(r[0])
+            if self._outbox and self._max_inflight is not None:
+                self._cond.notify_all()   # room for tasks held back by max_workers
+        for f, r in futs:
+            if r[wire.R_BLOB][:1] == b"\x00":   # the task printed: its output rides in front (pydist.output)
+                items, blob = split_output(r[wire.R_BLOB])
+                r = tuple(r[:wire.R_BLOB]) + (blob,) + tuple(r[wire.R_BLOB + 1:])
+                if items:
+                    try:
+                        emit_output(items, r[wire.R_NODE], r[wire.R_WORKER], r[0])
+                    except Exception as exc:   # a closed sys.stdout must not lose the result
+                        log.warning("could not print the output of task %s: %s", r[0], exc)
+            if f is None:
+                continue
+            status = r[wire.R_STATUS]
+            if status == wire.OK:
+                try:
+                    value = wire.loads(r[wire.R_BLOB])
+                except BaseException as exc:
+                    _resolve(f, exc=_unpickling_error(f"the result of task {r[0]}", exc))
+                    continue
+                _resolve(f, value)
+                del value
+            elif status == wire.INIT_FAILED:
+                cause = wire.loads_exception(r[wire.R_BLOB])
+                broken = BrokenCluster(f"the executor's initializer failed on node {r[wire.R_NODE]}: "
+                                       f"{type(cause).__name__}: {cause}")
+                broken.__cause__ = cause
+                _resolve(f, exc=broken)
+            else:
+                _resolve(f, exc=wire.loads_exception(r[wire.R_BLOB]))
+        if broken is not None:
+            self._break(broken, already=True)
+
+    def _break(self, exc: BaseException, already: bool = False) -> None:
+        if already:
+            err = exc
+        else:
+            err = BrokenCluster(f"lost the connection to pydist node {getattr(self, '_node_name', '?')} at "
+                                f"{self._address}: {type(exc).__name__}: {exc}")
+        with self._lock:
+            if self._broken is None:
+                self._broken = err
+            pending = list(self._pending.values())
+            self._pending.clear()
+            self._outbox.clear()
+            self._records.clear()
+            self._recon.clear()
+            self._cond.notify_all()
+        for f in pending:
+            try:
+                f.set_exception(BrokenCluster(str(err)))
+            except InvalidStateError:
+                pass
+        self._closed.set()
+        with self._cond:
+            self._cond.notify_all()

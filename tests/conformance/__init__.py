@@ -1,0 +1,1 @@
+"""Conformance tests: the same behaviour from ProcessPoolExecutor and ClusterExecutor (see conftest)."""
