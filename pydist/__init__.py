@@ -34,8 +34,8 @@ _EXPORTS = {
 }
 _ERRORS = ("PydistError", "ClusterUnavailable", "BrokenCluster", "VersionMismatch", "AuthenticationError",
            "ConfigError", "TaskError", "SerializationError", "DeserializationError", "WorkerLost",
-           "MemoryLimitExceeded", "NodeLost", "RemoteError", "CodeSyncError", "BundleTooLarge", "UnsafeArchive", "BundleNotFound", "ProtocolError",
-           "GroupAborted", "MessageTooLarge", "ResourceLimit")
+           "MemoryLimitExceeded", "NodeLost", "RemoteError", "CodeSyncError", "BundleTooLarge", "UnsafeArchive",
+           "BundleNotFound", "ProtocolError", "GroupAborted", "MessageTooLarge", "ResourceLimit")
 for _e in _ERRORS:
     _EXPORTS[_e] = "errors"
 
