@@ -303,8 +303,9 @@ class Node(Dispatch, CodeEndpoints):
         if epoch is not None:
             check_int(epoch, "epoch")
             if epoch != link.epoch or not link.alive:
-                raise NodeLost(f"node {sender!r} used epoch {epoch:x} of its link to {self.name}, which is at "
-                               f"{link.epoch:x}: re-join")
+                now = f"at {link.epoch:x}" if epoch != link.epoch else "declared lost (silent too long)"
+                raise NodeLost(f"node {sender!r} used epoch {epoch:x} of its link to {self.name}, which is {now}: "
+                               "re-join")
         link.last_heard = time.monotonic()
         return link
 
