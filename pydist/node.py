@@ -261,7 +261,9 @@ class Node(Dispatch, CodeEndpoints):
         """Name, address, versions and worker count of this node."""
         return {"name": self.name, "address": self.address, "uri": self.uri,
                 "workers": self.worker_count, "versions": security.local_versions(),
-                "max_hops": self.cfg.max_hops}
+                "max_hops": self.cfg.max_hops,
+                # a client keeps what is over these and sends it as results come back (pydist.clientcore)
+                "limits": {"client_tasks": self.cfg.max_client_tasks, "client_bytes": self.cfg.max_client_bytes}}
 
     # ======================================================================================== nodes
     def join(self, info: dict) -> dict:
