@@ -70,7 +70,7 @@ class Entries:
                 raise ValueError("an empty list of node addresses")
             self.addresses = [parse_address(a) for a in address]
         else:
-            self.addresses = [parse_address(address)]
+            self.addresses = [parse_address(str(address))]
         self.failover = bool(failover) if failover is not None else (ns is not None or len(self.addresses) > 1)
         self.uri = ""
         self.address = ""
