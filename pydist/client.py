@@ -16,6 +16,7 @@ collector sends them with its long poll, and on a mismatch asks the node which o
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -23,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import security
 from .errors import BrokenCluster, ClusterUnavailable
-from .ledger import id_hash
+from .ledger import IdSet
 
 log = logging.getLogger("pydist.executor")
 
@@ -204,23 +205,27 @@ class Reconciler:
     (seen twice in a row) are handed back for resending."""
 
     def __init__(self) -> None:
-        self.sent: Dict[str, None] = {}
-        self.digest = 0
+        self._ids = IdSet()
         self.suspects: set = set()
 
+    @property
+    def sent(self) -> "collections.OrderedDict[str, None]":
+        """The ids sent and still waited for, in the order they were sent."""
+        return self._ids.ids
+
+    @property
+    def digest(self) -> int:
+        """XOR of ``id_hash`` over ``sent``."""
+        return self._ids.digest
+
     def add(self, tid: str) -> None:
-        if tid not in self.sent:
-            self.sent[tid] = None
-            self.digest ^= id_hash(tid)
+        self._ids.add(tid)
 
     def discard(self, tid: str) -> None:
-        if tid in self.sent:
-            del self.sent[tid]
-            self.digest ^= id_hash(tid)
+        self._ids.remove(tid)
 
     def clear(self) -> None:
-        self.sent.clear()
-        self.digest = 0
+        self._ids.clear()
         self.suspects.clear()
 
     def summary(self) -> dict:

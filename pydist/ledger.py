@@ -111,8 +111,9 @@ class Task:
         return f"<Task {self.id} {self.state.value} from {self.origin} at {self.location}>"
 
 
-class _Index:
-    """Ids of one origin or location, in insertion order, with a count and an XOR digest."""
+class IdSet:
+    """Task ids in insertion order, with a count and an XOR digest (``id_hash``) kept as they come and go:
+    the ledger's index of one origin or location, and the client's ``Reconciler``."""
 
     __slots__ = ("ids", "digest")
 
@@ -130,6 +131,10 @@ class _Index:
             del self.ids[tid]
             self.digest ^= id_hash(tid)
 
+    def clear(self) -> None:
+        self.ids.clear()
+        self.digest = 0
+
 
 def _key(where: tuple) -> tuple:
     """Index key of an origin or location: a link's epoch is part of it, a worker's generation too."""
@@ -145,8 +150,8 @@ class Ledger:
     def __init__(self) -> None:
         self.tasks: Dict[str, Task] = {}
         self.queue: "collections.deque[str]" = collections.deque()
-        self._by_origin: Dict[tuple, _Index] = {}
-        self._by_location: Dict[tuple, _Index] = {}
+        self._by_origin: Dict[tuple, IdSet] = {}
+        self._by_location: Dict[tuple, IdSet] = {}
         self.orphans: "collections.OrderedDict[str, tuple]" = collections.OrderedDict()
         self._orphan_bytes = 0
         self.stale = 0            # results that came from somewhere other than the task's location
@@ -154,13 +159,13 @@ class Ledger:
         self.on_leave = None      # called with each Task whose record leaves (the node unpins its code)
 
     # ------------------------------------------------------------------------------------ indexes
-    def _index(self, table: Dict[tuple, _Index], key: tuple) -> _Index:
+    def _index(self, table: Dict[tuple, IdSet], key: tuple) -> IdSet:
         ix = table.get(key)
         if ix is None:
-            ix = table[key] = _Index()
+            ix = table[key] = IdSet()
         return ix
 
-    def _unindex(self, table: Dict[tuple, _Index], key: Optional[tuple], tid: str) -> None:
+    def _unindex(self, table: Dict[tuple, IdSet], key: Optional[tuple], tid: str) -> None:
         if key is None:
             return
         ix = table.get(_key(key))
