@@ -154,7 +154,7 @@ class ClientCore:
 
     def __init__(self, cfg, tls, entry, cid: str, node_name: str, cluster=None,
                  max_inflight: Optional[int] = None, forward_output: bool = False,
-                 init_blob: Optional[bytes] = None):
+                 init_blob: Optional[bytes] = None, limits: Optional[dict] = None):
         self._cfg, self._tls, self._entry = cfg, tls, entry
         self._init_blob = init_blob
         self._pid = os.getpid()
@@ -164,6 +164,11 @@ class ClientCore:
         self._requeue = False
         self._cid, self._node_name, self._cluster = cid, node_name, cluster
         self._max_inflight = max_inflight
+        # the entry node's per-client limits (--max-client-tasks / --max-client-bytes): what is over them
+        # waits here and goes out as results come back, instead of being refused by the node
+        self._limits = dict(limits or {})
+        self._sent_sizes: Dict[str, int] = {}   # tasks sent (or being sent) and unfinished -> payload bytes
+        self._sent_bytes = 0
         self._forward_output = forward_output
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -243,10 +248,26 @@ class ClientCore:
         return fut
 
     def _room(self) -> int:
-        """How many more tasks may be sent now (caller holds ``_lock``)."""
-        if self._max_inflight is None:
+        """How many more tasks may be sent now (caller holds ``_lock``): ``max_workers`` on a running
+        cluster and the entry node's ``--max-client-tasks`` cap the tasks sent and unfinished."""
+        cap = self._limits.get("client_tasks")
+        if self._max_inflight is not None:
+            cap = self._max_inflight if cap is None else min(cap, self._max_inflight)
+        if cap is None:
             return len(self._outbox)
-        return self._max_inflight - (len(self._pending) - len(self._outbox))
+        return cap - (len(self._pending) - len(self._outbox))
+
+    def _take(self, recs) -> None:
+        """These tasks leave the outbox for the node (caller holds ``_lock``): count their bytes."""
+        for rec in recs:
+            size = wire.payload_size(rec[2])
+            self._sent_sizes[rec[0]] = size
+            self._sent_bytes += size
+
+    def _untake(self, tids) -> None:
+        """These tasks finished, were withdrawn or go back to the outbox (caller holds ``_lock``)."""
+        for t in tids:
+            self._sent_bytes -= self._sent_sizes.pop(t, 0)
 
     def _check_open(self) -> None:
         if self._fork_gen != _Fork.gen:
@@ -343,6 +364,9 @@ class ClientCore:
                 self._pending.pop(t, None)
                 self._records.pop(t, None)
                 self._recon.discard(t)
+            self._untake(gone)
+            if self._outbox:
+                self._cond.notify_all()   # room for tasks held back
         return gone
 
     def _submit_proxy_now(self):
@@ -370,6 +394,7 @@ class ClientCore:
         info = proxy.open_client(self._cid, self._init_blob)
         with self._lock:
             self._node_name = info["name"]
+            self._limits = dict(info.get("limits") or {})
             self._requeue = True
         return info
 
@@ -382,6 +407,7 @@ class ClientCore:
             self._requeue = False
             queued = {rec[0] for rec, _ in self._outbox}
             again = [self._records[t] for t in self._pending if t not in queued and t in self._records]
+            self._untake(list(self._sent_sizes))
             self._outbox[:0] = again
             self._recon.clear()
             self._cond.notify_all()
@@ -398,14 +424,22 @@ class ClientCore:
             with self._lock:
                 # at most max_batch tasks and about BATCH_BYTES per call, so large arguments stream to
                 # the node (its workers start on the first while the next are on the wire)
+                # (and within the node's --max-client-bytes for what is sent and unfinished; a task over
+                # it on its own still goes, for the node's ResourceLimit naming the limit)
                 n = size = 0
+                cap_bytes = self._limits.get("client_bytes")
                 for rec, _ in self._outbox[:min(self._cfg.max_batch, self._room())]:
+                    s = wire.payload_size(rec[2])
+                    if cap_bytes is not None and self._sent_bytes + size + s > cap_bytes \
+                            and self._sent_bytes + size > 0:
+                        break
                     n += 1
-                    size += wire.payload_size(rec[2])
+                    size += s
                     if size >= BATCH_BYTES:
                         break
                 batch = self._outbox[:n]
                 del self._outbox[:n]
+                self._take(rec for rec, _ in batch)
             if not batch:
                 return
             fns = {}
@@ -422,6 +456,7 @@ class ClientCore:
                     proxy.submit(self._cid, fns, recs)
             except Exception:
                 with self._lock:   # not delivered: a failover sends them again
+                    self._untake(rec[0] for rec in recs)
                     self._outbox[:0] = [b for b in batch if b[0][0] in self._pending]
                 raise   # the node is gone or silent: the caller fails over or breaks the executor
             except BaseException:
@@ -429,6 +464,7 @@ class ClientCore:
                 # batch goes back (a resent task id is ignored by the node), the connection is dropped
                 # (half a message may be on it; the next call reconnects), the executor stays usable
                 with self._lock:
+                    self._untake(rec[0] for rec in recs)
                     self._outbox[:0] = batch
                     self._cond.notify_all()
                 try:
@@ -519,6 +555,7 @@ class ClientCore:
             again = [t for t in again if t in self._pending and t in self._records]
             for t in again:
                 self._recon.discard(t)
+            self._untake(again)
             self._outbox[:0] = [self._records[t] for t in again]
             if again:
                 self._cond.notify_all()
@@ -546,8 +583,9 @@ class ClientCore:
             for r in results:
                 self._records.pop(r[0], None)
                 self._recon.discard(r[0])
-            if self._outbox and self._max_inflight is not None:
-                self._cond.notify_all()   # room for tasks held back by max_workers
+            self._untake(r[0] for r in results)
+            if self._outbox:
+                self._cond.notify_all()   # room for tasks held back by max_workers or the node's limits
         for f, r in futs:
             if r[wire.R_BLOB][:1] == b"\x00":   # the task printed: its output rides in front (pydist.output)
                 items, blob = split_output(r[wire.R_BLOB])
@@ -593,6 +631,7 @@ class ClientCore:
             self._outbox.clear()
             self._records.clear()
             self._recon.clear()
+            self._untake(list(self._sent_sizes))
             self._cond.notify_all()
         for f in pending:
             try:

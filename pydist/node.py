@@ -281,7 +281,9 @@ class Node(Dispatch, CodeEndpoints):
         """Name, address, versions and worker count of this node."""
         return {"name": self.name, "address": self.address, "uri": self.uri,
                 "workers": self.worker_count, "versions": security.local_versions(),
-                "max_hops": self.cfg.max_hops}
+                "max_hops": self.cfg.max_hops,
+                # a client keeps what is over these and sends it as results come back (pydist.clientcore)
+                "limits": {"client_tasks": self.cfg.max_client_tasks, "client_bytes": self.cfg.max_client_bytes}}
 
     # ======================================================================================== nodes
     def join(self, info: dict) -> dict:
@@ -323,8 +325,9 @@ class Node(Dispatch, CodeEndpoints):
         if epoch is not None:
             check_int(epoch, "epoch")
             if epoch != link.epoch or not link.alive:
-                raise NodeLost(f"node {sender!r} used epoch {epoch:x} of its link to {self.name}, which is at "
-                               f"{link.epoch:x}: re-join")
+                now = f"at {link.epoch:x}" if epoch != link.epoch else "declared lost (silent too long)"
+                raise NodeLost(f"node {sender!r} used epoch {epoch:x} of its link to {self.name}, which is {now}: "
+                               "re-join")
         link.last_heard = time.monotonic()
         return link
 
