@@ -16,7 +16,6 @@ collector sends them with its long poll, and on a mismatch asks the node which o
 """
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -24,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import security
 from .errors import BrokenCluster, ClusterUnavailable
-from .ledger import IdSet
+from .ledger import id_hash
 
 log = logging.getLogger("pydist.executor")
 
@@ -205,31 +204,30 @@ class Reconciler:
     (seen twice in a row) are handed back for resending."""
 
     def __init__(self) -> None:
-        self._ids = IdSet()
+        # id -> its id_hash, 0 until a summary needs it: most tasks finish before the next summary, so
+        # they are never hashed (hashing each id on its way in and out was on the submit path, #15)
+        self.sent: Dict[str, int] = {}
         self.suspects: set = set()
 
-    @property
-    def sent(self) -> "collections.OrderedDict[str, None]":
-        """The ids sent and still waited for, in the order they were sent."""
-        return self._ids.ids
-
-    @property
-    def digest(self) -> int:
-        """XOR of ``id_hash`` over ``sent``."""
-        return self._ids.digest
-
     def add(self, tid: str) -> None:
-        self._ids.add(tid)
+        self.sent.setdefault(tid, 0)
 
     def discard(self, tid: str) -> None:
-        self._ids.remove(tid)
+        self.sent.pop(tid, None)
 
     def clear(self) -> None:
-        self._ids.clear()
+        self.sent.clear()
         self.suspects.clear()
 
     def summary(self) -> dict:
-        return {"n": len(self.sent), "d": self.digest}
+        """Count and XOR digest of the ids sent and still waited for."""
+        d = 0
+        sent = self.sent
+        for tid, h in sent.items():
+            if not h:
+                h = sent[tid] = id_hash(tid)   # (changing a value, not the keys, while iterating)
+            d ^= h
+        return {"n": len(sent), "d": d}
 
     def missing(self, asked: List[str], held: List[str]) -> List[str]:
         """Of the ids asked about, those the node did not hold this round and the last one."""

@@ -17,7 +17,9 @@ the pending work, closes the session and stops an embedded ``LocalCluster``.
 A lone submit is sent from the caller's thread; submits while others are in flight go through the
 sender thread, which coalesces everything queued meanwhile into one call: a lone task costs one round
 trip, 10,000 tasks cost a handful.  The collector keeps one long poll open; the node answers it as soon
-as anything finished, with every result ready by then.  Finished futures are forgotten at once.
+as anything finished, with every result ready by then.  A lone short task's result comes back in the
+reply to its own submit (``Node.submit_wait``): the caller's thread resolves it, no thread hand-off.
+Finished futures are forgotten at once.
 
 Liveness (``pydist.client``): every call to the entry node has a deadline (``node_timeout``); a call
 that fails or times out fails the client over to another node (``Entries.fail_over``: unfinished
@@ -52,6 +54,7 @@ log = logging.getLogger("pydist.executor")
 
 RECONCILE_EVERY = 2.0   # s between comparisons of our unfinished task ids with the entry node's
 BATCH_BYTES = 4 << 20   # bytes of task arguments per submit call (more tasks wait for the next call)
+LINGER = 0.002          # s a lone short task's submit waits in the node for its result (submit_wait)
 
 
 class _Exit:
@@ -72,6 +75,21 @@ def _python_exit() -> None:
 
 
 threading._register_atexit(_python_exit)
+
+
+class _Fork:
+    """How many times this process is a forked child of the one that imported us (``os.getpid()`` per
+    submit was a system call on the hot path; this is an attribute read)."""
+
+    gen = 0
+
+
+def _forked() -> None:
+    _Fork.gen += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 class PydistFuture(Future):
@@ -140,6 +158,7 @@ class ClientCore:
         self._cfg, self._tls, self._entry = cfg, tls, entry
         self._init_blob = init_blob
         self._pid = os.getpid()
+        self._fork_gen = _Fork.gen
         self._records: Dict[str, tuple] = {}   # unfinished tasks, for a resubmission after failover
         self._recon = Reconciler()
         self._requeue = False
@@ -218,7 +237,7 @@ class ClientCore:
             try:
                 gen = self._entry.gen
                 try:
-                    self._send_outbox()
+                    self._send_outbox(lone=True)
                 except Exception as exc:
                     self._node_failed(exc, gen)
             finally:
@@ -251,7 +270,7 @@ class ClientCore:
             self._sent_bytes -= self._sent_sizes.pop(t, 0)
 
     def _check_open(self) -> None:
-        if os.getpid() != self._pid:
+        if self._fork_gen != _Fork.gen:
             raise RuntimeError(f"this ClusterExecutor was created in process {self._pid}; a forked child "
                                f"(process {os.getpid()}) cannot use it (its threads and connections did not "
                                "survive the fork, and its task ids would collide): create a new "
@@ -394,9 +413,12 @@ class ClientCore:
             self._cond.notify_all()
         log.info("resubmitting %d unfinished tasks to node %s", len(again), self._node_name)
 
-    def _send_outbox(self) -> None:
+    def _send_outbox(self, lone: bool = False) -> None:
         """Send everything queued (caller holds ``_send_lock``); the submit proxy moves between the
-        sender thread and direct callers, so each use claims it (Pyro5 proxies belong to a thread)."""
+        sender thread and direct callers, so each use claims it (Pyro5 proxies belong to a thread).
+        ``lone``: a lone task sent from the caller's thread goes with ``submit_wait``: when it is short,
+        its result rides back in the reply and the caller resolves its future itself (no hand-off
+        through the collector's long poll)."""
         proxy = self._submit_proxy_now()
         while True:
             with self._lock:
@@ -425,8 +447,13 @@ class ClientCore:
             for rec, blob in batch:
                 fns[rec[1]] = blob
                 recs.append(rec)
+            done: list = []
             try:
-                proxy.submit(self._cid, fns, recs)
+                if lone and len(recs) == 1:
+                    lone = False
+                    done = proxy.submit_wait(self._cid, fns, recs, LINGER)[1]
+                else:
+                    proxy.submit(self._cid, fns, recs)
             except Exception:
                 with self._lock:   # not delivered: a failover sends them again
                     self._untake(rec[0] for rec in recs)
@@ -446,6 +473,8 @@ class ClientCore:
                     pass
                 raise
             self._entry.heard()
+            if done:
+                self._deliver(done)
             with self._lock:
                 for rec in recs:
                     if rec[0] in self._pending:

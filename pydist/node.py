@@ -54,7 +54,7 @@ from .errors import NodeLost, ProtocolError
 from .ledger import State, id_hash
 from .links import Link, LinkManager
 from .groups import GroupTable
-from .sessions import Sessions
+from .sessions import LINGER_MAX, Sessions
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,26 @@ class Node(Dispatch, CodeEndpoints):
             self.counts["submitted"] += len(tasks)
             self.schedule()
         return n
+
+    def submit_wait(self, client_id: str, fns: dict, tasks: list, linger: float) -> tuple:
+        """``submit``, then, for a lone task known to be short (the node's average task time is under
+        ``linger``), wait up to ``linger`` s (at most ``sessions.LINGER_MAX``) for its result: it rides
+        back in this reply instead of waking the client's long poll.  Returns ``(accepted, results)``;
+        a result not back in time comes through ``collect`` as usual."""
+        linger = min(check_timeout(linger), LINGER_MAX)
+        n = self.submit(client_id, fns, tasks)
+        if len(tasks) != 1 or linger <= 0:
+            return n, []
+        avg = self.avg.value
+        if avg is None or avg > linger:
+            return n, []
+        tid = tasks[0][wire.T_ID]
+        with self.lock:
+            c = self.sessions.clients.get(client_id)
+            t = self.ledger.tasks.get(tid)
+            if c is None or t is None or t.origin != ("c", client_id) or t.state is not State.PLACED:
+                return n, []   # finished already (its result is in the inbox), refused, or still queued
+            return n, c.linger(tid, time.monotonic() + linger, self.stopping)
 
     def open_client(self, client_id: str, init_blob: Optional[bytes] = None) -> dict:
         """Register a client (and its worker initializer); returns this node's description."""
