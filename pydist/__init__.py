@@ -33,9 +33,9 @@ _EXPORTS = {
     "progress": "progressbar",
 }
 _ERRORS = ("PydistError", "ClusterUnavailable", "BrokenCluster", "VersionMismatch", "AuthenticationError",
-           "ConfigError", "TaskError", "SerializationError", "DeserializationError", "WorkerLost", "MemoryLimitExceeded", "NodeLost",
-           "RemoteError", "CodeSyncError", "BundleTooLarge", "UnsafeArchive", "BundleNotFound", "ProtocolError",
-           "GroupAborted", "MessageTooLarge", "ResourceLimit")
+           "ConfigError", "TaskError", "SerializationError", "DeserializationError", "WorkerLost",
+           "MemoryLimitExceeded", "NodeLost", "RemoteError", "CodeSyncError", "BundleTooLarge", "UnsafeArchive",
+           "BundleNotFound", "ProtocolError", "GroupAborted", "MessageTooLarge", "ResourceLimit")
 for _e in _ERRORS:
     _EXPORTS[_e] = "errors"
 

@@ -204,27 +204,30 @@ class Reconciler:
     (seen twice in a row) are handed back for resending."""
 
     def __init__(self) -> None:
-        self.sent: Dict[str, None] = {}
-        self.digest = 0
+        # id -> its id_hash, 0 until a summary needs it: most tasks finish before the next summary, so
+        # they are never hashed (hashing each id on its way in and out was on the submit path, #15)
+        self.sent: Dict[str, int] = {}
         self.suspects: set = set()
 
     def add(self, tid: str) -> None:
-        if tid not in self.sent:
-            self.sent[tid] = None
-            self.digest ^= id_hash(tid)
+        self.sent.setdefault(tid, 0)
 
     def discard(self, tid: str) -> None:
-        if tid in self.sent:
-            del self.sent[tid]
-            self.digest ^= id_hash(tid)
+        self.sent.pop(tid, None)
 
     def clear(self) -> None:
         self.sent.clear()
-        self.digest = 0
         self.suspects.clear()
 
     def summary(self) -> dict:
-        return {"n": len(self.sent), "d": self.digest}
+        """Count and XOR digest of the ids sent and still waited for."""
+        d = 0
+        sent = self.sent
+        for tid, h in sent.items():
+            if not h:
+                h = sent[tid] = id_hash(tid)   # (changing a value, not the keys, while iterating)
+            d ^= h
+        return {"n": len(sent), "d": d}
 
     def missing(self, asked: List[str], held: List[str]) -> List[str]:
         """Of the ids asked about, those the node did not hold this round and the last one."""

@@ -17,7 +17,9 @@ the pending work, closes the session and stops an embedded ``LocalCluster``.
 A lone submit is sent from the caller's thread; submits while others are in flight go through the
 sender thread, which coalesces everything queued meanwhile into one call: a lone task costs one round
 trip, 10,000 tasks cost a handful.  The collector keeps one long poll open; the node answers it as soon
-as anything finished, with every result ready by then.  Finished futures are forgotten at once.
+as anything finished, with every result ready by then.  A lone short task's result comes back in the
+reply to its own submit (``Node.submit_wait``): the caller's thread resolves it, no thread hand-off.
+Finished futures are forgotten at once.
 
 Liveness (``pydist.client``): every call to the entry node has a deadline (``node_timeout``); a call
 that fails or times out fails the client over to another node (``Entries.fail_over``: unfinished
@@ -53,6 +55,7 @@ log = logging.getLogger("pydist.executor")
 
 RECONCILE_EVERY = 2.0   # s between comparisons of our unfinished task ids with the entry node's
 BATCH_BYTES = 4 << 20   # bytes of task arguments per submit call (more tasks wait for the next call)
+LINGER = 0.002          # s a lone short task's submit waits in the node for its result (submit_wait)
 
 
 class _Exit:
@@ -73,6 +76,21 @@ def _python_exit() -> None:
 
 
 threading._register_atexit(_python_exit)
+
+
+class _Fork:
+    """How many times this process is a forked child of the one that imported us (``os.getpid()`` per
+    submit was a system call on the hot path; this is an attribute read)."""
+
+    gen = 0
+
+
+def _forked() -> None:
+    _Fork.gen += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 class PydistFuture(Future):
@@ -157,15 +175,21 @@ class ClientCore:
 
     def __init__(self, cfg, tls, entry, cid: str, node_name: str, cluster=None,
                  max_inflight: Optional[int] = None, forward_output: bool = False,
-                 init_blob: Optional[bytes] = None):
+                 init_blob: Optional[bytes] = None, limits: Optional[dict] = None):
         self._cfg, self._tls, self._entry = cfg, tls, entry
         self._init_blob = init_blob
         self._pid = os.getpid()
+        self._fork_gen = _Fork.gen
         self._records: Dict[str, tuple] = {}   # unfinished tasks, for a resubmission after failover
         self._recon = Reconciler()
         self._requeue = False
         self._cid, self._node_name, self._cluster = cid, node_name, cluster
         self._max_inflight = max_inflight
+        # the entry node's per-client limits (--max-client-tasks / --max-client-bytes): what is over them
+        # waits here and goes out as results come back, instead of being refused by the node
+        self._limits = dict(limits or {})
+        self._sent_sizes: Dict[str, int] = {}   # tasks sent (or being sent) and unfinished -> payload bytes
+        self._sent_bytes = 0
         self._forward_output = forward_output
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -235,7 +259,7 @@ class ClientCore:
             try:
                 gen = self._entry.gen
                 try:
-                    self._send_outbox()
+                    self._send_outbox(lone=True)
                 except Exception as exc:
                     self._node_failed(exc, gen)
             finally:
@@ -246,13 +270,29 @@ class ClientCore:
         return fut
 
     def _room(self) -> int:
-        """How many more tasks may be sent now (caller holds ``_lock``)."""
-        if self._max_inflight is None:
+        """How many more tasks may be sent now (caller holds ``_lock``): ``max_workers`` on a running
+        cluster and the entry node's ``--max-client-tasks`` cap the tasks sent and unfinished."""
+        cap = self._limits.get("client_tasks")
+        if self._max_inflight is not None:
+            cap = self._max_inflight if cap is None else min(cap, self._max_inflight)
+        if cap is None:
             return len(self._outbox)
-        return self._max_inflight - (len(self._pending) - len(self._outbox))
+        return cap - (len(self._pending) - len(self._outbox))
+
+    def _take(self, recs) -> None:
+        """These tasks leave the outbox for the node (caller holds ``_lock``): count their bytes."""
+        for rec in recs:
+            size = wire.payload_size(rec[2])
+            self._sent_sizes[rec[0]] = size
+            self._sent_bytes += size
+
+    def _untake(self, tids) -> None:
+        """These tasks finished, were withdrawn or go back to the outbox (caller holds ``_lock``)."""
+        for t in tids:
+            self._sent_bytes -= self._sent_sizes.pop(t, 0)
 
     def _check_open(self) -> None:
-        if os.getpid() != self._pid:
+        if self._fork_gen != _Fork.gen:
             raise RuntimeError(f"this ClusterExecutor was created in process {self._pid}; a forked child "
                                f"(process {os.getpid()}) cannot use it (its threads and connections did not "
                                "survive the fork, and its task ids would collide): create a new "
@@ -347,6 +387,9 @@ class ClientCore:
                 self._pending.pop(t, None)
                 self._records.pop(t, None)
                 self._recon.discard(t)
+            self._untake(gone)
+            if self._outbox:
+                self._cond.notify_all()   # room for tasks held back
         return gone
 
     def _submit_proxy_now(self):
@@ -374,6 +417,7 @@ class ClientCore:
         info = proxy.open_client(self._cid, self._init_blob)
         with self._lock:
             self._node_name = info["name"]
+            self._limits = dict(info.get("limits") or {})
             self._requeue = True
         return info
 
@@ -386,27 +430,39 @@ class ClientCore:
             self._requeue = False
             queued = {rec[0] for rec, _ in self._outbox}
             again = [self._records[t] for t in self._pending if t not in queued and t in self._records]
+            self._untake(list(self._sent_sizes))
             self._outbox[:0] = again
             self._recon.clear()
             self._cond.notify_all()
         log.info("resubmitting %d unfinished tasks to node %s", len(again), self._node_name)
 
-    def _send_outbox(self) -> None:
+    def _send_outbox(self, lone: bool = False) -> None:
         """Send everything queued (caller holds ``_send_lock``); the submit proxy moves between the
-        sender thread and direct callers, so each use claims it (Pyro5 proxies belong to a thread)."""
+        sender thread and direct callers, so each use claims it (Pyro5 proxies belong to a thread).
+        ``lone``: a lone task sent from the caller's thread goes with ``submit_wait``: when it is short,
+        its result rides back in the reply and the caller resolves its future itself (no hand-off
+        through the collector's long poll)."""
         proxy = self._submit_proxy_now()
         while True:
             with self._lock:
                 # at most max_batch tasks and about BATCH_BYTES per call, so large arguments stream to
                 # the node (its workers start on the first while the next are on the wire)
+                # (and within the node's --max-client-bytes for what is sent and unfinished; a task over
+                # it on its own still goes, for the node's ResourceLimit naming the limit)
                 n = size = 0
+                cap_bytes = self._limits.get("client_bytes")
                 for rec, _ in self._outbox[:min(self._cfg.max_batch, self._room())]:
+                    s = wire.payload_size(rec[2])
+                    if cap_bytes is not None and self._sent_bytes + size + s > cap_bytes \
+                            and self._sent_bytes + size > 0:
+                        break
                     n += 1
-                    size += wire.payload_size(rec[2])
+                    size += s
                     if size >= BATCH_BYTES:
                         break
                 batch = self._outbox[:n]
                 del self._outbox[:n]
+                self._take(rec for rec, _ in batch)
             if not batch:
                 return
             fns = {}
@@ -414,10 +470,16 @@ class ClientCore:
             for rec, blob in batch:
                 fns[rec[1]] = blob
                 recs.append(rec)
+            done: list = []
             try:
-                proxy.submit(self._cid, fns, recs)
+                if lone and len(recs) == 1:
+                    lone = False
+                    done = proxy.submit_wait(self._cid, fns, recs, LINGER)[1]
+                else:
+                    proxy.submit(self._cid, fns, recs)
             except Exception:
                 with self._lock:   # not delivered: a failover sends them again
+                    self._untake(rec[0] for rec in recs)
                     self._outbox[:0] = [b for b in batch if b[0][0] in self._pending]
                 raise   # the node is gone or silent: the caller fails over or breaks the executor
             except BaseException:
@@ -425,6 +487,7 @@ class ClientCore:
                 # batch goes back (a resent task id is ignored by the node), the connection is dropped
                 # (half a message may be on it; the next call reconnects), the executor stays usable
                 with self._lock:
+                    self._untake(rec[0] for rec in recs)
                     self._outbox[:0] = batch
                     self._cond.notify_all()
                 try:
@@ -433,6 +496,8 @@ class ClientCore:
                     pass
                 raise
             self._entry.heard()
+            if done:
+                self._deliver(done)
             with self._lock:
                 for rec in recs:
                     if rec[0] in self._pending:
@@ -513,6 +578,7 @@ class ClientCore:
             again = [t for t in again if t in self._pending and t in self._records]
             for t in again:
                 self._recon.discard(t)
+            self._untake(again)
             self._outbox[:0] = [self._records[t] for t in again]
             if again:
                 self._cond.notify_all()
@@ -540,8 +606,9 @@ class ClientCore:
             for r in results:
                 self._records.pop(r[0], None)
                 self._recon.discard(r[0])
-            if self._outbox and self._max_inflight is not None:
-                self._cond.notify_all()   # room for tasks held back by max_workers
+            self._untake(r[0] for r in results)
+            if self._outbox:
+                self._cond.notify_all()   # room for tasks held back by max_workers or the node's limits
         for f, r in futs:
             if r[wire.R_BLOB][:1] == b"\x00":   # the task printed: its output rides in front (pydist.output)
                 items, blob = split_output(r[wire.R_BLOB])
@@ -587,6 +654,7 @@ class ClientCore:
             self._outbox.clear()
             self._records.clear()
             self._recon.clear()
+            self._untake(list(self._sent_sizes))
             self._cond.notify_all()
         for f in pending:
             try:

@@ -315,9 +315,7 @@ class Dispatch:
         if origin[0] == "c":
             c = self.sessions.clients.get(origin[1])
             if c is not None:
-                for r in rs:
-                    c.post(r)
-                c.cond.notify()
+                c.deliver(rs)
             return
         link = self.links.links.get(origin[1])
         if link is not None and link.alive and link.epoch == origin[2]:

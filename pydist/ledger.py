@@ -90,10 +90,11 @@ def valid_runtime(x) -> Optional[float]:
 class Task:
     """One task held by a node (see the module docstring)."""
 
-    __slots__ = ("id", "rec", "state", "origin", "location", "retries", "attempts")
+    __slots__ = ("id", "h", "rec", "state", "origin", "location", "retries", "attempts")
 
     def __init__(self, rec: tuple, origin: tuple, retries: int = 0):
         self.id: str = rec[wire.T_ID]
+        self.h = 0                     # its id_hash, computed when a digest first needs it (#15)
         self.rec = rec
         self.state = State.QUEUED
         self.origin = origin
@@ -115,23 +116,19 @@ class Task:
 
 
 class _Index:
-    """Ids of one origin or location, in insertion order, with a count and an XOR digest."""
+    """Ids of one origin or location, in insertion order (their XOR digest is computed when asked for:
+    hashing every id on its way in and out cost more than the rare digests, #15)."""
 
-    __slots__ = ("ids", "digest")
+    __slots__ = ("ids",)
 
     def __init__(self) -> None:
-        self.ids: "collections.OrderedDict[str, None]" = collections.OrderedDict()
-        self.digest = 0
+        self.ids: Dict[str, None] = {}   # (a dict keeps insertion order)
 
     def add(self, tid: str) -> None:
-        if tid not in self.ids:
-            self.ids[tid] = None
-            self.digest ^= id_hash(tid)
+        self.ids[tid] = None
 
     def remove(self, tid: str) -> None:
-        if tid in self.ids:
-            del self.ids[tid]
-            self.digest ^= id_hash(tid)
+        self.ids.pop(tid, None)
 
 
 def _key(where: tuple) -> tuple:
@@ -163,29 +160,29 @@ class Ledger:
             ix = table[key] = _Index()
         return ix
 
-    def _unindex(self, table: Dict[tuple, _Index], key: Optional[tuple], tid: str) -> None:
+    def _unindex(self, table: Dict[tuple, _Index], key: Optional[tuple], t: Task) -> None:
         if key is None:
             return
         ix = table.get(_key(key))
         if ix is not None:
-            ix.remove(tid)
+            ix.remove(t.id)
             if not ix.ids:
                 del table[_key(key)]
 
     def _set_location(self, t: Task, loc: Optional[tuple]) -> None:
-        self._unindex(self._by_location, t.location, t.id)
+        self._unindex(self._by_location, t.location, t)
         t.location = loc
         if loc is not None:
             self._index(self._by_location, _key(loc)).add(t.id)
 
     def _set_origin(self, t: Task, origin: tuple) -> None:
-        self._unindex(self._by_origin, t.origin, t.id)
+        self._unindex(self._by_origin, t.origin, t)
         t.origin = origin
         self._index(self._by_origin, _key(origin)).add(t.id)
 
     def _remove(self, t: Task) -> None:
-        self._unindex(self._by_location, t.location, t.id)
-        self._unindex(self._by_origin, t.origin, t.id)
+        self._unindex(self._by_location, t.location, t)
+        self._unindex(self._by_origin, t.origin, t)
         if self.tasks.pop(t.id, None) is not None and self.on_leave is not None:
             self.on_leave(t)
 
@@ -203,10 +200,26 @@ class Ledger:
         ix = self._by_location.get(_key(location))
         return next(iter(ix.ids), None) if ix is not None else None
 
+    def _digest(self, ix: Optional[_Index]) -> Tuple[int, int]:
+        """``(count, XOR of id_hash)`` of an index's ids (each task's hash computed once, then kept)."""
+        if ix is None:
+            return 0, 0
+        d = 0
+        tasks = self.tasks
+        for tid in ix.ids:
+            t = tasks.get(tid)
+            if t is None:
+                d ^= id_hash(tid)
+                continue
+            h = t.h
+            if not h:
+                h = t.h = id_hash(tid)
+            d ^= h
+        return len(ix.ids), d
+
     def digest_at(self, location: tuple) -> Tuple[int, int]:
         """``(count, digest)`` of the ids at a location."""
-        ix = self._by_location.get(_key(location))
-        return (len(ix.ids), ix.digest) if ix is not None else (0, 0)
+        return self._digest(self._by_location.get(_key(location)))
 
     def ids_from(self, origin: tuple) -> List[str]:
         ix = self._by_origin.get(_key(origin))
@@ -214,8 +227,7 @@ class Ledger:
 
     def digest_from(self, origin: tuple) -> Tuple[int, int]:
         """``(count, digest)`` of the ids that came from an origin."""
-        ix = self._by_origin.get(_key(origin))
-        return (len(ix.ids), ix.digest) if ix is not None else (0, 0)
+        return self._digest(self._by_origin.get(_key(origin)))
 
     def locations(self) -> List[tuple]:
         return list(self._by_location)

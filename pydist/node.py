@@ -54,7 +54,7 @@ from .errors import NodeLost, ProtocolError
 from .ledger import State, id_hash
 from .links import Link, LinkManager
 from .groups import GroupTable
-from .sessions import Sessions
+from .sessions import LINGER_MAX, Sessions
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,26 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
             self.schedule()
         return n
 
+    def submit_wait(self, client_id: str, fns: dict, tasks: list, linger: float) -> tuple:
+        """``submit``, then, for a lone task known to be short (the node's average task time is under
+        ``linger``), wait up to ``linger`` s (at most ``sessions.LINGER_MAX``) for its result: it rides
+        back in this reply instead of waking the client's long poll.  Returns ``(accepted, results)``;
+        a result not back in time comes through ``collect`` as usual."""
+        linger = min(check_timeout(linger), LINGER_MAX)
+        n = self.submit(client_id, fns, tasks)
+        if len(tasks) != 1 or linger <= 0:
+            return n, []
+        avg = self.avg.value
+        if avg is None or avg > linger:
+            return n, []
+        tid = tasks[0][wire.T_ID]
+        with self.lock:
+            c = self.sessions.clients.get(client_id)
+            t = self.ledger.tasks.get(tid)
+            if c is None or t is None or t.origin != ("c", client_id) or t.state is not State.PLACED:
+                return n, []   # finished already (its result is in the inbox), refused, or still queued
+            return n, c.linger(tid, time.monotonic() + linger, self.stopping)
+
     def open_client(self, client_id: str, init_blob: Optional[bytes] = None) -> dict:
         """Register a client (and its worker initializer); returns this node's description."""
         check_str(client_id, "client_id")
@@ -261,7 +281,9 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
         """Name, address, versions and worker count of this node."""
         return {"name": self.name, "address": self.address, "uri": self.uri,
                 "workers": self.worker_count, "versions": security.local_versions(),
-                "max_hops": self.cfg.max_hops}
+                "max_hops": self.cfg.max_hops,
+                # a client keeps what is over these and sends it as results come back (pydist.clientcore)
+                "limits": {"client_tasks": self.cfg.max_client_tasks, "client_bytes": self.cfg.max_client_bytes}}
 
     # ======================================================================================== nodes
     def join(self, info: dict) -> dict:
@@ -303,8 +325,9 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
         if epoch is not None:
             check_int(epoch, "epoch")
             if epoch != link.epoch or not link.alive:
-                raise NodeLost(f"node {sender!r} used epoch {epoch:x} of its link to {self.name}, which is at "
-                               f"{link.epoch:x}: re-join")
+                now = f"at {link.epoch:x}" if epoch != link.epoch else "declared lost (silent too long)"
+                raise NodeLost(f"node {sender!r} used epoch {epoch:x} of its link to {self.name}, which is {now}: "
+                               "re-join")
         link.last_heard = time.monotonic()
         return link
 

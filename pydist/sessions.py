@@ -5,6 +5,11 @@
     submit ──▶ Node ──▶ ledger (origin ("c", client id))
     results for the client ──▶ Session.results ──▶ collect (long poll, ≤ COLLECT_MAX_WAIT s) ──▶ client
     "started" notes ──▶ Session.started ── StartedTimer wakes the poll STARTED_DELAY later ──┘
+    a lone short task's result ──▶ Session.lingers[id] ──▶ the reply of its own submit_wait ──▶ client
+
+``submit_wait`` (a lone task, known to be short) keeps its reply open for at most ``LINGER_MAX`` s:
+the result rides back in it, which saves the collector's wake-up and its hand-off to the caller's
+thread (the long poll is not woken for it).
 
 A client that neither polls nor submits for ``client_lease`` seconds is dropped (``Sessions.expired``):
 the node cancels its tasks.  Everything here runs under the node's lock (the condition variables share
@@ -18,6 +23,7 @@ import time
 from typing import Dict, List, Optional
 
 COLLECT_MAX_WAIT = 5.0
+LINGER_MAX = 0.005     # s a submit_wait may hold its reply for its task's result
 STARTED_DELAY = 0.01   # s a collect waits for a result before answering with "started" notes alone
 
 
@@ -36,6 +42,43 @@ class Session:
         self.polling = 0           # collect calls waiting right now (a waiting client is alive)
         self.suspects: Dict[str, int] = {}   # reconciliation: ids only this node held, and since which round
         self.rounds = 0
+        self.lingers: Dict[str, List[tuple]] = {}   # task id -> its result, for a submit_wait waiting
+        self.linger_cond = threading.Condition(lock)
+
+    def deliver(self, results: List[tuple]) -> None:
+        """Results for the client (caller holds the node lock): to a ``submit_wait`` waiting for that
+        id, else to the inbox, waking the long poll."""
+        lingers = self.lingers
+        posted = hit = False
+        for r in results:
+            slot = lingers.get(r[0]) if lingers else None
+            if slot is not None:
+                slot.append(r)
+                hit = True
+            else:
+                self.results.append(r)
+                posted = True
+        if hit:
+            self.linger_cond.notify_all()
+        if posted:
+            self.cond.notify()
+
+    def linger(self, tid: str, deadline: float, stopping: threading.Event) -> List[tuple]:
+        """Wait (caller holds the node lock) until ``deadline`` for the result of ``tid``; returns
+        ``[result]`` or ``[]`` (then it comes through ``collect`` as usual)."""
+        slot: List[tuple] = []
+        self.lingers[tid] = slot
+        try:
+            while not slot and not self.closed and not stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.linger_cond.wait(left)
+        finally:
+            del self.lingers[tid]
+        if slot and tid in self.started:   # no "started" note for a task whose result is in hand
+            self.started.remove(tid)
+        return slot
 
     def post(self, result: tuple) -> None:
         """Queue a result for the client's next collect (caller holds the node lock and notifies)."""
@@ -136,6 +179,7 @@ class Sessions:
         if c is not None:
             c.closed = True
             c.cond.notify_all()
+            c.linger_cond.notify_all()
         return c
 
     def close(self, cid: str) -> Optional[Session]:
@@ -152,6 +196,7 @@ class Sessions:
     def wake_all(self) -> None:
         for c in self.clients.values():
             c.cond.notify_all()
+            c.linger_cond.notify_all()
 
     def __len__(self) -> int:
         return len(self.clients)

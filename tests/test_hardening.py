@@ -443,6 +443,29 @@ def test_queued_tasks_are_bounded_per_client_with_a_clear_error(start_node, tmp_
     S.release(p)
 
 
+def test_executor_holds_back_at_the_nodes_client_limits(start_node):
+    """A ClusterExecutor that is given more than the node's per-client limits allow keeps the rest on
+    the client and sends them as results come back (as a process pool takes any number of submits);
+    only a single task over --max-client-bytes by itself fails, naming the limit."""
+    from pydist import ClusterExecutor
+    node = start_node("--host", "127.0.0.2", "--log-level", "ERROR", "--workers", "2",
+                      "--max-client-tasks", "20", "--max-client-bytes", "1M")
+    with ClusterExecutor(address=node.address, secret=SECRET) as ex:
+        fs = [ex.submit(square, i) for i in range(300)]
+        assert [f.result(60) for f in fs] == [i * i for i in range(300)]
+        big = [ex.submit(len, b"x" * (300 << 10)) for _ in range(12)]     # 3.6 MiB in all, 1 MiB at once
+        assert [f.result(60) for f in big] == [300 << 10] * 12
+        assert list(ex.map(square, range(100), chunksize=3)) == [i * i for i in range(100)]
+        err = ex.submit(len, b"x" * (2 * MIB)).exception(30)
+        assert isinstance(err, ResourceLimit) and "--max-client-bytes" in str(err), err
+        assert ex.submit(square, 7).result(30) == 49
+        p = S.connect(node.address, secret=SECRET, call_timeout=15)
+        try:
+            assert p.status()["refused_limit"] == 1
+        finally:
+            S.release(p)
+
+
 def test_function_blobs_no_task_keeps_are_not_kept(start_node):
     import cloudpickle
     node = start_node("--host", "127.0.0.2", "--log-level", "ERROR", "--workers", "1")

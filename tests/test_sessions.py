@@ -1,0 +1,123 @@
+"""Client sessions of a node (pydist.sessions): a lone short task's result riding back in the reply
+to its own ``submit_wait`` (issue #15), and every result reaching the client exactly once, whichever way
+it travels (the reply, or the long poll when the task took longer than the linger).
+
+Real nodes on loopback; no sleeps for synchronisation (gates and bounded polls).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import cloudpickle
+import pytest
+
+from pydist import ClusterExecutor, security, wire
+from conftest import gated
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def echo(x):
+    return x
+
+
+def nap(s):
+    time.sleep(s)   # the task's own work (it sets the node's average task time)
+    return s
+
+
+def _task(cid, seq, key, *args):
+    return (f"{cid}.{seq}", key, wire.dumps_call(args, {}), None, 0, [], wire.KIND_CALL, cid)
+
+
+def _collect_all(p, cid, want, timeout=20.0):
+    """Poll until results for every id in ``want`` came; returns ``{id: [results...]}`` (duplicates kept)."""
+    got: dict = {}
+    deadline = time.monotonic() + timeout
+    while not want <= set(got) and time.monotonic() < deadline:
+        res, _ = p.collect(cid, 0.5)
+        for r in res:
+            got.setdefault(r[0], []).append(r)
+    return got
+
+
+def test_lone_short_task_result_rides_in_the_submit_reply_exactly_once(fresh_cluster):
+    c = fresh_cluster(workers_per_node=1)
+    p = security.connect(c.address, secret=c.secret, call_timeout=10)
+    cid = "client-linger"
+    fn = cloudpickle.dumps(echo)
+    try:
+        p.open_client(cid)
+        # the first task: the node knows no average task time yet, so it does not wait
+        n, res = p.submit_wait(cid, {"e": fn}, [_task(cid, 0, "e", "first")], 0.005)
+        assert n == 1
+        got = {r[0]: [r] for r in res}
+        got.update(_collect_all(p, cid, {f"{cid}.0"}))
+        in_reply = 0
+        for i in range(1, 41):
+            n, res = p.submit_wait(cid, {"e": fn}, [_task(cid, i, "e", i)], 0.005)
+            assert n == 1 and len(res) <= 1
+            for r in res:
+                assert r[0] == f"{cid}.{i}" and r[1] == wire.OK and wire.loads(r[2]) == i
+                got.setdefault(r[0], []).append(r)
+                in_reply += 1
+            if not res:   # slower than the linger (a loaded machine): it comes through the long poll
+                for tid, rs in _collect_all(p, cid, {f"{cid}.{i}"}).items():
+                    got.setdefault(tid, []).extend(rs)
+        assert in_reply > 0, "no lone no-op task's result came back in its submit reply"
+        # nothing arrives twice: the long poll has nothing left for any of them
+        res, started = p.collect(cid, 0.3)
+        for r in res:
+            got.setdefault(r[0], []).append(r)
+        assert sorted(got) == sorted(f"{cid}.{i}" for i in range(41))
+        assert all(len(rs) == 1 for rs in got.values()), {t: len(rs) for t, rs in got.items() if len(rs) != 1}
+        assert p.status()["held"] == 0
+    finally:
+        p._pyroRelease()
+
+
+def test_task_longer_than_the_linger_is_not_held_and_comes_through_collect(fresh_cluster, gate):
+    c = fresh_cluster(workers_per_node=1)
+    p = security.connect(c.address, secret=c.secret, call_timeout=10)
+    cid = "client-long"
+    try:
+        p.open_client(cid)
+        fn = cloudpickle.dumps(nap)
+        for i in range(3):   # the node's average task time becomes ~50 ms, over the linger
+            p.submit(cid, {"n": fn}, [_task(cid, i, "n", 0.05)])
+        assert len(_collect_all(p, cid, {f"{cid}.{i}" for i in range(3)})) == 3
+        g = cloudpickle.dumps(gated)
+        n, res = p.submit_wait(cid, {"g": g}, [_task(cid, 9, "g", gate.path, "late")], 0.005)
+        assert (n, res) == (1, [])
+        gate.open()
+        got = _collect_all(p, cid, {f"{cid}.9"})
+        assert [wire.loads(r[2]) for r in got[f"{cid}.9"]] == ["late"]
+    finally:
+        p._pyroRelease()
+
+
+def test_executor_lone_tasks_resolve_once_with_callbacks_once(fresh_cluster):
+    """Through the executor: lone tasks (some back in the submit reply, some through the long poll),
+    then a burst: every future resolves once, its done-callback runs once."""
+    c = fresh_cluster(workers_per_node=2)
+    calls: dict = {}
+    lock = threading.Lock()
+
+    def cb(f):
+        with lock:
+            calls[id(f)] = calls.get(id(f), 0) + 1
+
+    with ClusterExecutor(c.address, secret=c.secret) as ex:
+        futs = []
+        for i in range(60):
+            f = ex.submit(echo, i)
+            f.add_done_callback(cb)
+            assert f.result(20) == i
+            futs.append(f)
+        burst = [ex.submit(echo, i) for i in range(200)]
+        for f in burst:
+            f.add_done_callback(cb)
+        assert [f.result(20) for f in burst] == list(range(200))
+        futs += burst
+    assert all(calls.get(id(f)) == 1 for f in futs)
