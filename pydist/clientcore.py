@@ -43,6 +43,7 @@ import time
 import weakref
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import PENDING as _PENDING
+from concurrent.futures._base import RUNNING as _RUNNING
 from typing import Any, Dict, List, Optional
 
 from . import security, wire
@@ -95,9 +96,12 @@ if hasattr(os, "register_at_fork"):
 class PydistFuture(Future):
     """A ``concurrent.futures.Future`` for a pydist task.
 
-    ``cancel()`` asks the node (one round trip) and succeeds only if the task had not yet been handed to
-    a worker or another node, so a cancelled task never runs; otherwise the future is marked running and
-    ``cancel()`` returns False, as ``ProcessPoolExecutor`` does for started work.
+    ``cancel()`` asks the node (one round trip; the node asks the worker or node the task was sent
+    ahead to, see ``pydist.cancelling``) and succeeds only if the task has not started anywhere, so a
+    cancelled task never runs; otherwise the future is marked running and ``cancel()`` returns False,
+    as ``ProcessPoolExecutor`` does for started work.  A future marked running by the node's "started"
+    note is asked about too (the note says what its worker runs next, or a task was forwarded): if the
+    task is withdrawn after all, the future is cancelled.
     """
 
     _pydist_tid: str = ""
@@ -105,13 +109,30 @@ class PydistFuture(Future):
 
     def cancel(self) -> bool:
         with self._condition:
-            if self._state != _PENDING:
+            if self._state not in (_PENDING, _RUNNING):
                 return super().cancel()
         ex = self._pydist_exec() if self._pydist_exec is not None else None
-        if ex is not None and self._pydist_tid not in ex._cancel_remote([self._pydist_tid]):
-            self._mark_running()
-            return False
-        return super().cancel()
+        if ex is None:
+            return super().cancel()
+        with ex._cancel_lock:   # two threads cancelling one future agree on the answer
+            with self._condition:
+                if self._state not in (_PENDING, _RUNNING):
+                    return super().cancel()
+            if self._pydist_tid not in ex._cancel_remote([self._pydist_tid]):
+                self._mark_running()
+                return False
+            return self._withdrawn()
+
+    def _withdrawn(self) -> bool:
+        """The task will never run: the future is cancelled (even if a "started" note marked it
+        running), and waiters (``concurrent.futures.wait``) are told at once."""
+        with self._condition:
+            if self._state == _RUNNING:
+                self._state = _PENDING
+        ok = super().cancel()
+        if ok:
+            self.set_running_or_notify_cancel()
+        return ok
 
     def _invoke_callbacks(self) -> None:
         # concurrent.futures catches only Exception here: a callback raising SystemExit or
@@ -187,6 +208,7 @@ class ClientCore:
         self._finalized = False
         self._wref = weakref.ref(self)
         self._send_lock = threading.Lock()
+        self._cancel_lock = threading.Lock()
         self._submit_gen = entry.gen
         self._submit_proxy = self._connect()
 
@@ -311,13 +333,14 @@ class ClientCore:
             self._shutdown = True
             pending = list(self._pending.values())
         if cancel_futures:
-            waiting = [f for f in pending if not f.running() and not f.done()]
-            gone = self._cancel_remote([f._pydist_tid for f in waiting])
-            for f in waiting:
-                if f._pydist_tid in gone:
-                    Future.cancel(f)
-                else:
-                    f._mark_running()
+            waiting = [f for f in pending if not f.done()]
+            with self._cancel_lock:
+                gone = self._cancel_remote([f._pydist_tid for f in waiting])
+                for f in waiting:
+                    if f._pydist_tid in gone:
+                        f._withdrawn()
+                    else:
+                        f._mark_running()
         if wait:
             self._drain_and_close()
         else:
@@ -371,8 +394,8 @@ class ClientCore:
                 else:
                     keep.append(item)
             self._outbox[:] = keep
+            # (an id no longer pending is finished: its result is being delivered, never withdrawn)
             ask = [t for t in tids if t not in gone and t in self._pending]
-            gone.update(t for t in tids if t not in self._pending)
         if ask:
             with self._send_lock:
                 gen = self._entry.gen
