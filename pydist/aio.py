@@ -18,8 +18,10 @@ Nothing here blocks the running loop: opening the executor (which may start a ``
 pickling and sending run in a helper thread, shutting down and cancelling in another; waiting for a
 result holds no thread at all (the future's done callback wakes the loop).  So it works inside a loop
 someone else runs (Jupyter's).  Cancelling the coroutine that awaits a result cancels its pydist task:
-a task not yet started never runs; one already running finishes on its worker and its result is
-dropped (as ``concurrent.futures`` does).
+a task not yet started never runs (wherever it waits: ``pydist.cancelling``); one already running
+finishes on its worker and its result is dropped (as ``concurrent.futures`` does).  The cancelled
+coroutine ends once the cluster has answered (in a helper thread; the loop keeps running), so code
+that goes on after ``await``-ing a cancelled task knows its pydist task is withdrawn or started.
 
 ``loop.run_in_executor(ClusterExecutor(...), fn, *args)`` works as well: ``ClusterExecutor`` is a
 ``concurrent.futures.Executor``.
@@ -165,11 +167,29 @@ class AsyncClusterExecutor:
         fut.add_done_callback(done)
         return afut
 
+    async def _cancel_now(self, futs: list) -> None:
+        """Cancel pydist futures in a helper thread and wait for the cluster's answer without blocking
+        the loop; being cancelled again stops the waiting, never the cancelling."""
+        futs = [f for f in futs if not f.done()]
+        if not futs:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            cf = loop.run_in_executor(self._helper, lambda: [f.cancel() for f in futs])
+        except RuntimeError:   # helper already shut down: cancel here (short round trips)
+            for f in futs:
+                f.cancel()
+            return
+        try:
+            await asyncio.shield(cf)
+        except asyncio.CancelledError:
+            pass
+
     async def _wait(self, fut: concurrent.futures.Future) -> Any:
         try:
             return await self._watch(fut)
         except asyncio.CancelledError:
-            self._cancel_soon(fut)
+            await self._cancel_now([fut])
             raise
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "asyncio.Task[T]":
@@ -208,8 +228,7 @@ class AsyncClusterExecutor:
         try:
             done = await asyncio.wait_for(asyncio.gather(*waits), timeout)
         except BaseException:
-            for f in futs:
-                self._cancel_soon(f)
+            await self._cancel_now(futs)
             raise
         if chunksize == 1:
             return list(done)

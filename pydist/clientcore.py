@@ -43,6 +43,7 @@ import time
 import weakref
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import PENDING as _PENDING
+from concurrent.futures._base import RUNNING as _RUNNING
 from typing import Any, Dict, List, Optional
 
 from . import security, wire
@@ -95,9 +96,12 @@ if hasattr(os, "register_at_fork"):
 class PydistFuture(Future):
     """A ``concurrent.futures.Future`` for a pydist task.
 
-    ``cancel()`` asks the node (one round trip) and succeeds only if the task had not yet been handed to
-    a worker or another node, so a cancelled task never runs; otherwise the future is marked running and
-    ``cancel()`` returns False, as ``ProcessPoolExecutor`` does for started work.
+    ``cancel()`` asks the node (one round trip; the node asks the worker or node the task was sent
+    ahead to, see ``pydist.cancelling``) and succeeds only if the task has not started anywhere, so a
+    cancelled task never runs; otherwise the future is marked running and ``cancel()`` returns False,
+    as ``ProcessPoolExecutor`` does for started work.  A future marked running by the node's "started"
+    note is asked about too (the note says what its worker runs next, or a task was forwarded): if the
+    task is withdrawn after all, the future is cancelled.
     """
 
     _pydist_tid: str = ""
@@ -105,13 +109,30 @@ class PydistFuture(Future):
 
     def cancel(self) -> bool:
         with self._condition:
-            if self._state != _PENDING:
+            if self._state not in (_PENDING, _RUNNING):
                 return super().cancel()
         ex = self._pydist_exec() if self._pydist_exec is not None else None
-        if ex is not None and self._pydist_tid not in ex._cancel_remote([self._pydist_tid]):
-            self._mark_running()
-            return False
-        return super().cancel()
+        if ex is None:
+            return super().cancel()
+        with ex._cancel_lock:   # two threads cancelling one future agree on the answer
+            with self._condition:
+                if self._state not in (_PENDING, _RUNNING):
+                    return super().cancel()
+            if self._pydist_tid not in ex._cancel_remote([self._pydist_tid]):
+                self._mark_running()
+                return False
+            return self._withdrawn()
+
+    def _withdrawn(self) -> bool:
+        """The task will never run: the future is cancelled (even if a "started" note marked it
+        running), and waiters (``concurrent.futures.wait``) are told at once."""
+        with self._condition:
+            if self._state == _RUNNING:
+                self._state = _PENDING
+        ok = super().cancel()
+        if ok:
+            self.set_running_or_notify_cancel()
+        return ok
 
     def _invoke_callbacks(self) -> None:
         # concurrent.futures catches only Exception here: a callback raising SystemExit or
@@ -154,8 +175,13 @@ class ClientCore:
 
     def __init__(self, cfg, tls, entry, cid: str, node_name: str, cluster=None,
                  max_inflight: Optional[int] = None, forward_output: bool = False,
-                 init_blob: Optional[bytes] = None, limits: Optional[dict] = None):
+                 init_blob: Optional[bytes] = None, limits: Optional[dict] = None,
+                 host: Optional[dict] = None):
         self._cfg, self._tls, self._entry = cfg, tls, entry
+        # large arguments go through memfds when the entry node is on this machine and no failover can
+        # take the tasks to another one (pydist.wire.to_shared); the descriptors of each unfinished task
+        self._shm_ok = bool(getattr(cfg, "shared_memory", True)) and not entry.failover and wire.same_host(host)
+        self._shm_fds: Dict[str, List[int]] = {}
         self._init_blob = init_blob
         self._pid = os.getpid()
         self._fork_gen = _Fork.gen
@@ -182,6 +208,7 @@ class ClientCore:
         self._finalized = False
         self._wref = weakref.ref(self)
         self._send_lock = threading.Lock()
+        self._cancel_lock = threading.Lock()
         self._submit_gen = entry.gen
         self._submit_proxy = self._connect()
 
@@ -216,9 +243,18 @@ class ClientCore:
     def _enqueue(self, key: str, blob: bytes, payload: bytes, kind: int, bundle: Optional[str],
                  retries: int = 0) -> PydistFuture:
         fut = PydistFuture()
+        fds: List[int] = []
+        if self._shm_ok and isinstance(payload, list):
+            payload, fds = wire.to_shared(payload)
         with self._lock:
-            self._check_open()
+            try:
+                self._check_open()
+            except BaseException:
+                self._close_fds(fds)
+                raise
             tid = f"{self._cid}.{next(self._seq)}"
+            if fds:
+                self._shm_fds[tid] = fds
             fut._pydist_tid = tid
             fut._pydist_exec = self._wref
             self._pending[tid] = fut
@@ -246,6 +282,14 @@ class ClientCore:
             with self._cond:
                 self._cond.notify_all()
         return fut
+
+    @staticmethod
+    def _close_fds(fds) -> None:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _room(self) -> int:
         """How many more tasks may be sent now (caller holds ``_lock``): ``max_workers`` on a running
@@ -289,13 +333,14 @@ class ClientCore:
             self._shutdown = True
             pending = list(self._pending.values())
         if cancel_futures:
-            waiting = [f for f in pending if not f.running() and not f.done()]
-            gone = self._cancel_remote([f._pydist_tid for f in waiting])
-            for f in waiting:
-                if f._pydist_tid in gone:
-                    Future.cancel(f)
-                else:
-                    f._mark_running()
+            waiting = [f for f in pending if not f.done()]
+            with self._cancel_lock:
+                gone = self._cancel_remote([f._pydist_tid for f in waiting])
+                for f in waiting:
+                    if f._pydist_tid in gone:
+                        f._withdrawn()
+                    else:
+                        f._mark_running()
         if wait:
             self._drain_and_close()
         else:
@@ -349,8 +394,8 @@ class ClientCore:
                 else:
                     keep.append(item)
             self._outbox[:] = keep
+            # (an id no longer pending is finished: its result is being delivered, never withdrawn)
             ask = [t for t in tids if t not in gone and t in self._pending]
-            gone.update(t for t in tids if t not in self._pending)
         if ask:
             with self._send_lock:
                 gen = self._entry.gen
@@ -364,6 +409,8 @@ class ClientCore:
                 self._pending.pop(t, None)
                 self._records.pop(t, None)
                 self._recon.discard(t)
+                if self._shm_fds:
+                    self._close_fds(self._shm_fds.pop(t, ()))
             self._untake(gone)
             if self._outbox:
                 self._cond.notify_all()   # room for tasks held back
@@ -583,6 +630,8 @@ class ClientCore:
             for r in results:
                 self._records.pop(r[0], None)
                 self._recon.discard(r[0])
+                if self._shm_fds:
+                    self._close_fds(self._shm_fds.pop(r[0], ()))
             self._untake(r[0] for r in results)
             if self._outbox:
                 self._cond.notify_all()   # room for tasks held back by max_workers or the node's limits
@@ -631,6 +680,9 @@ class ClientCore:
             self._outbox.clear()
             self._records.clear()
             self._recon.clear()
+            for fds in self._shm_fds.values():
+                self._close_fds(fds)
+            self._shm_fds.clear()
             self._untake(list(self._sent_sizes))
             self._cond.notify_all()
         for f in pending:

@@ -3,7 +3,7 @@
 Accepting tasks (``accept_tasks``: the ledger's verdict on each id), placing them (``schedule``: the
 pure scheduler over slots whose credit is derived from the ledger), results (``finish_results``:
 accepted only from the task's location, then sent to its origin), retries after a worker death,
-cancellation (``cancel_tasks``: a cancel reaches the task wherever it waits), the loss of a worker or a
+cancellation (``pydist.cancelling``: a cancel reaches the task wherever it waits), the loss of a worker or a
 link, and reconciliation with a linked node or a client (ids only one side knows are acted on when seen
 twice in a row, so a message still in flight is never mistaken for a lost task).
 """
@@ -204,6 +204,7 @@ class Dispatch:
         fns: Dict[str, bytes] = {}
         recs = []
         big = False
+        idle = self.ledger.count_at(loc) == 0
         for t in ts:
             self.ledger.place(t, loc)
             r = t.rec
@@ -214,7 +215,8 @@ class Dispatch:
                 big = True   # large arguments go to the worker out of band, not copied into the frame
                 r = r[:wire.T_PAYLOAD] + (wire.frame_payload(r[wire.T_PAYLOAD]),) + r[wire.T_PAYLOAD + 1:]
             recs.append(r)
-            self._note_started(t)
+        if idle:   # the first one starts now; those behind it wait at the worker, cancellable
+            self.note_head(loc)
         self.pool.send(loc[1], ("run", fns, recs), big)
 
     def _post_to_link(self, link, ts: List[Task]) -> None:
@@ -233,7 +235,13 @@ class Dispatch:
                     inits[cid] = c.init_blob
                 link.known_clients.add(cid)
             hops, path = scheduler.forward_path(r[wire.T_PATH], r[wire.T_HOPS], self.name)
-            recs.append((r[0], r[1], r[2], r[3], hops, path, r[6], r[7]))
+            payload = r[2]
+            if isinstance(payload, list):
+                try:   # the next node may be on another machine: it gets the bytes, not our client's memfd
+                    payload = wire.from_shared(payload)
+                except OSError as exc:   # (the client is gone: the task fails where it runs, saying so)
+                    log.info("task %s: its shared-memory argument is unreadable here: %s", r[0], exc)
+            recs.append((r[0], r[1], payload, r[3], hops, path, r[6], r[7]))
         self.counts["forwarded_out"] += len(recs)
         link.post(tasks=recs, fns=fns, inits=inits)
 
@@ -333,34 +341,7 @@ class Dispatch:
             self.store.unpin(t.rec[wire.T_BUNDLE])
 
     # ------------------------------------------------------------------------------------ cancelling
-    def cancel_tasks(self, ts: List[Task]) -> int:
-        """Nobody wants these tasks' results: queued ones leave, placed ones are cancelled where they are
-        (a link is told; what is still in its outbox is taken back)."""
-        lg = self.ledger
-        by_link: Dict[tuple, List[Task]] = {}
-        n = 0
-        for t in ts:
-            if t.state is State.CANCELLED or t.id not in lg.tasks:
-                continue
-            loc = lg.cancel(t)
-            n += 1
-            if loc is not None and loc[0] == "l":
-                by_link.setdefault(tuple(loc), []).append(t)
-        for loc, tl in by_link.items():
-            link = self.links.links.get(loc[1])
-            ids = {t.id for t in tl}
-            if link is None or link.location != loc or not link.alive:
-                gone = ids
-            else:
-                gone = link.withdraw(ids)
-                rest = [t.id for t in tl if t.id not in gone]
-                if rest:
-                    link.post(cancel=rest)
-            for t in tl:
-                if t.id in gone:
-                    lg.unplace_one(t)   # never sent (or its link is gone): it leaves
-        return n
-
+    # (cancel_tasks and withdraw: pydist.cancelling)
     def drop_client(self, cid: str) -> None:
         if self.sessions.pop(cid) is None:
             return
@@ -394,6 +375,7 @@ class Dispatch:
             if origin[2] != live_epoch:
                 ts = [lg.tasks[tid] for tid in lg.ids_from(origin)]
                 dropped += self.cancel_tasks(ts)
+        self.withdrawals_lost("l", link.name)
         if was_alive and (requeued or dropped):
             log.log(logging.INFO if link.left else logging.WARNING,
                     "link %s lost (%s): %d tasks placed again, %d of its tasks cancelled",
@@ -410,7 +392,10 @@ class Dispatch:
                 r = tuple(r[:wire.R_RUNTIME]) + (0.0,)
             clean.append(r)
         with self.lock:
+            head = self.ledger.first_at(src)
             self.finish_results(clean, src)
+            if self.ledger.first_at(src) != head:
+                self.note_head(src)   # the worker went on to the next task it holds
             self.schedule()
 
     def _on_worker_exit(self, index: int, returncode: Optional[int], culprit: Optional[str]) -> None:
@@ -437,6 +422,7 @@ class Dispatch:
                     self.finish_results([(culprit, wire.LOST, wire.dumps_exception(err), self.name, index, 0.0)],
                                         loc)
                 lg.unplace(loc)
+            self.withdrawals_lost("w", index)
         threading.Thread(target=self._wait_ready, args=(index,), daemon=True).start()
 
     def _wait_ready(self, index: int) -> None:

@@ -13,12 +13,15 @@ the ledger knows
 
                  place                      result from the task's location
     QUEUED ───────────────▶ PLACED ─────────────────────────────────────▶ DONE | FAILED (record leaves)
-      ▲ │                   │  ▲ │
-      │ │ cancel            │  │ │ cancel (origin gone: the copy runs on, its result is kept aside)
-      │ ▼                   │  │ ▼
-      │ CANCELLED (leaves)  │  CANCELLED ── result ──▶ kept in ``orphans`` for a re-send (record leaves)
+      ▲ │                   │  ▲ │ │
+      │ │ cancel            │  │ │ └─ withdrawn: its location confirms the copy never started
+      │ ▼                   │  │ │    ─▶ CANCELLED (record leaves; ``withdraw``)
+      │ CANCELLED (leaves)  │  │ │ cancel (origin gone: the copy runs on, its result is kept aside)
+      │                     │  │ ▼
+      │                     │  CANCELLED ── result ──▶ kept in ``orphans`` for a re-send (record leaves)
       └── location lost ────┘      │ └── re-sent id: revived, the running copy's result will be used
-                                   └── location lost: record leaves
+          or its copy dropped      └── location lost, or its copy dropped: record leaves
+          while still wanted
 
 What the ledger guarantees:
 
@@ -192,6 +195,11 @@ class Ledger:
         ix = self._by_location.get(_key(location))
         return list(ix.ids) if ix is not None else []
 
+    def first_at(self, location: tuple) -> Optional[str]:
+        """The id placed at a location first (of those still there): what a worker runs now."""
+        ix = self._by_location.get(_key(location))
+        return next(iter(ix.ids), None) if ix is not None else None
+
     def _digest(self, ix: Optional[_Index]) -> Tuple[int, int]:
         """``(count, XOR of id_hash)`` of an index's ids (each task's hash computed once, then kept)."""
         if ix is None:
@@ -354,6 +362,18 @@ class Ledger:
             t.move(State.CANCELLED)
             return t.location
         return None
+
+    def withdraw(self, t: Task, location: tuple) -> bool:
+        """``t``'s location says it dropped the copy before it started (a cancel reached it there):
+        PLACED (or already CANCELLED) -> CANCELLED, and the record leaves.  Returns False (nothing
+        changes) if ``t`` is not at ``location`` any more."""
+        if t.location is None or tuple(t.location) != tuple(location) or t.id not in self.tasks:
+            return False
+        if t.state is State.PLACED:
+            t.move(State.CANCELLED)
+        self._remove(t)
+        self.counts["withdrawn"] += 1
+        return True
 
     def unplace(self, location: tuple) -> Tuple[List[Task], List[Task]]:
         """The location is gone (worker died, link lost or re-joined).  Live tasks there go back to

@@ -67,6 +67,7 @@ class Link:
         self.out_results: List[tuple] = []
         self.sending_results: List[tuple] = []   # taken by the pump, call in flight
         self.out_cancel: List[str] = []
+        self.out_withdraw: List[tuple] = []     # (request, ids, wait): "drop these if not started"
         self.out_code: List[str] = []
         self.stopping = False
         self.left = False               # it told us it is stopping (a clean stop, not a fault)
@@ -84,7 +85,7 @@ class Link:
     def workers(self) -> int:
         return sum(v[0] for v in self.remote_map.values())
 
-    def post(self, *, tasks=(), fns=None, inits=None, results=(), cancel=(), code=()) -> None:
+    def post(self, *, tasks=(), fns=None, inits=None, results=(), cancel=(), code=(), withdraw=()) -> None:
         """Queue messages for the link thread (never blocks on the network)."""
         with self.cond:
             if tasks:
@@ -99,6 +100,8 @@ class Link:
                 self.out_cancel.extend(cancel)
             if code:
                 self.out_code.extend(code)
+            if withdraw:
+                self.out_withdraw.extend(withdraw)
             self.cond.notify()
 
     def unsent_task_ids(self) -> set:
@@ -124,6 +127,7 @@ class Link:
             out = self.out_results + self.sending_results
             self.out_results, self.sending_results = [], []
             self.out_tasks, self.out_fns, self.out_inits = [], {}, {}
+            self.out_withdraw = []   # (their askers stop waiting: Node.withdrawals_lost)
             return out
 
     def stop(self) -> None:
@@ -294,7 +298,7 @@ class LinkManager:
         while True:
             with link.cond:
                 while not (link.out_tasks or link.out_results or link.out_cancel or link.out_code
-                           or link.stopping) and time.monotonic() < next_hb:
+                           or link.out_withdraw or link.stopping) and time.monotonic() < next_hb:
                     link.cond.wait(max(0.0, next_hb - time.monotonic()))
                 if link.stopping:
                     return
@@ -304,6 +308,7 @@ class LinkManager:
                     raise NodeLost(f"{link.name} was declared lost")
                 tasks, fns, inits = link.out_tasks, link.out_fns, link.out_inits
                 results, cancel, code = link.out_results, link.out_cancel, link.out_code
+                withdraw, link.out_withdraw = link.out_withdraw, []
                 link.out_tasks, link.out_fns, link.out_inits = [], {}, {}
                 link.out_results, link.out_cancel, link.out_code = [], [], []
                 link.sending_results = results
@@ -323,6 +328,14 @@ class LinkManager:
                     with link.cond:   # not delivered: keep them for the failure handler
                         link.out_tasks[:0] = tasks
                     raise
+            for req, ids, wait in withdraw:   # after tasks: it asks about tasks sent before it
+                try:
+                    gone = proxy.withdraw_forwarded(node.name, epoch, ids, wait)
+                except Exception:
+                    node.withdraw_answer(("l", link.name, epoch), req, None)
+                    raise
+                gone = [t for t in gone if isinstance(t, str)] if isinstance(gone, list) else []
+                node.withdraw_answer(("l", link.name, epoch), req, gone)
             for digest in code:
                 self._push_code(proxy, link, digest)
             now = time.monotonic()

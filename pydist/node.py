@@ -49,6 +49,7 @@ from .checks import (check_fns, check_ids, check_int, check_map, check_recon, ch
                      check_tasks, check_timeout)
 from .codeserve import CodeEndpoints
 from .config import NodeConfig
+from .cancelling import WITHDRAW_WAIT, Cancelling
 from .dispatch import Dispatch
 from .errors import NodeLost, ProtocolError
 from .ledger import State, id_hash
@@ -67,7 +68,7 @@ __all__ = ["Node", "serve", "check_map", "NS_PREFIX", "NODE_OBJECT_ID"]
 
 @Pyro5.api.expose
 @Pyro5.api.behavior(instance_mode="single")
-class Node(Dispatch, CodeEndpoints):
+class Node(Dispatch, Cancelling, CodeEndpoints):
     """A pydist node (see the module docstring).  Methods exposed to Pyro5 take and return batches."""
 
     def __init__(self, config: NodeConfig):
@@ -93,8 +94,10 @@ class Node(Dispatch, CodeEndpoints):
         env = dict(os.environ)
         env.pop("PYDIST_SECRET", None)   # tasks never hold the cluster secret (ranks use a group token)
         self.pool = WorkerPool(config.workers or 0, self.name, config.code_cache,
-                               self._on_worker_results, self._on_worker_exit, env=env)
+                               self._on_worker_results, self._on_worker_exit, env=env,
+                               on_dropped=self._on_worker_dropped)
         self.init_dispatch()
+        self.init_cancelling()
         self.daemon: Optional[Pyro5.api.Daemon] = None
         self.groups = GroupTable(self)               # task groups: reservations, control lines, abort
         self.dashboard_url: Optional[str] = None   # set when this node serves the dashboard (--dashboard)
@@ -258,18 +261,15 @@ class Node(Dispatch, CodeEndpoints):
             return self.reconcile_client(client_id, task_ids)
 
     def cancel(self, client_id: str, task_ids: list) -> list:
-        """Withdraw a client's tasks that are still queued here (not yet given to a worker or another
-        node); returns the ids withdrawn.  Tasks already sent run to the end."""
+        """Withdraw a client's tasks that have not started anywhere: queued here, or sent ahead to a
+        worker or another node and still waiting there (asked, with a short bounded wait:
+        ``pydist.cancelling``); returns the ids withdrawn (they never run).  The others run to the end."""
         check_str(client_id, "client_id")
         check_ids(task_ids)
-        out = []
         with self.lock:
-            for tid in task_ids:
-                t = self.ledger.tasks.get(tid)
-                if t is not None and t.origin == ("c", client_id) and t.state is State.QUEUED:
-                    self.cancel_tasks([t])
-                    out.append(tid)
-        return out
+            ts = [t for t in (self.ledger.tasks.get(tid) for tid in task_ids)
+                  if t is not None and t.origin == ("c", client_id)]
+        return sorted(self.withdraw(ts))
 
     def close_client(self, client_id: str) -> None:
         """Forget a client: its queued tasks are dropped, its initializer forgotten."""
@@ -283,6 +283,7 @@ class Node(Dispatch, CodeEndpoints):
         return {"name": self.name, "address": self.address, "uri": self.uri,
                 "workers": self.worker_count, "versions": security.local_versions(),
                 "max_hops": self.cfg.max_hops,
+                "host": wire.host_identity(),   # a client on this machine may pass large arguments in memfds
                 # a client keeps what is over these and sends it as results come back (pydist.clientcore)
                 "limits": {"client_tasks": self.cfg.max_client_tasks, "client_bytes": self.cfg.max_client_bytes}}
 
@@ -401,6 +402,19 @@ class Node(Dispatch, CodeEndpoints):
         with self.lock:
             link = self._link_of(sender, epoch)
             return self.reconcile_received(link, set(task_ids))
+
+    def withdraw_forwarded(self, sender: str, epoch: int, task_ids: list, wait: float) -> list:
+        """A linked node withdraws tasks it had forwarded to us over ``epoch`` that have not started
+        (here, at our workers or further down, waiting at most ``wait`` s); returns the ids withdrawn."""
+        check_str(sender, "sender")
+        check_ids(task_ids)
+        wait = min(check_timeout(wait), WITHDRAW_WAIT)
+        with self.lock:
+            link = self._link_of(sender, epoch)
+            origin = ("l", sender, link.epoch)
+            ts = [t for t in (self.ledger.tasks.get(tid) for tid in task_ids)
+                  if t is not None and tuple(t.origin) == origin]
+        return sorted(self.withdraw(ts, wait))
 
     def cancel_forwarded(self, sender: str, task_ids: list) -> int:
         """A linked node cancels tasks it had forwarded to us."""

@@ -3,12 +3,18 @@
 ::
 
     Node (scheduler decides)                    worker process i (python -m pydist.workers)
-      WorkerPool.send(i, ("run", fns, tasks)) ─▶ writer thread ─pipe─▶ read frame ─▶ run each task
-      on_results(i, [result, ...])  ◀── reader thread ◀─pipe── ("res", [...]) flushed per batch / 2 ms
+      WorkerPool.send(i, ("run", fns, tasks)) ─▶ writer thread ─pipe─▶ intake thread ─▶ local queue
+      WorkerPool.send(i, ("cancel", req, ids)) ─▶        "        ─pipe─▶ intake: drops queued ids ─┐
+      on_dropped(i, req, [ids never run]) ◀── reader thread ◀─pipe── ("dropped", req, ids) ◀─────────┘
+      on_results(i, [result, ...])  ◀── reader thread ◀─pipe── ("res", [...]) ◀── task thread runs
+                                                                 flushed when idle / every 2 ms   the queue
       on_exit(i)  ◀── reader thread sees EOF (segfault, os._exit, kill) ─▶ pool starts a replacement
 
-The node never blocks on a pipe: sends go through a per-worker writer thread.  A worker reads one
-frame at a time and runs its tasks in order; results go back in batches (at most ``FLUSH_EVERY`` s late).
+The node never blocks on a pipe: sends go through a per-worker writer thread.  A worker's intake thread
+reads every frame as it arrives into a local queue; its main thread runs the queued tasks in order;
+results go back in batches (at most ``FLUSH_EVERY`` s late).  Because the intake never waits for a task,
+the node can withdraw tasks it sent ahead (the scheduler's window) until the moment each starts: a
+task taken off the local queue has started, one dropped from it never runs.
 The function blobs a batch carries are unpickled once and cached (LRU) by key in the worker.
 What a task prints or logs is captured (pydist.output) and rides with its result to a client that asked
 for it (``forward_output``), else goes to the node's stderr, prefixed with node, worker and task.
@@ -103,40 +109,105 @@ class _Worker:
         self.init_done: Dict[str, Optional[bytes]] = {}   # client -> None (ok) or exception blob
         self.slot_names: Dict[str, bytes] = {}
         self.output: Optional[TaskOutput] = None   # set by worker_main: captures the tasks' output
+        # what arrived and has not started: ("run", fns, task, first of its frame) or a control frame
+        self.queue: "collections.deque[tuple]" = collections.deque()
+        self.cond = threading.Condition()
+        self.wlock = threading.Lock()   # the pipe to the node has two writers (results, cancel answers)
 
+    # -------------------------------------------------------------------------------- intake
     def serve(self) -> None:
+        """Run what arrives, in order, until the pipe closes or the node says stop.
+
+        A reader thread (``_intake``) reads the pipe into ``self.queue`` at once, so a ``("cancel",
+        request, ids)`` frame is answered while a task runs: every id still in the queue is dropped
+        (it never runs) and reported back as ``("dropped", request, ids)``.  Taking a task off the
+        queue (under ``self.cond``) is the moment it starts: a cancel either finds it queued or not."""
+        threading.Thread(target=self._intake, daemon=True, name="pydist-intake").start()
+        out: List[tuple] = []
+        last = time.perf_counter()
+        q, cond = self.queue, self.cond
         while True:
-            try:
-                msg = wire.read_frame(self.fd_in)
-            except EOFError:
-                return
-            op = msg[0]
+            with cond:
+                item = q.popleft() if q else None
+            if item is None:
+                if out:   # nothing else to run now: what is done goes back at once
+                    self._write(("res", out))
+                    out = []
+                with cond:
+                    while not q:
+                        cond.wait()
+                    item = q.popleft()
+                last = time.perf_counter()
+            op = item[0]
             if op == "run":
-                self.run_batch(msg[1], msg[2])
-            elif op == "init":
-                self.init_blobs[msg[1]] = msg[2]
+                if item[3]:   # the first task of a frame: bundles pinned with `pydist sync-code --pin`
+                    from .codesync import sync_pinned
+
+                    sync_pinned(self.code_cache, self.node)
+                out.append(self.run_one(item[1], item[2]))
+                now = time.perf_counter()
+                if now - last > FLUSH_EVERY:
+                    self._write(("res", out))
+                    out, last = [], now
+                continue
+            if out:   # control frames keep their place after the results before them
+                self._write(("res", out))
+                out = []
+            if op == "init":
+                self.init_blobs[item[1]] = item[2]
             elif op == "forget":
-                for c in msg[1]:
+                for c in item[1]:
                     self.init_blobs.pop(c, None)
                     self.spaces.forget(c)
                     self.init_done.pop(c, None)
-            elif op == "stop":
+            elif op in ("stop", "eof"):
                 return
 
-    def run_batch(self, fns: Dict[str, bytes], tasks: List[tuple]) -> None:
-        from .codesync import sync_pinned
+    def _intake(self) -> None:
+        """(reader thread) Pipe -> ``self.queue``; answers cancels at once (see ``serve``)."""
+        q, cond = self.queue, self.cond
+        try:
+            while True:
+                try:
+                    msg = wire.read_frame(self.fd_in)
+                except EOFError:
+                    msg = ("eof",)
+                op = msg[0]
+                if op == "cancel":
+                    self._withdraw(msg[1], msg[2])
+                    continue
+                with cond:
+                    if op == "run":
+                        fns, first = msg[1], True
+                        for rec in msg[2]:
+                            q.append(("run", fns, rec, first))
+                            first = False
+                    else:
+                        q.append(msg)
+                    cond.notify()
+                if op in ("eof", "stop"):
+                    return
+        except BaseException:   # an unreadable frame: end the worker (the node replaces it)
+            log.exception("worker %d could not read its pipe", self.index)
+            with cond:
+                q.append(("eof",))
+                cond.notify()
 
-        sync_pinned(self.code_cache, self.node)   # bundles pinned with `pydist sync-code --pin`
-        out = []
-        last = time.perf_counter()
-        for t in tasks:
-            out.append(self.run_one(fns, t))
-            now = time.perf_counter()
-            if now - last > FLUSH_EVERY:
-                wire.write_frame(self.fd_out, ("res", out))
-                out, last = [], now
-        if out:
-            wire.write_frame(self.fd_out, ("res", out))
+    def _withdraw(self, request: int, ids: List[str]) -> None:
+        """Drop the queued tasks among ``ids`` (they never run) and say which they were."""
+        want = set(ids)
+        with self.cond:
+            keep = collections.deque(i for i in self.queue if i[0] != "run" or i[2][0] not in want)
+            dropped = [i[2][0] for i in self.queue if i[0] == "run" and i[2][0] in want]
+            if dropped:
+                self.queue.clear()
+                self.queue.extend(keep)
+        self._write(("dropped", request, dropped))
+
+    def _write(self, msg: tuple) -> None:
+        """One frame to the node (results from the task thread, answers from the reader thread)."""
+        with self.wlock:
+            wire.write_frame(self.fd_out, msg)
 
     def function(self, fns: Dict[str, bytes], key: str, client: str = ""):
         # keyed by (bundle, key): the same function object submitted after a new upload_code must be
@@ -323,6 +394,8 @@ class WorkerPool:
     """N long-lived worker processes of one node.
 
     ``on_results(index, results)`` is called from a reader thread for every batch of results;
+    ``on_dropped(index, request, ids)`` when the worker answers ``("cancel", request, ids)`` with the ids
+    it dropped from its queue (they never run; ids not listed had started or were not there);
     ``on_exit(index, returncode, task_id)`` when a worker died (the pool has already started its
     replacement, unless it is stopping); ``task_id`` is the task it was running, read from a small
     shared-memory slot the worker writes before each task (None if it died between tasks).  ``send`` never blocks.
@@ -330,12 +403,14 @@ class WorkerPool:
 
     def __init__(self, size: int, node_name: str, code_cache: str,
                  on_results: Callable[[int, list], None], on_exit: Callable[[int, Optional[int], Optional[str]], None],
-                 env: Optional[dict] = None):
+                 env: Optional[dict] = None,
+                 on_dropped: Optional[Callable[[int, int, List[str]], None]] = None):
         self.size = size
         self.node_name = node_name
         self.code_cache = code_cache
         self.on_results = on_results
         self.on_exit = on_exit
+        self.on_dropped = on_dropped
         self.env = env
         self.handles = [_Handle(i) for i in range(size)]
         self._stopping = threading.Event()
@@ -456,6 +531,9 @@ class WorkerPool:
                     if any(r[1] == wire.ERROR for r in msg[1]):
                         self._note_failures(h.index, msg[1])
                     self.on_results(h.index, msg[1])
+                elif msg[0] == "dropped":
+                    if self.on_dropped is not None:
+                        self.on_dropped(h.index, msg[1], msg[2])
                 elif msg[0] == "hello":
                     h.ready.set()
         except (EOFError, OSError):

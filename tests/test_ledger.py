@@ -194,3 +194,28 @@ def test_an_id_queued_twice_is_taken_once():
     assert lg.take_queued(10) == [t]
     lg.place(t, W)
     assert lg.take_queued(10) == []
+
+
+def test_withdraw_only_from_the_tasks_location_and_the_record_leaves():
+    """A location that says it dropped a copy before it started: PLACED (or already CANCELLED) ->
+    CANCELLED, the record leaves, its credit is freed, the head of the location moves on."""
+    lg = Ledger()
+    left = []
+    lg.on_leave = left.append
+    for tid in "abc":
+        _, t = lg.add(task(tid), ("c", "c1"))
+        lg.enqueue(t)
+    a, b, c = lg.take_queued(3)
+    for t in (a, b, c):
+        lg.place(t, W)
+    assert lg.first_at(W) == "a" and lg.count_at(W) == 3
+    assert lg.withdraw(b, L1) is False and b.state is State.PLACED   # not its location: nothing changes
+    assert lg.withdraw(b, W) is True
+    assert b.state is State.CANCELLED and "b" not in lg.tasks and left == [b]
+    assert lg.withdraw(b, W) is False                               # once
+    assert lg.count_at(W) == 2 and lg.first_at(W) == "a"
+    assert lg.cancel(a) == W and a.state is State.CANCELLED          # nobody wants it: it stays there ...
+    assert lg.withdraw(a, W) is True and "a" not in lg.tasks         # ... until its location drops it
+    assert lg.first_at(W) == "c" and lg.counts["withdrawn"] == 2
+    assert lg.finish(ok("c"), W) == (c, "deliver")
+    assert lg.first_at(W) is None and lg.digest_at(W) == (0, 0) and not lg.tasks
