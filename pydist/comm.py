@@ -70,9 +70,11 @@ class Comm:
 
     # mpi4py spellings
     def Get_rank(self) -> int:
+        """``rank`` (mpi4py's spelling)."""
         return self.rank
 
     def Get_size(self) -> int:
+        """``size`` (mpi4py's spelling)."""
         return self.size
 
     # -------------------------------------------------------------------------------- helpers

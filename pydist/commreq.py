@@ -42,12 +42,15 @@ class Status:
         return self.size
 
     def Get_source(self) -> int:
+        """``source`` (mpi4py's spelling)."""
         return self.source
 
     def Get_tag(self) -> int:
+        """``tag`` (mpi4py's spelling)."""
         return self.tag
 
     def Get_count(self) -> int:
+        """``size``: bytes of the pickled message (mpi4py's spelling)."""
         return self.size
 
     def __repr__(self) -> str:
@@ -57,7 +60,7 @@ class Status:
 class Request:
     """A pending ``isend`` or ``irecv``: ``wait()`` for it, ``test()`` whether it is done."""
 
-    def __init__(self, comm: "Comm", kind: str, handle: Any, status_src=None):
+    def __init__(self, comm: "Comm", kind: str, handle: Any, status_src: Any = None):
         self._comm, self._kind, self._h = comm, kind, handle
         self._done = False
         self._value: Any = None
