@@ -11,6 +11,7 @@ from .sessions import COLLECT_MAX_WAIT
 
 MAX_RETRIES = 100
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+_SHM_REF = re.compile(r"/proc/\d{1,10}/fd/\d{1,10}#\d{1,20}")   # pydist.wire.to_shared
 _TASK_TYPES = (str, str, (bytes, list), (str, type(None)), int, (list, tuple), int, str)
 
 
@@ -51,8 +52,10 @@ def check_tasks(tasks: Any, allow_retries: bool = False) -> None:
             raise TypeError("a task id must be a non-empty str of at most 512 characters")
         if not all(isinstance(p, str) for p in t[5]):
             raise TypeError("a task's path must be a list of node names")
-        if isinstance(t[2], list) and (not t[2] or not all(isinstance(b, bytes) for b in t[2])):
-            raise TypeError("a task's payload must be bytes or a non-empty list of bytes")
+        if isinstance(t[2], list) and (not t[2] or not isinstance(t[2][0], bytes) or not all(
+                isinstance(b, bytes) or isinstance(b, str) and _SHM_REF.fullmatch(b) for b in t[2])):
+            raise TypeError("a task's payload must be bytes or a non-empty list of bytes (and "
+                            "shared-memory references, pydist.wire.to_shared)")
         if t[3] is not None and not _DIGEST.fullmatch(t[3]):
             raise TypeError("a task's bundle must be None or a sha256 hex digest")
         if len(t) == 9:

@@ -175,8 +175,13 @@ class ClientCore:
 
     def __init__(self, cfg, tls, entry, cid: str, node_name: str, cluster=None,
                  max_inflight: Optional[int] = None, forward_output: bool = False,
-                 init_blob: Optional[bytes] = None, limits: Optional[dict] = None):
+                 init_blob: Optional[bytes] = None, limits: Optional[dict] = None,
+                 host: Optional[dict] = None):
         self._cfg, self._tls, self._entry = cfg, tls, entry
+        # large arguments go through memfds when the entry node is on this machine and no failover can
+        # take the tasks to another one (pydist.wire.to_shared); the descriptors of each unfinished task
+        self._shm_ok = bool(getattr(cfg, "shared_memory", True)) and not entry.failover and wire.same_host(host)
+        self._shm_fds: Dict[str, List[int]] = {}
         self._init_blob = init_blob
         self._pid = os.getpid()
         self._fork_gen = _Fork.gen
@@ -238,9 +243,18 @@ class ClientCore:
     def _enqueue(self, key: str, blob: bytes, payload: bytes, kind: int, bundle: Optional[str],
                  retries: int = 0) -> PydistFuture:
         fut = PydistFuture()
+        fds: List[int] = []
+        if self._shm_ok and isinstance(payload, list):
+            payload, fds = wire.to_shared(payload)
         with self._lock:
-            self._check_open()
+            try:
+                self._check_open()
+            except BaseException:
+                self._close_fds(fds)
+                raise
             tid = f"{self._cid}.{next(self._seq)}"
+            if fds:
+                self._shm_fds[tid] = fds
             fut._pydist_tid = tid
             fut._pydist_exec = self._wref
             self._pending[tid] = fut
@@ -268,6 +282,14 @@ class ClientCore:
             with self._cond:
                 self._cond.notify_all()
         return fut
+
+    @staticmethod
+    def _close_fds(fds) -> None:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _room(self) -> int:
         """How many more tasks may be sent now (caller holds ``_lock``): ``max_workers`` on a running
@@ -387,6 +409,8 @@ class ClientCore:
                 self._pending.pop(t, None)
                 self._records.pop(t, None)
                 self._recon.discard(t)
+                if self._shm_fds:
+                    self._close_fds(self._shm_fds.pop(t, ()))
             self._untake(gone)
             if self._outbox:
                 self._cond.notify_all()   # room for tasks held back
@@ -606,6 +630,8 @@ class ClientCore:
             for r in results:
                 self._records.pop(r[0], None)
                 self._recon.discard(r[0])
+                if self._shm_fds:
+                    self._close_fds(self._shm_fds.pop(r[0], ()))
             self._untake(r[0] for r in results)
             if self._outbox:
                 self._cond.notify_all()   # room for tasks held back by max_workers or the node's limits
@@ -654,6 +680,9 @@ class ClientCore:
             self._outbox.clear()
             self._records.clear()
             self._recon.clear()
+            for fds in self._shm_fds.values():
+                self._close_fds(fds)
+            self._shm_fds.clear()
             self._untake(list(self._sent_sizes))
             self._cond.notify_all()
         for f in pending:

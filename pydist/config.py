@@ -193,6 +193,10 @@ class ClientConfig:
                                                             "futures fail with BrokenCluster (or the client "
                                                             "fails over); a few s over the nodes' heartbeat "
                                                             "timeout (5 s)"))
+    shared_memory: bool = field(default=True, metadata=_meta("SHARED_MEMORY", None,
+                                                             "large task arguments travel in memfds when "
+                                                             "the entry node runs on this machine as this "
+                                                             "user (and no failover)"))
 
     def __post_init__(self) -> None:
         self.secret = normalize_secret(self.secret)

@@ -235,7 +235,13 @@ class Dispatch:
                     inits[cid] = c.init_blob
                 link.known_clients.add(cid)
             hops, path = scheduler.forward_path(r[wire.T_PATH], r[wire.T_HOPS], self.name)
-            recs.append((r[0], r[1], r[2], r[3], hops, path, r[6], r[7]))
+            payload = r[2]
+            if isinstance(payload, list):
+                try:   # the next node may be on another machine: it gets the bytes, not our client's memfd
+                    payload = wire.from_shared(payload)
+                except OSError as exc:   # (the client is gone: the task fails where it runs, saying so)
+                    log.info("task %s: its shared-memory argument is unreadable here: %s", r[0], exc)
+            recs.append((r[0], r[1], payload, r[3], hops, path, r[6], r[7]))
         self.counts["forwarded_out"] += len(recs)
         link.post(tasks=recs, fns=fns, inits=inits)
 

@@ -179,7 +179,8 @@ class ClusterExecutor(Executor):
             # print()/logging of tasks shown here (prefixed "[node/wN task]"): default on for the embedded cluster
             forward = (self._cluster is not None) if forward_output is None else bool(forward_output)
             self._core = ClientCore(self._cfg, self._tls, entry, self._cid, self._node_info["name"],
-                                    self._cluster, max_inflight, forward, init_blob, self._node_info.get("limits"))
+                                    self._cluster, max_inflight, forward, init_blob, self._node_info.get("limits"),
+                                    self._node_info.get("host"))
         except BaseException:
             if self._cluster is not None:
                 self._cluster.stop()

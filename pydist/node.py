@@ -282,6 +282,7 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
         return {"name": self.name, "address": self.address, "uri": self.uri,
                 "workers": self.worker_count, "versions": security.local_versions(),
                 "max_hops": self.cfg.max_hops,
+                "host": wire.host_identity(),   # a client on this machine may pass large arguments in memfds
                 # a client keeps what is over these and sends it as results come back (pydist.clientcore)
                 "limits": {"client_tasks": self.cfg.max_client_tasks, "client_bytes": self.cfg.max_client_bytes}}
 
