@@ -16,7 +16,10 @@ from .errors import BundleNotFound, BundleTooLarge
 log = logging.getLogger("pydist.node")
 
 if TYPE_CHECKING:   # pragma: no cover
-    from .ledger import Task
+    from .codestore import CodeStore
+    from .config import NodeConfig
+    from .ledger import Ledger, Task
+    from .links import LinkManager
 
 
 @Pyro5.api.expose
@@ -25,6 +28,19 @@ class CodeEndpoints:
 
     waiting_code: Dict[str, List[str]]
     fetching: set
+    # what the Node this is mixed into provides (declared for the type checker only)
+    cfg: "NodeConfig"
+    name: str
+    lock: "threading.RLock"
+    store: "CodeStore"
+    pinned: List[str]
+    ledger: "Ledger"
+    links: "LinkManager"
+
+    if TYPE_CHECKING:   # pragma: no cover
+        def schedule(self) -> None: ...
+
+        def fail_task(self, t: Task, exc: BaseException) -> None: ...
 
     def code_has(self, digests: list) -> list:
         """Which of these bundle digests this node holds."""
