@@ -337,6 +337,14 @@ class ClientCore:
             self._shutdown = True
             pending = list(self._pending.values())
         if cancel_futures:
+            # what was submitted goes out first, as ProcessPoolExecutor hands submitted calls to idle
+            # workers: what an idle worker took runs, the rest is withdrawn wherever it waits
+            with self._send_lock:
+                gen = self._entry.gen
+                try:
+                    self._send_outbox()
+                except Exception as exc:
+                    self._node_failed(exc, gen)
             waiting = [f for f in pending if not f.done()]
             with self._cancel_lock:
                 gone = self._cancel_remote([f._pydist_tid for f in waiting])
