@@ -221,8 +221,7 @@ def test_cancel_while_the_worker_dies(fresh_cluster, gate, tmp_path):
         marks = [str(tmp_path / f"d{i}") for i in range(20)]
         futs = [ex.submit(touch, m, i) for i, m in enumerate(marks)]
         wait_for(lambda: _running_at_workers(ex) == 21, 30, "the tasks to reach the worker")
-        with open(gate.started("first")) as f:
-            pid = int(f.read())
+        pid = int(wait_for(lambda: open(gate.started("first")).read().strip(), 30, "the task's pid"))
         verdict = [f.cancel() for f in futs[:10]]
         psutil.Process(pid).kill()
         verdict += [f.cancel() for f in futs[10:]]
