@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from typing import Dict, List, Optional
 
 FAULT_KINDS = ("worker_kill", "leaf_kill", "middle_kill", "freeze", "client_kill")
@@ -52,9 +53,9 @@ def client_main(ns: str, seed: int, window: int) -> None:
     from . import ClusterExecutor, WorkerLost
 
     rng = random.Random(seed)
-    counts = collections.Counter()
+    counts: "collections.Counter[str]" = collections.Counter()
     lock = threading.Lock()
-    outstanding: Dict[object, int] = {}
+    outstanding: Dict[Future, int] = {}
     calls: Dict[int, int] = collections.Counter()
     stop = threading.Event()
     slots = threading.Semaphore(window)
@@ -317,7 +318,8 @@ class Soak:
         errors = {k[6:]: v for k, v in t.items() if k.startswith("error:")}
         lines = [
             f"tasks: {t['tasks']}",
-            "faults: " + " ".join(f"{k}={self.faults[k]}" for k in FAULT_KINDS) + f" (total {sum(self.faults.values())})",
+            "faults: " + " ".join(f"{k}={self.faults[k]}" for k in FAULT_KINDS)
+            + f" (total {sum(self.faults.values())})",
             f"ok: {t['ok']}",
             f"WorkerLost: {t['worker_lost']} (worker kills: {kills}; unexplained: {unexplained})",
             f"other errors: {t['error']}" + (f" {errors}" if errors else ""),

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 from .sessions import COLLECT_MAX_WAIT
 
 MAX_RETRIES = 100
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _SHM_REF = re.compile(r"/proc/\d{1,10}/fd/\d{1,10}#\d{1,20}")   # pydist.wire.to_shared
-_TASK_TYPES = (str, str, (bytes, list), (str, type(None)), int, (list, tuple), int, str)
+_TASK_TYPES: Tuple[Any, ...] = (str, str, (bytes, list), (str, type(None)), int, (list, tuple), int, str)
 
 
 def check_str(v: Any, what: str) -> None:

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 from . import security
 from .errors import BrokenCluster, ClusterUnavailable
 from .ledger import id_hash
+from .proxy import HANDSHAKE_TIMEOUT
 
 log = logging.getLogger("pydist.executor")
 
@@ -52,6 +53,30 @@ def _ns_entries(ns: str) -> List[str]:
     return roots + others
 
 
+class _ProbeTimeouts:
+    """How long to give one listed entry node to answer while looking for the first that does.
+
+    A stale entry (nothing listening) is refused at once whatever its allowance; one that drops packets
+    costs its allowance, so the first round stays short (``FIRST`` s each) to reach a live entry behind it
+    soon.  A live node whose hello takes longer (a loaded machine, a slow path: a fixed 0.5 s made such a
+    cluster look like no node at all) gets twice as long each round, up to the handshake timeout and never
+    past the caller's deadline."""
+
+    FIRST = 0.5
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.allowance = self.FIRST / 2
+
+    def next_round(self) -> None:
+        """A new walk over the entries: each gets twice the last allowance (up to the handshake timeout)."""
+        self.allowance = min(self.allowance * 2, HANDSHAKE_TIMEOUT)
+
+    def next(self) -> float:
+        """The ``timeout`` for the next entry's ``security.connect``."""
+        return max(0.05, min(self.allowance, self.deadline - time.monotonic()))
+
+
 class Entries:
     """The entry nodes a client may use: the addresses it was given, or what a name server lists.
 
@@ -70,7 +95,7 @@ class Entries:
                 raise ValueError("an empty list of node addresses")
             self.addresses = [parse_address(a) for a in address]
         else:
-            self.addresses = [parse_address(address)]
+            self.addresses = [parse_address(str(address))]
         self.failover = bool(failover) if failover is not None else (ns is not None or len(self.addresses) > 1)
         self.uri = ""
         self.address = ""
@@ -96,12 +121,14 @@ class Entries:
         from .errors import AuthenticationError, VersionMismatch
 
         deadline = time.monotonic() + self.cfg.connect_timeout
+        probe = _ProbeTimeouts(deadline)
         last: Optional[BaseException] = None
         refused: Dict[str, BaseException] = {}
         if self.ns is not None:
             host, port = parse_ns(self.ns)
             self.ns = f"{host}:{port}"
         while True:
+            probe.next_round()
             if self.ns is not None:
                 try:
                     uris = _ns_entries(self.ns)
@@ -110,7 +137,8 @@ class Entries:
                     uris, last = [], exc
                 for uri in uris:
                     try:
-                        security.connect(uri, secret=self.cfg.secret, timeout=0.5, tls=self.tls)._pyroRelease()
+                        p = security.connect(uri, secret=self.cfg.secret, timeout=probe.next(), tls=self.tls)
+                        p._pyroRelease()
                         return self._use(uri)
                     except ClusterUnavailable as exc:
                         last = exc   # a stale entry
@@ -130,7 +158,7 @@ class Entries:
                 return self._use(self.addresses[0])
             for a in self.addresses:
                 try:
-                    security.connect(a, secret=self.cfg.secret, timeout=0.5, tls=self.tls)._pyroRelease()
+                    security.connect(a, secret=self.cfg.secret, timeout=probe.next(), tls=self.tls)._pyroRelease()
                     return self._use(a)
                 except ClusterUnavailable as exc:
                     last = exc

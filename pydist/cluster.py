@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from . import security
 from .errors import ClusterUnavailable
@@ -225,7 +225,9 @@ class LocalCluster:
             if self.n > 1:
                 self.wait_for_nodes(self.n, self.start_timeout)
             if self.wait_workers:
-                self.wait_for_workers(self.start_timeout)
+                total = self.wait_for_workers(self.start_timeout)
+                if self.n > 1:
+                    self.wait_for_tree_workers(total, self.start_timeout)
         except BaseException:
             self.stop()
             raise
@@ -292,27 +294,13 @@ class LocalCluster:
 
     def wait_for_nodes(self, count: int, timeout: float = 30.0) -> None:
         """Wait until the root node reaches ``count`` nodes through its links."""
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while True:
-            try:
-                p = security.connect(self.address, secret=self.secret, timeout=2.0, tls=self.tls)
-                try:
-                    seen = len(p.status()["reachable"])
-                finally:
-                    p._pyroRelease()
-            except Exception as exc:
-                log.debug("status: %s", exc)
-            if seen >= count:
-                return
-            if time.monotonic() > deadline:
-                raise ClusterUnavailable(f"LocalCluster: the root reaches {seen} of {count} nodes after "
-                                         f"{timeout:g} s")
-            time.sleep(0.02)
+        self._wait_root(lambda st: len(st["reachable"]), count, "nodes", timeout)
 
-    def wait_for_workers(self, timeout: float = 30.0) -> None:
-        """Wait until every node's worker processes are up (so the first tasks spread evenly)."""
+    def wait_for_workers(self, timeout: float = 30.0) -> int:
+        """Wait until every node's worker processes are up (so the first tasks spread evenly); returns
+        how many workers the nodes have in all."""
         deadline = time.monotonic() + timeout
+        total = 0
         for addr in self.addresses:
             p = security.connect(addr, secret=self.secret, timeout=max(1.0, deadline - time.monotonic()),
                                  tls=self.tls)
@@ -320,6 +308,7 @@ class LocalCluster:
                 while True:
                     st = p.status()
                     if st["workers_up"] >= st["workers"]:
+                        total += st["workers"]
                         break
                     if time.monotonic() > deadline:
                         raise ClusterUnavailable(f"LocalCluster: node {st['name']} has {st['workers_up']} of "
@@ -327,6 +316,35 @@ class LocalCluster:
                     time.sleep(0.01)
             finally:
                 p._pyroRelease()
+        return total
+
+    def wait_for_tree_workers(self, count: int, timeout: float = 30.0) -> None:
+        """Wait until the root counts ``count`` workers on itself and behind its links.  The root learns
+        a child's workers from the child's heartbeats, a moment after the child itself has them up: a task
+        group spawned in that moment was refused ("the cluster has 3 workers" for a group of 4 on 2+1+1)."""
+        self._wait_root(lambda st: st["workers"] + sum(l["workers"] for l in st["links"]
+                                                       if l["role"] != "parent" and l["alive"]),
+                        count, "workers in the tree", timeout)
+
+    def _wait_root(self, measure: Callable[[dict], int], count: int, what: str, timeout: float) -> None:
+        """Poll the root's status until ``measure(status) >= count`` (ClusterUnavailable after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            try:
+                p = security.connect(self.address, secret=self.secret, timeout=2.0, tls=self.tls)
+                try:
+                    seen = measure(p.status())
+                finally:
+                    p._pyroRelease()
+            except Exception as exc:
+                log.debug("status: %s", exc)
+            if seen >= count:
+                return
+            if time.monotonic() > deadline:
+                raise ClusterUnavailable(f"LocalCluster: the root reaches {seen} of {count} {what} after "
+                                         f"{timeout:g} s")
+            time.sleep(0.02)
 
     def stop(self) -> None:
         """Stop every process this cluster started (nodes, then the name server) and remove its files."""

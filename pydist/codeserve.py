@@ -12,6 +12,7 @@ import Pyro5.api
 from . import security
 from .checks import check_str
 from .errors import BundleNotFound, BundleTooLarge
+from .nodeparts import NodeParts
 
 log = logging.getLogger("pydist.node")
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:   # pragma: no cover
 
 
 @Pyro5.api.expose
-class CodeEndpoints:
+class CodeEndpoints(NodeParts):
     """``code_*`` methods of the node, and the waiting room of tasks whose bundle is not here yet."""
 
     waiting_code: Dict[str, List[str]]

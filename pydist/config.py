@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from .errors import ConfigError
 
@@ -139,31 +139,19 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if self.workers is None:
             self.workers = _cpu_count()
-        if self.workers < 0:
-            raise ConfigError(f"workers must be >= 0, got {self.workers}")
-        if self.max_hops < 1:
-            raise ConfigError(f"max_hops must be >= 1, got {self.max_hops}")
+        _check_bound(self, ("workers",), 0)
+        _check_bound(self, ("max_hops",), 1)
         self.secret = normalize_secret(self.secret)
         if self.secret is None and self.secret_file:
             self.secret = read_secret_file(self.secret_file)
         for name in SIZE_FIELDS:
             setattr(self, name, parse_size(getattr(self, name)))
-        for name in ("handshake_timeout",):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("idle_timeout", "refusal_log_interval"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_pending_handshakes", "code_max_files", "max_uploads", "max_uploads_per_client",
-                     "max_client_tasks", "max_client_bytes", "max_queued_tasks", "max_queued_bytes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.memory_limit < 0:
-            raise ConfigError(f"memory_limit must be >= 0 bytes, got {self.memory_limit}")
-        for what in ("heartbeat", "heartbeat_timeout", "client_lease"):
-            v = getattr(self, what)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
-                raise ConfigError(f"{what} must be a finite number of seconds > 0, got {v!r}")
+        _check_bound(self, ("handshake_timeout",), 0, strict=True)
+        _check_bound(self, ("idle_timeout", "refusal_log_interval"), 0)
+        _check_bound(self, ("max_pending_handshakes", "code_max_files", "max_uploads", "max_uploads_per_client",
+                            "max_client_tasks", "max_client_bytes", "max_queued_tasks", "max_queued_bytes"), 1)
+        _check_bound(self, ("memory_limit",), 0, unit=" bytes")
+        _check_seconds(self, ("heartbeat", "heartbeat_timeout", "client_lease"))
         if not self.name:
             self.name = f"{self.host}-{self.port}" if self.port else f"{self.host}-{os.getpid()}"
 
@@ -200,9 +188,7 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         self.secret = normalize_secret(self.secret)
-        v = self.node_timeout
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
-            raise ConfigError(f"node_timeout must be a finite number of seconds > 0, got {v!r}")
+        _check_seconds(self, ("node_timeout",))
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None, config_file: Optional[str] = None,
@@ -222,6 +208,22 @@ def normalize_secret(secret) -> Optional[bytes]:
     if not b:
         raise ConfigError("the cluster secret is empty: use a long random string")
     return b
+
+
+def _check_bound(cfg: Any, names: Iterable[str], low: float, strict: bool = False, unit: str = "") -> None:
+    """ConfigError naming the first of ``names`` whose value is below ``low`` (``strict``: not above it)."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v <= low if strict else v < low:
+            raise ConfigError(f"{name} must be {'>' if strict else '>='} {low}{unit}, got {v}")
+
+
+def _check_seconds(cfg: Any, names: Iterable[str]) -> None:
+    """ConfigError naming the first of ``names`` that is not a finite number of seconds > 0."""
+    for name in names:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+            raise ConfigError(f"{name} must be a finite number of seconds > 0, got {v!r}")
 
 
 def read_secret_file(path: str) -> bytes:

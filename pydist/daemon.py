@@ -381,7 +381,7 @@ class SecureDaemon(Pyro5.server.Daemon):
         raise Pyro5.errors.SecurityError("pydist nodes check hellos in the gate")
 
     # -- connections ---------------------------------------------------------------------------------------
-    def on_disconnect(self, hook: Callable[[object], None]) -> None:
+    def on_disconnect(self, hook: Callable[[object], object]) -> None:
         """Call ``hook(connection_id)`` whenever an authenticated connection ends (free what it held)."""
         self._pydist_hooks.append(hook)
 

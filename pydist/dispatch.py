@@ -160,9 +160,16 @@ class Dispatch:
         lg = self.ledger
         slots = []
         for i in range(self.worker_count):
-            if self.worker_up[i] and not self.groups.is_reserved(i):
-                loc = ("w", i, self.pool.handles[i].generation)
-                slots.append(scheduler.Slot(loc, win - lg.count_at(loc), win))
+            if self.groups.is_reserved(i):
+                continue
+            h = self.pool.handles[i]
+            # a worker still starting takes one task, which waits in its pipe (as ProcessPoolExecutor's
+            # call queue holds calls for processes still starting): it runs the moment the worker is up,
+            # and counts as started for shutdown(cancel_futures=True)
+            cap = win if self.worker_up[i] else (1 if h.fd_w >= 0 and h.generation else 0)
+            if cap:
+                loc = ("w", i, h.generation)
+                slots.append(scheduler.Slot(loc, cap - lg.count_at(loc), cap))
         for l in self.links.links.values():
             if l.may_send and l.alive and l.epoch:
                 cap = scheduler.link_capacity(l.workers, win, self.avg.value)

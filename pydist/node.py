@@ -27,9 +27,10 @@ so it cannot leak.  What comes back: a result is accepted only from its task's c
 Links (``links.py``) carry tasks, results, cancels, code and heartbeats; heartbeats carry a count and
 digest of the ids each side believes are at the child, and a mismatch is reconciled id by id
 (``reconcile``).  Task groups (``groups.py``: gang reservation, the ranks' control lines, abort) and the
-code-store endpoints (``codeserve.py``) sit beside.  No exposed method holds a server thread for the length of a task: ``submit``/``run_task``
-queue and return; ``collect`` waits at most ``timeout`` (a few seconds).  This module validates at the
-boundary (``checks.py``) and dispatches; it keeps no task state of its own.
+code-store endpoints (``codeserve.py``) sit beside.  No exposed method holds a server thread for the
+length of a task: ``submit``/``run_task`` queue and return; ``collect`` waits at most ``timeout`` (a few
+seconds).  This module validates at the boundary (``checks.py``) and dispatches; it keeps no task state
+of its own.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import math
 import os
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import Pyro5.api
 
@@ -112,7 +113,7 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
         threading.Thread(target=self._watch_workers_ready, daemon=True, name="pydist-ready").start()
         threading.Thread(target=self._janitor, daemon=True, name="pydist-janitor").start()
         if self.cfg.ns:
-            threading.Thread(target=self._register_ns, daemon=True, name="pydist-ns").start()
+            threading.Thread(target=self._register_ns, args=(self.cfg.ns,), daemon=True, name="pydist-ns").start()
         if self.cfg.parent:
             self.links.open(self.cfg.parent, role="parent")
         for peer in self.cfg.peers:
@@ -153,12 +154,12 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
         finally:
             security.release(proxy)
 
-    def _register_ns(self) -> None:
+    def _register_ns(self, ns_address: str) -> None:
         delay = 0.05
         meta = {"pydist", "pydist.root" if not self.cfg.parent else "pydist.child"}
         while not self.stopping.is_set():
             try:
-                with _ns_proxy(self.cfg.ns) as ns:
+                with _ns_proxy(ns_address) as ns:
                     ns.register(NS_PREFIX + self.name, self.uri, metadata=meta)
                 log.info("registered as %s in name server %s", NS_PREFIX + self.name, self.cfg.ns)
                 return
@@ -301,9 +302,9 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
             raise ValueError(f"a node named {name!r} cannot join itself (two nodes with one name?)")
         remote_map = check_map(info.get("map", {}))
         with self.lock:
-            link = self.links.accept(name, uri, role, remote_map)
+            link = self.links.accept(str(name), str(uri), role, remote_map)
             self.schedule()
-            return {"name": self.name, "uri": self.uri, "map": self.links.report_for(name), "epoch": link.epoch}
+            return {"name": self.name, "uri": self.uri, "map": self.links.report_for(str(name)), "epoch": link.epoch}
 
     def leave(self, sender: str) -> None:
         """A linked node says it is stopping cleanly: its link goes now, logged as a stop, not a fault."""
@@ -384,7 +385,7 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
             link.remote_map = remote_map
             if changed:
                 self.schedule()
-            reply = {"map": self.links.report_for(sender)}
+            reply: Dict[str, Any] = {"map": self.links.report_for(sender)}
             if recon is not None:
                 n, d = self.ledger.digest_from(("l", sender, link.epoch))
                 for tid in link.pending_result_ids():
@@ -432,7 +433,7 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
             lg = self.ledger
             at_workers = [sum(lg.count_at(k) for k in lg.locations() if k[0] == "w" and k[1] == i)
                           for i in range(self.worker_count)]
-            links = [{"name": l.name, "uri": l.uri, "role": l.role, "alive": l.alive,
+            links: List[Dict[str, Any]] = [{"name": l.name, "uri": l.uri, "role": l.role, "alive": l.alive,
                       "inflight": sum(lg.count_at(k) for k in lg.links_of(l.name)), "workers": l.workers,
                       "epoch": l.epoch} for l in self.links.links.values()]
             parent = next((l.name for l in self.links.links.values() if l.role == "parent"), None)
@@ -584,7 +585,7 @@ def serve(config: NodeConfig, on_ready=None) -> None:
     security.configure_pyro(max_message_size=config.max_message_size, threadpool=config.threadpool,
                             tls=tls, server=True)
     node = Node(config)
-    daemon = security.SecureDaemon(config.host, config.port, secret=config.secret, name=config.name,
+    daemon = security.SecureDaemon(config.host, config.port, secret=config.secret, name=node.name,
                                    **security.daemon_options(config),
                                    nathost=diagnose.advertise_host(config.host, config.advertise))
     try:

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
-from typing import Any, Callable, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional
 
 from . import wire
 from .errors import GroupAborted
+
+if TYPE_CHECKING:   # pragma: no cover
+    from .executor import ClusterExecutor
 
 GROUP_WAIT_NOTE = "waiting"
 
@@ -29,7 +32,7 @@ class TaskGroup:
     Behaves like the list of the ranks' futures (iterable, indexable, ``len``), plus ``futures``,
     ``results(timeout=)``, ``done()``, ``cancel()``, ``abort(reason)`` and ``state``."""
 
-    def __init__(self, ex, fn: Callable, size: int, args: tuple, kwargs: dict, restart: int = 0):
+    def __init__(self, ex: "ClusterExecutor", fn: Callable, size: int, args: tuple, kwargs: dict, restart: int = 0):
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:

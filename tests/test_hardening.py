@@ -443,11 +443,13 @@ def test_queued_tasks_are_bounded_per_client_with_a_clear_error(start_node, tmp_
     S.release(p)
 
 
-def test_executor_holds_back_at_the_nodes_client_limits(start_node):
+def test_executor_holds_back_at_the_nodes_client_limits(start_node, monkeypatch):
     """A ClusterExecutor that is given more than the node's per-client limits allow keeps the rest on
     the client and sends them as results come back (as a process pool takes any number of submits);
-    only a single task over --max-client-bytes by itself fails, naming the limit."""
+    only a single task over --max-client-bytes by itself fails, naming the limit.  (Shared memory off:
+    with it, a large argument stays in the client's memfd and the node never holds its bytes.)"""
     from pydist import ClusterExecutor
+    monkeypatch.setenv("PYDIST_SHARED_MEMORY", "0")
     node = start_node("--host", "127.0.0.2", "--log-level", "ERROR", "--workers", "2",
                       "--max-client-tasks", "20", "--max-client-bytes", "1M")
     with ClusterExecutor(address=node.address, secret=SECRET) as ex:
@@ -650,4 +652,93 @@ def test_discovery_skips_an_impostor_registered_in_the_name_server():
                 assert ex.submit(square, 7).result(timeout=30) == 49
         finally:
             impostor.shutdown()
+            t.join(5)
+
+
+class _LatencyProxy:
+    """A TCP relay on loopback that holds every chunk ``delay`` seconds each way: a node on a slow or loaded
+    path, whose every handshake takes at least ``2 * delay`` (a network condition, not a stand-in for pydist)."""
+
+    def __init__(self, delay: float):
+        self.target: tuple = ()   # set before the first connection
+        self.delay = delay
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.address = "127.0.0.1:%d" % self.lsock.getsockname()[1]
+        self.socks: list = [self.lsock]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(self.target)
+            self.socks += [c, u]
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src, dst) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                time.sleep(self.delay)      # the path's latency (not a synchronisation)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+def test_discovery_waits_for_an_entry_whose_handshake_takes_longer_than_half_a_second():
+    """Under load a node's hello can take over 0.5 s; ``Entries.find_first`` gave each listed entry 0.5 s,
+    so a live but slow cluster (or a loaded test machine) looked like no node at all."""
+    import Pyro5.api
+    import Pyro5.nameserver
+
+    from pydist.client import Entries
+    from pydist.config import ClientConfig
+
+    @Pyro5.api.expose
+    class Up:
+        def ping(self) -> str:
+            return "pong"
+
+    S.configure_pyro()
+    proxy = _LatencyProxy(0.4)
+    d = S.SecureDaemon("127.0.0.1", 0, secret=SECRET, name="slow", aliases=[proxy.address])
+    d.register(Up(), S.NODE_OBJECT_ID)
+    host, port = d.locationStr.rsplit(":", 1)
+    proxy.target = (host, int(port))
+    _uri, ns_daemon, _bc = Pyro5.nameserver.start_ns(host="127.0.0.1", port=0, enableBroadcast=False)
+    threads = [threading.Thread(target=t.requestLoop, daemon=True) for t in (d, ns_daemon)]
+    for t in threads:
+        t.start()
+    try:
+        ns_addr = ns_daemon.locationStr
+        uri = f"PYRO:{S.NODE_OBJECT_ID}@{proxy.address}"
+        ns_host, ns_port = ns_addr.rsplit(":", 1)
+        with Pyro5.api.locate_ns(ns_host, int(ns_port)) as ns:
+            ns.register("pydist.node.slow", uri, metadata={"pydist", "pydist.root"})
+        entries = Entries(ClientConfig(secret=SECRET, connect_timeout=8.0), None, ns=ns_addr)
+        t0 = time.monotonic()
+        assert entries.find_first() == uri
+        took = time.monotonic() - t0
+        print(f"\n[discovery] entry with a {2 * proxy.delay:.1f} s handshake found in {took:.2f} s")
+        assert took < 8.0
+    finally:
+        proxy.close()
+        for x in (d, ns_daemon):
+            x.shutdown()
+        for t in threads:
             t.join(5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -268,6 +269,33 @@ def test_failing_initializer_breaks_the_executor(make):
         ex.submit(get_init)
 
 
+def init_report(q):
+    q.put("initialized")
+
+
+@pytest.mark.differs("pydist", "a multiprocessing.Queue in initargs cannot travel to a cluster worker (README: "
+                               "multiprocessing locks, queues, pipes and events cannot be passed)")
+def test_initializer_reports_through_a_multiprocessing_queue(make):
+    """CPython's FailingInitializerMixin hands its initializer a multiprocessing queue."""
+    from .conftest import CTX
+
+    q = CTX.Queue()
+    ex = make(1, initializer=init_report, initargs=(q,))
+    assert ex.submit(abs, -3).result(60) == 3
+    assert q.get(timeout=30) == "initialized"
+
+
+def test_a_multiprocessing_queue_in_initargs_is_refused_clearly(kind):
+    if kind == "ppe":
+        pytest.skip("ProcessPoolExecutor accepts it (see the test above)")
+    from .conftest import CTX
+
+    from pydist.errors import SerializationError
+
+    with pytest.raises(SerializationError, match="multiprocessing.Manager"):
+        executor_type(kind)(1, initializer=init_report, initargs=(CTX.Queue(),))
+
+
 # ------------------------------------------------------------------------------------------ shutdown
 def test_submit_after_shutdown_raises_runtime_error(executor):
     executor.shutdown()
@@ -290,6 +318,19 @@ def test_shutdown_cancel_futures(make):
     cancelled = [f for f in fs if f.cancelled()]
     others = [f for f in fs if not f.cancelled()]
     assert len(cancelled) > 20 and others
+    for f in others:
+        assert f.done() and f.exception() is None
+
+
+def test_shutdown_cancel_futures_right_after_submitting(make):
+    """CPython's test_cancel_futures, on an executor that sends every task at once: what was submitted
+    before shutdown reached the idle workers and runs; the rest is cancelled."""
+    ex = make(2, embedded=True)
+    fs = [ex.submit(time.sleep, 0.1) for _ in range(50)]
+    ex.shutdown(cancel_futures=True)
+    cancelled = [f for f in fs if f.cancelled()]
+    others = [f for f in fs if not f.cancelled()]
+    assert len(cancelled) > 20 and others, (len(cancelled), len(others))
     for f in others:
         assert f.done() and f.exception() is None
 
@@ -377,3 +418,40 @@ def test_submit_from_atexit_hook_is_refused(kind, tmp_path):
     p = _script(kind, AFTER_EXIT_SCRIPT, tmp_path)
     assert p.returncode == 0, p.stderr
     assert "runtime-error: cannot schedule new futures" in p.stdout
+
+
+NO_WAIT_EXIT_SCRIPT = """
+import time
+from {module} import {name}
+
+def sleep_and_print(t, msg):
+    time.sleep(t)
+    print(msg, flush=True)
+
+if __name__ == "__main__":
+    t = {name}(max_workers=3)
+    t.submit(sleep_and_print, 1.0, "apple")
+    t.shutdown(wait=False)
+"""
+
+
+@pytest.mark.differs("ppe", "CPython skips its test_hang_gh83386 for ProcessPoolExecutor: shutdown(wait=False) "
+                            "with a running task can hang at interpreter exit there (gh-83386)")
+def test_shutdown_without_wait_at_exit_with_a_running_task(kind, tmp_path):
+    """CPython's test_hang_gh83386: the interpreter exits (no hang), the running task finishes first."""
+    p = _script(kind, NO_WAIT_EXIT_SCRIPT, tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "apple" in p.stdout and not p.stderr.strip(), (p.stdout, p.stderr)
+
+
+def test_interpreter_exit_output_is_the_tasks_line(kind, tmp_path):
+    """CPython's test_interpreter_shutdown wants exactly b"apple": pydist prefixes what a task prints
+    with where it ran (README, "Task output"); the line itself is the task's, nothing else is printed."""
+    p = _script(kind, EXIT_SCRIPT, tmp_path)
+    assert p.returncode == 0 and not p.stderr.strip(), p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1, lines
+    if kind == "ppe":
+        assert lines == ["apple"]
+    else:
+        assert re.fullmatch(r"\[node0/w\d+ [0-9a-f]+\.\d+\] apple", lines[0]), lines
