@@ -54,7 +54,8 @@ from .output import FORWARD_OUTPUT, emit as emit_output, split as split_output
 log = logging.getLogger("pydist.executor")
 
 RECONCILE_EVERY = 2.0   # s between comparisons of our unfinished task ids with the entry node's
-BATCH_BYTES = 4 << 20   # bytes of task arguments per submit call (more tasks wait for the next call)
+BATCH_BYTES = 4 << 20
+SHM_MAX_TASKS = 256     # unfinished tasks whose large arguments sit in memfds (each holds descriptors); more go in band   # bytes of task arguments per submit call (more tasks wait for the next call)
 LINGER = 0.002          # s a lone short task's submit waits in the node for its result (submit_wait)
 
 
@@ -244,8 +245,11 @@ class ClientCore:
                  retries: int = 0) -> PydistFuture:
         fut = PydistFuture()
         fds: List[int] = []
-        if self._shm_ok and isinstance(payload, list):
-            payload, fds = wire.to_shared(payload)
+        if self._shm_ok and isinstance(payload, list) and len(self._shm_fds) < SHM_MAX_TASKS:
+            try:
+                payload, fds = wire.to_shared(payload)
+            except OSError as exc:   # out of descriptors or memory for memfds: the bytes go in band
+                log.debug("large arguments in band (no memfd: %s)", exc)
         with self._lock:
             try:
                 self._check_open()

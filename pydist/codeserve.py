@@ -12,35 +12,20 @@ import Pyro5.api
 from . import security
 from .checks import check_str
 from .errors import BundleNotFound, BundleTooLarge
+from .nodeparts import NodeParts
 
 log = logging.getLogger("pydist.node")
 
 if TYPE_CHECKING:   # pragma: no cover
-    from .codestore import CodeStore
-    from .config import NodeConfig
-    from .ledger import Ledger, Task
-    from .links import LinkManager
+    from .ledger import Task
 
 
 @Pyro5.api.expose
-class CodeEndpoints:
+class CodeEndpoints(NodeParts):
     """``code_*`` methods of the node, and the waiting room of tasks whose bundle is not here yet."""
 
     waiting_code: Dict[str, List[str]]
     fetching: set
-    # what the Node this is mixed into provides (declared for the type checker only)
-    cfg: "NodeConfig"
-    name: str
-    lock: "threading.RLock"
-    store: "CodeStore"
-    pinned: List[str]
-    ledger: "Ledger"
-    links: "LinkManager"
-
-    if TYPE_CHECKING:   # pragma: no cover
-        def schedule(self) -> None: ...
-
-        def fail_task(self, t: Task, exc: BaseException) -> None: ...
 
     def code_has(self, digests: list) -> list:
         """Which of these bundle digests this node holds."""

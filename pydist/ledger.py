@@ -40,7 +40,7 @@ import collections
 import enum
 import hashlib
 import math
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from . import wire
 
@@ -151,7 +151,8 @@ class Ledger:
         self._orphan_bytes = 0
         self.stale = 0            # results that came from somewhere other than the task's location
         self.counts: "collections.Counter[str]" = collections.Counter()
-        self.on_leave = None      # called with each Task whose record leaves (the node unpins its code)
+        self.on_leave: Optional[Callable[[Task], None]] = None   # called with each Task whose record leaves
+                                                                 # (the node unpins its code)
 
     # ------------------------------------------------------------------------------------ indexes
     def _index(self, table: Dict[tuple, _Index], key: tuple) -> _Index:
@@ -236,7 +237,7 @@ class Ledger:
         return list(self._by_origin)
 
     # ------------------------------------------------------------------------------------ arrival
-    def add(self, rec: tuple, origin: tuple, retries: int = 0) -> Tuple[str, object]:
+    def add(self, rec: tuple, origin: tuple, retries: int = 0) -> Tuple[str, Any]:
         """A task arrives from ``origin``.  Returns ``(verdict, detail)``:
 
         ``("new", task)``         queue it (the caller checks its bundle and calls ``enqueue``);

@@ -443,11 +443,13 @@ def test_queued_tasks_are_bounded_per_client_with_a_clear_error(start_node, tmp_
     S.release(p)
 
 
-def test_executor_holds_back_at_the_nodes_client_limits(start_node):
+def test_executor_holds_back_at_the_nodes_client_limits(start_node, monkeypatch):
     """A ClusterExecutor that is given more than the node's per-client limits allow keeps the rest on
     the client and sends them as results come back (as a process pool takes any number of submits);
-    only a single task over --max-client-bytes by itself fails, naming the limit."""
+    only a single task over --max-client-bytes by itself fails, naming the limit.  (Shared memory off:
+    with it, a large argument stays in the client's memfd and the node never holds its bytes.)"""
     from pydist import ClusterExecutor
+    monkeypatch.setenv("PYDIST_SHARED_MEMORY", "0")
     node = start_node("--host", "127.0.0.2", "--log-level", "ERROR", "--workers", "2",
                       "--max-client-tasks", "20", "--max-client-bytes", "1M")
     with ClusterExecutor(address=node.address, secret=SECRET) as ex:

@@ -144,3 +144,31 @@ def test_node_refuses_a_payload_part_that_is_not_a_reference(fresh_cluster):
         assert p.status()["held"] == 0
     finally:
         p._pyroRelease()
+
+
+_MANY = r'''
+import resource, sys
+from pydist import ClusterExecutor, LocalCluster
+resource.setrlimit(resource.RLIMIT_NOFILE, (400, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+def slow_len(b):
+    import time
+    time.sleep(0.002)
+    return len(b)
+with LocalCluster(nodes=1, workers_per_node=1) as c:
+    with ClusterExecutor(address=c.address, secret=c.secret) as ex:
+        fs = [ex.submit(slow_len, b"x" * (1 << 20)) for _ in range(600)]
+        assert [f.result(120) for f in fs] == [1 << 20] * 600
+print("ALL OK")
+'''
+
+
+def test_more_large_arguments_than_descriptors_still_run(tmp_path):
+    """600 unfinished tasks with 1 MiB arguments in a client allowed 400 descriptors: memfds are capped
+    (clientcore.SHM_MAX_TASKS) and the rest go in band, so submit never fails with EMFILE."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "many.py"
+    script.write_text(_MANY)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=110)
+    assert r.returncode == 0 and "ALL OK" in r.stdout, r.stderr[-2000:]
