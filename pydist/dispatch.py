@@ -64,7 +64,10 @@ class Dispatch:
                     f"task {tid} reached {self.name} twice (path {t[wire.T_PATH]}): two nodes share "
                     f"the name {self.name!r}?")))
                 continue
-            rec = tuple(t[:5]) + (list(t[5]),) + tuple(t[6:8])
+            if type(t) is tuple and len(t) == 8 and type(t[wire.T_PATH]) is list:
+                rec = t   # (as unmarshalled: already the ledger's shape, no copy)
+            else:
+                rec = tuple(t[:5]) + (list(t[5]),) + tuple(t[6:8])
             verdict, detail = lg.add(rec, origin, t[8] if len(t) == 9 else 0)
             n += 1
             if verdict == "new":
@@ -185,8 +188,12 @@ class Dispatch:
         credit = sum(max(0, s.credit) for s in slots)
         if credit <= 0 and not self.groups.reserved:
             return
+        # a few more than the credit when links or reservations are involved: a task a link cannot take
+        # (its path, max_hops) must not hide the next one; local workers take anything, so with only
+        # them the credit is exact (taking and putting back 64 on every result batch cost ~5 us a task)
+        extra = 64 if self.groups.reserved or any(s.node is not None for s in slots) else 0
         taken = []
-        for t in self.ledger.take_queued(max(credit, 0) + 64):
+        for t in self.ledger.take_queued(max(credit, 0) + extra):
             if t.rec[wire.T_KIND] == KIND_RANK:
                 self.groups.claim(t.id)   # a rank: held for its reserved worker (or failed: never re-run)
             else:

@@ -188,6 +188,8 @@ def loads_payload(payload, loads: Optional[Callable] = None) -> Any:
 def payload_size(payload) -> int:
     """Bytes in a payload of either form (a shared-memory reference counts its own length: the node
     never holds the bytes it names)."""
+    if type(payload) is bytes:   # the common case, without a memoryview (twice per task on the node)
+        return len(payload)
     if isinstance(payload, (list, tuple)):
         return sum(len(p) if isinstance(p, str) else memoryview(p).nbytes for p in payload)
     return memoryview(payload).nbytes
