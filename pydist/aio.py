@@ -175,10 +175,9 @@ class AsyncClusterExecutor:
             return
         loop = asyncio.get_running_loop()
         try:
-            cf = loop.run_in_executor(self._helper, lambda: [f.cancel() for f in futs])
-        except RuntimeError:   # helper already shut down: cancel here (short round trips)
-            for f in futs:
-                f.cancel()
+            cf = loop.run_in_executor(self._helper, self.executor._core.cancel_many, futs)
+        except RuntimeError:   # helper already shut down: cancel here (one short round trip)
+            self.executor._core.cancel_many(futs)
             return
         try:
             await asyncio.shield(cf)

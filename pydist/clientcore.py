@@ -345,14 +345,7 @@ class ClientCore:
                     self._send_outbox()
                 except Exception as exc:
                     self._node_failed(exc, gen)
-            waiting = [f for f in pending if not f.done()]
-            with self._cancel_lock:
-                gone = self._cancel_remote([f._pydist_tid for f in waiting])
-                for f in waiting:
-                    if f._pydist_tid in gone:
-                        f._withdrawn()
-                    else:
-                        f._mark_running()
+            self.cancel_many(pending)
         if wait:
             self._drain_and_close()
         else:
@@ -390,6 +383,21 @@ class ClientCore:
         if self._cluster is not None:
             self._cluster.stop()
             self._cluster = None
+
+    def cancel_many(self, futs: List[Any]) -> None:
+        """``cancel()`` for many futures of this client with one question to the node (leaving a
+        ``map`` early, ``shutdown(cancel_futures=True)``): those withdrawn are cancelled, the others
+        marked running."""
+        waiting = [f for f in futs if isinstance(f, PydistFuture) and not f.done() and f._pydist_tid]
+        if not waiting:
+            return
+        with self._cancel_lock:
+            gone = self._cancel_remote([f._pydist_tid for f in waiting])
+            for f in waiting:
+                if f._pydist_tid in gone:
+                    f._withdrawn()
+                else:
+                    f._mark_running()
 
     def _cancel_remote(self, tids: List[str]) -> set:
         """Withdraw tasks that no worker has started: those still in our outbox, and those the node

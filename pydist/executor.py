@@ -369,8 +369,11 @@ class ClusterExecutor(Executor):
                         yield from _result_or_cancel(fs.popleft(),
                                                      None if end_time is None else end_time - time.monotonic())
             finally:
-                for f in fs:
-                    f.cancel()
+                if fs:   # the calls not returned yet: withdrawn with one question to the node
+                    self._core.cancel_many(list(fs))
+                    for f in fs:
+                        if not isinstance(f, PydistFuture):
+                            f.cancel()   # (what an overridden submit returned)
                 if bar is not None:
                     bar.close()
 

@@ -221,8 +221,7 @@ def test_cancel_while_the_worker_dies(fresh_cluster, gate, tmp_path):
         marks = [str(tmp_path / f"d{i}") for i in range(20)]
         futs = [ex.submit(touch, m, i) for i, m in enumerate(marks)]
         wait_for(lambda: _running_at_workers(ex) == 21, 30, "the tasks to reach the worker")
-        with open(gate.started("first")) as f:
-            pid = int(f.read())
+        pid = int(wait_for(lambda: open(gate.started("first")).read().strip(), 30, "the task's pid"))
         verdict = [f.cancel() for f in futs[:10]]
         psutil.Process(pid).kill()
         verdict += [f.cancel() for f in futs[10:]]
@@ -236,3 +235,24 @@ def test_cancel_while_the_worker_dies(fresh_cluster, gate, tmp_path):
                 assert f.result(timeout=30) == i
         assert ex.submit(noop, 1).result(timeout=30) == 1
         assert not [i for i, m in enumerate(marks) if os.path.exists(m) and verdict[i]]
+
+
+# ======================================================================== many at once: one question
+def test_leaving_a_map_early_withdraws_the_rest_at_once(fresh_cluster, gate, tmp_path):
+    """Breaking out of ``map`` cancels the calls not yet returned (as Executor.map does): thousands of
+    them, sent ahead to the workers, are withdrawn in one round trip, not one per future."""
+    c = fresh_cluster(nodes=1, workers_per_node=2)
+    with ClusterExecutor(address=c.address, secret=c.secret) as ex:
+        _warm(ex, 2000)
+        marks = [str(tmp_path / "first")] + [str(tmp_path / f"x{i}") for i in range(3000)]
+        it = ex.map(touch_and_spin, marks, [0.0] + [0.0005] * 3000)
+        assert next(it) == marks[0]
+        t0 = time.monotonic()
+        it.close()   # what leaving a for loop early does to the generator
+        took = time.monotonic() - t0
+        assert ex.submit(noop, 1).result(timeout=30) == 1
+        ran = sum(os.path.exists(m) for m in marks[1:])
+        assert ran < 3000 - 500, f"only {3000 - ran} of 3000 calls were withdrawn"
+        assert took < 3.0, f"cancelling the rest of the map took {took:.1f} s"
+        st = ex.status()
+        assert st["held"] == 0 and st["running"] == 0, st
