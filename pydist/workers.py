@@ -36,7 +36,10 @@ import threading
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+
+if TYPE_CHECKING:   # pragma: no cover
+    import mmap
 
 from . import wire
 from .errors import DeserializationError, TaskError
@@ -212,7 +215,7 @@ class _Worker:
     def function(self, fns: Dict[str, bytes], key: str, client: str = ""):
         # keyed by (bundle, key): the same function object submitted after a new upload_code must be
         # unpickled again, against the new bundle's modules
-        key = (_WorkerState.active_bundle, key)
+        key = (_WorkerState.active_bundle, key)  # type: ignore[assignment]
         fn = self.fns.get(key)
         if fn is not None:
             self.fns.move_to_end(key)
@@ -271,7 +274,7 @@ class _Worker:
         if path is not None and not os.path.isdir(path):
             from .errors import BundleNotFound
 
-            raise BundleNotFound(f"code bundle {bundle[:12]} is not installed on node {self.node}")
+            raise BundleNotFound(f"code bundle {bundle[:12]} is not installed on node {self.node}")  # type: ignore[index]
         codesync.activate(path)
         _WorkerState.active_bundle = bundle
 
@@ -387,7 +390,7 @@ class _Handle:
         self.generation = 0
         self.wlock = threading.Lock()
         self.queued = 0       # frames waiting for the writer thread (keeps frames in order)
-        self.slot_view = None  # the node's read-only view of this worker's "now running" slot
+        self.slot_view: Optional["mmap.mmap"] = None  # the node's read-only view of this worker's "now running" slot
 
 
 class WorkerPool:
@@ -566,7 +569,7 @@ class WorkerPool:
     def running(self) -> List[dict]:
         """The task each worker runs now: ``worker``, ``id``, ``function``, ``age`` (s); read from the
         workers' shared slots (no message to the worker)."""
-        out = []
+        out: List[dict] = []
         now = time.time()
         for h in self.handles:
             view = h.slot_view
