@@ -54,8 +54,8 @@ from .output import FORWARD_OUTPUT, emit as emit_output, split as split_output
 log = logging.getLogger("pydist.executor")
 
 RECONCILE_EVERY = 2.0   # s between comparisons of our unfinished task ids with the entry node's
-BATCH_BYTES = 4 << 20
-SHM_MAX_TASKS = 256     # unfinished tasks whose large arguments sit in memfds (each holds descriptors); more go in band   # bytes of task arguments per submit call (more tasks wait for the next call)
+BATCH_BYTES = 4 << 20   # bytes of task arguments per submit call (more tasks wait for the next call)
+SHM_MAX_TASKS = 256     # unfinished tasks whose large arguments sit in memfds (descriptors); more go in band
 LINGER = 0.002          # s a lone short task's submit waits in the node for its result (submit_wait)
 
 
