@@ -210,6 +210,7 @@ class ClientCore:
         self._shm_ok = bool(getattr(cfg, "shared_memory", True)) and not entry.failover and wire.same_host(host)
         self._shm_fds: Dict[str, List[int]] = {}
         self._lone_seen: Optional[list] = None   # the last lone task's "outcome looked at" cell
+        self._in_reply = 0   # results that came back in their submit's reply (a count, for tests)
         self._init_blob = init_blob
         self._pid = os.getpid()
         self._fork_gen = _Fork.gen
@@ -574,6 +575,7 @@ class ClientCore:
                 raise
             self._entry.heard()
             if done:
+                self._in_reply += len(done)
                 self._deliver(done)
             with self._lock:
                 for rec in recs:
@@ -667,7 +669,7 @@ class ClientCore:
         pending = self._pending
         for tid in ids:
             f = pending.get(tid)
-            if f is not None and not f.running() and not f.done():
+            if f is not None and f._state == _PENDING:   # (not done(): that is the caller looking)
                 try:
                     f.set_running_or_notify_cancel()
                 except (InvalidStateError, RuntimeError):
