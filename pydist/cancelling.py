@@ -225,13 +225,8 @@ class Cancelling:
             if t.origin[0] == "c" and t.state is State.PLACED:
                 self.sessions.note_started(t.origin[1], tid)
 
-    def withdraw_answer(self, loc: tuple, req: int, ids: Optional[List[str]]) -> None:
-        """(link thread) A child answered ``withdraw_forwarded`` (``None``: the call failed)."""
+    def withdraw_answer(self, loc: tuple, req: int, ids: List[str]) -> None:
+        """(link thread) A child answered ``withdraw_forwarded`` with the ids it withdrew."""
         with self.lock:
-            w = self._withdrawals.get(req)
-            if ids is None:
-                if w is not None:
-                    w.answered.set()
-                return
             self.withdrawn(loc, req, ids)
             self.schedule()

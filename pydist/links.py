@@ -329,11 +329,8 @@ class LinkManager:
                         link.out_tasks[:0] = tasks
                     raise
             for req, ids, wait in withdraw:   # after tasks: it asks about tasks sent before it
-                try:
-                    gone = proxy.withdraw_forwarded(node.name, epoch, ids, wait)
-                except Exception:
-                    node.withdraw_answer(("l", link.name, epoch), req, None)
-                    raise
+                # (if the call fails the link is lost: link_lost re-queues the tasks, then wakes the asker)
+                gone = proxy.withdraw_forwarded(node.name, epoch, ids, wait)
                 gone = [t for t in gone if isinstance(t, str)] if isinstance(gone, list) else []
                 node.withdraw_answer(("l", link.name, epoch), req, gone)
             for digest in code:

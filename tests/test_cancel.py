@@ -256,3 +256,38 @@ def test_leaving_a_map_early_withdraws_the_rest_at_once(fresh_cluster, gate, tmp
         assert took < 3.0, f"cancelling the rest of the map took {took:.1f} s"
         st = ex.status()
         assert st["held"] == 0 and st["running"] == 0, st
+
+
+def test_cancel_while_the_child_node_holding_the_tasks_dies(proc_guard, gate, tmp_path):
+    """The child holding forwarded tasks is killed as they are cancelled: the parent takes them back
+    (its link is lost), so the cancel withdraws them there; none runs, nothing hangs."""
+    from conftest import cluster_pids
+
+    with LocalCluster(nodes=2, workers_per_node=[0, 1]) as c:
+        ex = ClusterExecutor(address=c.address, secret=c.secret)
+        try:
+            _cancel_as_the_child_dies(c, ex, proc_guard, gate, tmp_path, cluster_pids)
+        finally:   # (node0 has no worker: a task that was not withdrawn would wait there for ever)
+            gate.open()
+            ex.shutdown(wait=False, cancel_futures=True)
+
+
+def _cancel_as_the_child_dies(c, ex, proc_guard, gate, tmp_path, cluster_pids):
+    if True:
+        proc_guard.watch(cluster_pids(c))
+        wait_for(lambda: ex.status()["reachable"] == ["node0", "node1"], 30, "node1 to join")
+        _warm(ex, 1000)
+        first = ex.submit(gated, gate.path, "first", gate.started("first"))
+        wait_for(lambda: os.path.exists(gate.started("first")), 30, "the first task to start")
+        marks = [str(tmp_path / f"k{i}") for i in range(20)]
+        futs = [ex.submit(touch, m, i) for i, m in enumerate(marks)]
+        wait_for(lambda: ex.status()["forwarded"] == 21, 30, "the tasks to be forwarded to node1")
+        c.kill_node(1)
+        t0 = time.monotonic()
+        assert [f.cancel() for f in futs] == [True] * 20
+        assert time.monotonic() - t0 < 10
+        assert first.cancel() is True   # its node died: queued again at node0 (no workers), withdrawn
+        gate.open()
+        assert [m for m in marks if os.path.exists(m)] == []
+        st = ex.status()
+        assert st["held"] == 0, st
