@@ -107,6 +107,32 @@ class PydistFuture(Future):
 
     _pydist_tid: str = ""
     _pydist_exec: Any = None
+    _pydist_seen: Optional[list] = None   # a lone task's cell: set once the caller looks at its outcome
+
+    # Looking at a lone task's outcome (result, exception, done, a callback) before the next submit is
+    # what a caller waiting for one task at a time does; only then does the next lone submit wait in
+    # the node for its result (``ClientCore._enqueue``): a burst of submits (a map, a loop that keeps
+    # the futures for later) never waits, or each short task would be sent only after the last one
+    # finished.
+    def result(self, timeout=None):
+        if self._pydist_seen is not None:
+            self._pydist_seen[0] = True
+        return super().result(timeout)
+
+    def exception(self, timeout=None):
+        if self._pydist_seen is not None:
+            self._pydist_seen[0] = True
+        return super().exception(timeout)
+
+    def done(self) -> bool:
+        if self._pydist_seen is not None:
+            self._pydist_seen[0] = True
+        return super().done()
+
+    def add_done_callback(self, fn) -> None:
+        if self._pydist_seen is not None:
+            self._pydist_seen[0] = True
+        super().add_done_callback(fn)
 
     def cancel(self) -> bool:
         with self._condition:
@@ -183,6 +209,8 @@ class ClientCore:
         # take the tasks to another one (pydist.wire.to_shared); the descriptors of each unfinished task
         self._shm_ok = bool(getattr(cfg, "shared_memory", True)) and not entry.failover and wire.same_host(host)
         self._shm_fds: Dict[str, List[int]] = {}
+        self._lone_seen: Optional[list] = None   # the last lone task's "outcome looked at" cell
+        self._in_reply = 0   # results that came back in their submit's reply (a count, for tests)
         self._init_blob = init_blob
         self._pid = os.getpid()
         self._fork_gen = _Fork.gen
@@ -273,11 +301,17 @@ class ClientCore:
             direct = len(self._pending) == 1 and len(self._outbox) == 1 and self._room() > 0
             if len(self._outbox) == 1 and not direct:
                 self._cond.notify_all()
+            linger = False
+            if direct:
+                # wait in the node for the result only if the caller looked at the last lone task's
+                # outcome first (one task at a time), never in a burst (see PydistFuture.result)
+                linger = self._lone_seen is None or self._lone_seen[0]
+                fut._pydist_seen = self._lone_seen = [False]
         if direct and self._send_lock.acquire(blocking=False):
             try:
                 gen = self._entry.gen
                 try:
-                    self._send_outbox(lone=True)
+                    self._send_outbox(lone=linger)
                 except Exception as exc:
                     self._node_failed(exc, gen)
             finally:
@@ -541,6 +575,7 @@ class ClientCore:
                 raise
             self._entry.heard()
             if done:
+                self._in_reply += len(done)
                 self._deliver(done)
             with self._lock:
                 for rec in recs:
@@ -634,7 +669,7 @@ class ClientCore:
         pending = self._pending
         for tid in ids:
             f = pending.get(tid)
-            if f is not None and not f.running() and not f.done():
+            if f is not None and f._state == _PENDING:   # (not done(): that is the caller looking)
                 try:
                     f.set_running_or_notify_cancel()
                 except (InvalidStateError, RuntimeError):
