@@ -76,7 +76,7 @@ def _python_exit() -> None:
             log.debug("closing a client at exit: %s", exc)
 
 
-threading._register_atexit(_python_exit)
+threading._register_atexit(_python_exit)  # type: ignore[attr-defined]  # as concurrent.futures does
 
 
 class _Fork:
@@ -135,6 +135,7 @@ class PydistFuture(Future):
         super().add_done_callback(fn)
 
     def cancel(self) -> bool:
+        """Withdraw the task if no worker has started it (True, as ``Future.cancel``); False once it runs."""
         with self._condition:
             if self._state not in (_PENDING, _RUNNING):
                 return super().cancel()
@@ -164,7 +165,7 @@ class PydistFuture(Future):
     def _invoke_callbacks(self) -> None:
         # concurrent.futures catches only Exception here: a callback raising SystemExit or
         # KeyboardInterrupt would end the thread that resolved the future (our collector) for good
-        for callback in self._done_callbacks:
+        for callback in self._done_callbacks:  # type: ignore[attr-defined]
             try:
                 callback(self)
             except BaseException:
@@ -292,7 +293,7 @@ class ClientCore:
             self._pending[tid] = fut
             if self._forward_output:
                 kind |= FORWARD_OUTPUT
-            rec = (tid, key, payload, bundle, 0, [], kind, self._cid) + ((retries,) if retries else ())
+            rec: tuple = (tid, key, payload, bundle, 0, [], kind, self._cid) + ((retries,) if retries else ())
             self._records[tid] = (rec, blob)
             self._outbox.append((rec, blob))
             # A lone submit (no other task of this executor outstanding) is sent from this thread: no
