@@ -44,7 +44,7 @@ import weakref
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import PENDING as _PENDING
 from concurrent.futures._base import RUNNING as _RUNNING
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import security, wire
 from .client import Reconciler
@@ -114,22 +114,26 @@ class PydistFuture(Future):
     # the node for its result (``ClientCore._enqueue``): a burst of submits (a map, a loop that keeps
     # the futures for later) never waits, or each short task would be sent only after the last one
     # finished.
-    def result(self, timeout=None):
+    def result(self, timeout: Optional[float] = None) -> Any:
+        """As ``Future.result`` (and notes that the caller looked at the outcome)."""
         if self._pydist_seen is not None:
             self._pydist_seen[0] = True
         return super().result(timeout)
 
-    def exception(self, timeout=None):
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        """As ``Future.exception`` (and notes that the caller looked at the outcome)."""
         if self._pydist_seen is not None:
             self._pydist_seen[0] = True
         return super().exception(timeout)
 
     def done(self) -> bool:
+        """As ``Future.done`` (and notes that the caller looked at the outcome)."""
         if self._pydist_seen is not None:
             self._pydist_seen[0] = True
         return super().done()
 
-    def add_done_callback(self, fn) -> None:
+    def add_done_callback(self, fn: Callable[[Future], object]) -> None:
+        """As ``Future.add_done_callback`` (and notes that the caller looked at the outcome)."""
         if self._pydist_seen is not None:
             self._pydist_seen[0] = True
         super().add_done_callback(fn)
