@@ -42,6 +42,7 @@ if TYPE_CHECKING:   # pragma: no cover
     import mmap
 
 from . import wire
+from .procstate import WorkerState as _WorkerState   # the process-wide state, in one place
 from .errors import DeserializationError, TaskError
 from .globalspace import ClientSpaces
 from .output import FORWARD_OUTPUT, TaskOutput, attach as attach_output, split as split_output
@@ -70,13 +71,6 @@ class TaskContext:
     task_id: str
     hops: int
     path: tuple
-
-
-class _WorkerState:
-    """The one place a worker process keeps mutable state (one instance per process)."""
-
-    current: Optional[TaskContext] = None
-    active_bundle: Optional[str] = None
 
 
 def task_context() -> TaskContext:
