@@ -185,9 +185,11 @@ class LocalCluster:
         self._tmp = tempfile.mkdtemp(prefix="pydist-cluster-")
         env = self._env()
         ns_env = dict(env)
+        # Pyro5's TLS switch is process-wide: set it to this cluster's (a plain cluster started after a
+        # TLS one in this process would speak TLS to its own nodes); the nodes speak TLS to the name
+        # server too
+        security.configure_pyro(tls=self.tls)
         if self.tls is not None:
-            # Pyro5's TLS switch is process-wide, so the nodes speak TLS to the name server too
-            security.configure_pyro(tls=self.tls)
             ns_env.update({"PYRO_SSL": "true", "PYRO_SSL_SERVERCERT": self.tls.cert or "",
                            "PYRO_SSL_SERVERKEY": self.tls.key or "", "PYRO_SSL_CACERTS": self.tls.ca or "",
                            "PYRO_SSL_REQUIRECLIENTCERT": "true" if self.tls.ca else "false"})

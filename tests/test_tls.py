@@ -287,3 +287,21 @@ def test_local_cluster_with_tls_links_its_nodes(certs):
     res = json.loads(lines[-1])
     assert "error" not in res, res
     assert res["nodes"] == ["node0", "node1"], res
+
+
+def test_a_plain_local_cluster_starts_after_a_tls_one_in_the_same_process(certs):
+    """Pyro5's TLS switch is process-wide: a LocalCluster without TLS started after a TLS one (in one
+    process, nothing else in between) must not speak TLS to its own nodes (it did: every connect was
+    reset and start() failed with 'the root reaches 0 of 2 nodes')."""
+    from pydist import ClusterExecutor, LocalCluster, security
+
+    c = str(certs)
+    with LocalCluster(nodes=1, workers_per_node=0, tls_cert=f"{c}/node.pem", tls_key=f"{c}/node.key",
+                      tls_ca=f"{c}/ca.pem"):
+        pass
+    try:
+        with LocalCluster(nodes=2, workers_per_node=1) as plain:
+            with ClusterExecutor(address=plain.address, secret=plain.secret) as ex:
+                assert ex.submit(pow, 2, 5).result(30) == 32
+    finally:
+        security.configure_pyro(tls=None)
