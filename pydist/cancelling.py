@@ -43,6 +43,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 from . import wire
 from .ledger import State, Task
+from .nodeparts import NodeParts
 
 log = logging.getLogger("pydist.node")
 
@@ -64,7 +65,7 @@ class Withdrawal:
         self.answered = threading.Event()
 
 
-class Cancelling:
+class Cancelling(NodeParts):
     """The node's cancel path (see the module docstring).  Caller holds ``lock`` unless noted."""
 
     def init_cancelling(self) -> None:
@@ -201,11 +202,11 @@ class Cancelling:
             self.pool.send(loc[1], ("cancel", 0, ids))
         for loc, tl in by_link.items():
             link = self.links.links.get(loc[1])
-            ids = {t.id for t in tl}
+            wanted = {t.id for t in tl}
             if link is None or link.location != loc or not link.alive:
-                gone = ids
+                gone = wanted
             else:
-                gone = link.withdraw(ids)
+                gone = link.withdraw(wanted)
                 rest = [t.id for t in tl if t.id not in gone]
                 if rest:
                     link.post(cancel=rest)

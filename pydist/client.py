@@ -12,14 +12,15 @@ reconciliation of the ids it waits for with those its entry node holds.
 
 ``Reconciler`` keeps a count and XOR digest of the ids the client has sent and still waits for; the
 collector sends them with its long poll, and on a mismatch asks the node which of them it holds
-(``client_tasks``).  An id missing at the node twice in a row is sent again.
+(``client_tasks``).  An id missing at the node twice in a row is sent again.  ``Liveness`` is the part
+of ``ClientCore`` that acts on both: fail over and requeue, or break; resend what the node lacks.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 from . import security
 from .errors import BrokenCluster, ClusterUnavailable
@@ -264,3 +265,84 @@ class Reconciler:
         act = sorted(now & self.suspects)
         self.suspects = now - set(act)
         return act
+
+
+class Liveness:
+    """The part of ``pydist.clientcore.ClientCore`` that moves a client between entry nodes and
+    reconciles its ids with its node (mixed in; it uses the core's ``_entry``, ``_lock``, ``_outbox``,
+    ``_pending``, ``_records``, ``_recon`` and ``_break``)."""
+
+    _entry: Entries
+    _recon: Reconciler
+    _lock: Any
+    _cond: Any
+    _closed: Any
+    _cid: str
+    _init_blob: Optional[bytes]
+    _node_name: str
+    _limits: dict
+    _requeue: bool
+    _outbox: List[tuple]
+    _pending: Dict[str, Any]
+    _records: Dict[str, tuple]
+    _sent_sizes: Dict[str, int]
+
+    if TYPE_CHECKING:   # provided by ClientCore
+        def _break(self, exc: BaseException, already: bool = False) -> None: ...
+
+        def _untake(self, tids: Any) -> None: ...
+
+        def _connect(self, timeout: Optional[float] = None, call_timeout: Optional[float] = None) -> Any: ...
+
+    def _node_failed(self, exc: BaseException, gen: int) -> bool:
+        """A call to the entry node of generation ``gen`` failed or timed out.  Fail over (True: carry
+        on, unfinished tasks are queued again) or fail every pending future (False)."""
+        if self._closed.is_set():
+            return False
+        if self._entry.fail_over(gen, self._open_here):
+            self._requeue_unfinished()
+            return True
+        self._break(self._entry.broken(exc), already=True)
+        return False
+
+    def _open_here(self, proxy) -> dict:
+        info = proxy.open_client(self._cid, self._init_blob)
+        with self._lock:
+            self._node_name = info["name"]
+            self._limits = dict(info.get("limits") or {})
+            self._requeue = True
+        return info
+
+    def _requeue_unfinished(self) -> None:
+        """After a failover: every task sent and not finished goes to the new entry node again (same
+        ids: a node that holds a copy adopts it)."""
+        with self._lock:
+            if not self._requeue:
+                return
+            self._requeue = False
+            queued = {rec[0] for rec, _ in self._outbox}
+            again = [self._records[t] for t in self._pending if t not in queued and t in self._records]
+            self._untake(list(self._sent_sizes))
+            self._outbox[:0] = again
+            self._recon.clear()
+            self._cond.notify_all()
+        log.info("resubmitting %d unfinished tasks to node %s", len(again), self._node_name)
+
+    def _reconcile(self, proxy) -> None:
+        """The entry node's count of our tasks differs from ours: ask which it holds; what it lacks
+        (twice in a row) is sent again."""
+        with self._lock:
+            asked = list(self._recon.sent)
+        held = proxy.client_tasks(self._cid, asked)
+        with self._lock:
+            again = self._recon.missing(asked, held)
+            again = [t for t in again if t in self._pending and t in self._records]
+            for t in again:
+                self._recon.discard(t)
+            self._untake(again)
+            self._outbox[:0] = [self._records[t] for t in again]
+            if again:
+                self._cond.notify_all()
+        if again:
+            log.warning("node %s lost %d of our tasks (%s...): sending them again", self._node_name,
+                        len(again), again[0])

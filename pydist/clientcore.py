@@ -41,14 +41,15 @@ import os
 import threading
 import time
 import weakref
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import InvalidStateError
 from concurrent.futures._base import PENDING as _PENDING
-from concurrent.futures._base import RUNNING as _RUNNING
 from typing import Any, Dict, List, Optional
 
 from . import security, wire
-from .client import Reconciler
-from .errors import BrokenCluster, DeserializationError, RemoteError
+from .client import Liveness, Reconciler
+from .futures import PydistFuture, _resolve, _unpickling_error
+from .procstate import Exit as _Exit, Fork as _Fork
+from .errors import BrokenCluster
 from .output import FORWARD_OUTPUT, emit as emit_output, split as split_output
 
 log = logging.getLogger("pydist.executor")
@@ -57,13 +58,6 @@ RECONCILE_EVERY = 2.0   # s between comparisons of our unfinished task ids with 
 BATCH_BYTES = 4 << 20   # bytes of task arguments per submit call (more tasks wait for the next call)
 SHM_MAX_TASKS = 256     # unfinished tasks whose large arguments sit in memfds (descriptors); more go in band
 LINGER = 0.002          # s a lone short task's submit waits in the node for its result (submit_wait)
-
-
-class _Exit:
-    """Interpreter exit: set once ``_python_exit`` ran; the cores still alive."""
-
-    started = False
-    live: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def _python_exit() -> None:
@@ -76,128 +70,10 @@ def _python_exit() -> None:
             log.debug("closing a client at exit: %s", exc)
 
 
-threading._register_atexit(_python_exit)
+threading._register_atexit(_python_exit)  # type: ignore[attr-defined]  # as concurrent.futures does
 
 
-class _Fork:
-    """How many times this process is a forked child of the one that imported us (``os.getpid()`` per
-    submit was a system call on the hot path; this is an attribute read)."""
-
-    gen = 0
-
-
-def _forked() -> None:
-    _Fork.gen += 1
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forked)
-
-
-class PydistFuture(Future):
-    """A ``concurrent.futures.Future`` for a pydist task.
-
-    ``cancel()`` asks the node (one round trip; the node asks the worker or node the task was sent
-    ahead to, see ``pydist.cancelling``) and succeeds only if the task has not started anywhere, so a
-    cancelled task never runs; otherwise the future is marked running and ``cancel()`` returns False,
-    as ``ProcessPoolExecutor`` does for started work.  A future marked running by the node's "started"
-    note is asked about too (the note says what its worker runs next, or a task was forwarded): if the
-    task is withdrawn after all, the future is cancelled.
-    """
-
-    _pydist_tid: str = ""
-    _pydist_exec: Any = None
-    _pydist_seen: Optional[list] = None   # a lone task's cell: set once the caller looks at its outcome
-
-    # Looking at a lone task's outcome (result, exception, done, a callback) before the next submit is
-    # what a caller waiting for one task at a time does; only then does the next lone submit wait in
-    # the node for its result (``ClientCore._enqueue``): a burst of submits (a map, a loop that keeps
-    # the futures for later) never waits, or each short task would be sent only after the last one
-    # finished.
-    def result(self, timeout=None):
-        if self._pydist_seen is not None:
-            self._pydist_seen[0] = True
-        return super().result(timeout)
-
-    def exception(self, timeout=None):
-        if self._pydist_seen is not None:
-            self._pydist_seen[0] = True
-        return super().exception(timeout)
-
-    def done(self) -> bool:
-        if self._pydist_seen is not None:
-            self._pydist_seen[0] = True
-        return super().done()
-
-    def add_done_callback(self, fn) -> None:
-        if self._pydist_seen is not None:
-            self._pydist_seen[0] = True
-        super().add_done_callback(fn)
-
-    def cancel(self) -> bool:
-        with self._condition:
-            if self._state not in (_PENDING, _RUNNING):
-                return super().cancel()
-        ex = self._pydist_exec() if self._pydist_exec is not None else None
-        if ex is None:
-            return super().cancel()
-        with ex._cancel_lock:   # two threads cancelling one future agree on the answer
-            with self._condition:
-                if self._state not in (_PENDING, _RUNNING):
-                    return super().cancel()
-            if self._pydist_tid not in ex._cancel_remote([self._pydist_tid]):
-                self._mark_running()
-                return False
-            return self._withdrawn()
-
-    def _withdrawn(self) -> bool:
-        """The task will never run: the future is cancelled (even if a "started" note marked it
-        running), and waiters (``concurrent.futures.wait``) are told at once."""
-        with self._condition:
-            if self._state == _RUNNING:
-                self._state = _PENDING
-        ok = super().cancel()
-        if ok:
-            self.set_running_or_notify_cancel()
-        return ok
-
-    def _invoke_callbacks(self) -> None:
-        # concurrent.futures catches only Exception here: a callback raising SystemExit or
-        # KeyboardInterrupt would end the thread that resolved the future (our collector) for good
-        for callback in self._done_callbacks:
-            try:
-                callback(self)
-            except BaseException:
-                log.exception("exception calling callback for %r", self)
-
-    def _mark_running(self) -> None:
-        with self._condition:
-            if self._state == _PENDING:
-                self.set_running_or_notify_cancel()
-
-
-def _unpickling_error(what: str, exc: BaseException) -> DeserializationError:
-    import traceback
-
-    err = DeserializationError(f"{what} could not be unpickled here: {type(exc).__name__}: {exc}")
-    err.__cause__ = RemoteError("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-    return err
-
-
-def _resolve(f: Future, value: Any = None, exc: Optional[BaseException] = None) -> None:
-    """Set a future's outcome; a future cancelled meanwhile keeps its state."""
-    try:
-        if exc is not None:
-            f.set_exception(exc)
-        else:
-            f.set_result(value)
-    except InvalidStateError:
-        pass
-    except BaseException:   # only from a foreign Future subclass's callbacks: never end our thread
-        log.exception("setting the outcome of %r raised", f)
-
-
-class ClientCore:
+class ClientCore(Liveness):
     """Everything a client's threads touch (see the module docstring); ``ClusterExecutor`` holds one."""
 
     def __init__(self, cfg, tls, entry, cid: str, node_name: str, cluster=None,
@@ -292,7 +168,7 @@ class ClientCore:
             self._pending[tid] = fut
             if self._forward_output:
                 kind |= FORWARD_OUTPUT
-            rec = (tid, key, payload, bundle, 0, [], kind, self._cid) + ((retries,) if retries else ())
+            rec: tuple = (tid, key, payload, bundle, 0, [], kind, self._cid) + ((retries,) if retries else ())
             self._records[tid] = (rec, blob)
             self._outbox.append((rec, blob))
             # A lone submit (no other task of this executor outstanding) is sent from this thread: no
@@ -480,40 +356,6 @@ class ClientCore:
         self._submit_proxy._pyroClaimOwnership()
         return self._submit_proxy
 
-    def _node_failed(self, exc: BaseException, gen: int) -> bool:
-        """A call to the entry node of generation ``gen`` failed or timed out.  Fail over (True: carry
-        on, unfinished tasks are queued again) or fail every pending future (False)."""
-        if self._closed.is_set():
-            return False
-        if self._entry.fail_over(gen, self._open_here):
-            self._requeue_unfinished()
-            return True
-        self._break(self._entry.broken(exc), already=True)
-        return False
-
-    def _open_here(self, proxy) -> dict:
-        info = proxy.open_client(self._cid, self._init_blob)
-        with self._lock:
-            self._node_name = info["name"]
-            self._limits = dict(info.get("limits") or {})
-            self._requeue = True
-        return info
-
-    def _requeue_unfinished(self) -> None:
-        """After a failover: every task sent and not finished goes to the new entry node again (same
-        ids: a node that holds a copy adopts it)."""
-        with self._lock:
-            if not self._requeue:
-                return
-            self._requeue = False
-            queued = {rec[0] for rec, _ in self._outbox}
-            again = [self._records[t] for t in self._pending if t not in queued and t in self._records]
-            self._untake(list(self._sent_sizes))
-            self._outbox[:0] = again
-            self._recon.clear()
-            self._cond.notify_all()
-        log.info("resubmitting %d unfinished tasks to node %s", len(again), self._node_name)
-
     def _send_outbox(self, lone: bool = False) -> None:
         """Send everything queued (caller holds ``_send_lock``); the submit proxy moves between the
         sender thread and direct callers, so each use claims it (Pyro5 proxies belong to a thread).
@@ -645,25 +487,6 @@ class ClientCore:
                 self._break(exc)
         finally:
             security.release(proxy)
-
-    def _reconcile(self, proxy) -> None:
-        """The entry node's count of our tasks differs from ours: ask which it holds; what it lacks
-        (twice in a row) is sent again."""
-        with self._lock:
-            asked = list(self._recon.sent)
-        held = proxy.client_tasks(self._cid, asked)
-        with self._lock:
-            again = self._recon.missing(asked, held)
-            again = [t for t in again if t in self._pending and t in self._records]
-            for t in again:
-                self._recon.discard(t)
-            self._untake(again)
-            self._outbox[:0] = [self._records[t] for t in again]
-            if again:
-                self._cond.notify_all()
-        if again:
-            log.warning("node %s lost %d of our tasks (%s...): sending them again", self._node_name,
-                        len(again), again[0])
 
     def _mark_started(self, ids: List[str]) -> None:
         pending = self._pending

@@ -22,25 +22,12 @@ import time
 from typing import Callable, List, Optional
 
 from . import security
+from .procstate import Running as _Running   # the process-wide state, in one place
 from .errors import ClusterUnavailable
 
 log = logging.getLogger(__name__)
 
 TOPOLOGIES = ("tree", "chain", "star")
-
-
-class _Running:
-    """The process-wide state pydist keeps, in one place: the LocalClusters this process runs.
-
-    ``secrets`` maps every node and name-server address of a running LocalCluster to its secret, so
-    ``ClusterExecutor(address=cluster.address)`` needs no ``secret=``.  While any LocalCluster runs, its secret
-    is also exported as ``PYDIST_SECRET`` (unless that was already set) so that tools this process
-    starts (``pydist status``, scripts) reach it too; it is removed when the last one stops.
-    """
-
-    lock = threading.Lock()
-    secrets: dict = {}
-    exported_by: list = []
 
 
 def local_secret(address: str) -> Optional[bytes]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 DEFAULT_NS_PORT = 9090   # Pyro5's name server port (pyro5-ns -p)
 NS_PREFIX = "pydist.node."
@@ -87,7 +87,8 @@ def registered_nodes(ns: str, timeout: float = 2.0) -> Optional[list]:
         return None
 
 
-def join_failure(exc: BaseException, role: str, target: str, ns: Optional[str], secret=None) -> str:
+def join_failure(exc: BaseException, role: str, target: Optional[str], ns: Optional[str],
+                 secret: Any = None) -> str:
     """Why joining ``target`` (the value of ``--parent`` / ``--peer``) failed, and what to do.  ``secret``:
     this node's own (a per-user secret found in its file means none was given)."""
     import Pyro5.errors

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from . import scheduler, wire
 from .errors import MemoryLimitExceeded, ProtocolError, WorkerLost
 from .quota import Quota
+from .nodeparts import NodeParts
+
+if TYPE_CHECKING:   # pragma: no cover
+    from .links import Link
 from .ledger import Ledger, State, Task, describe_ids, id_hash, valid_runtime
 
 KIND_RANK = wire.KIND_RANK
@@ -23,7 +27,7 @@ KIND_RANK = wire.KIND_RANK
 log = logging.getLogger("pydist.node")
 
 
-class Dispatch:
+class Dispatch(NodeParts):
     """Task flow of a node (see the module docstring)."""
 
     def init_dispatch(self) -> None:
@@ -303,10 +307,11 @@ class Dispatch:
                 self.counts["done" if status == wire.OK else "failed"] += 1
             if verdict == "orphan":
                 # its origin cancelled it: tell the origin link the copy is gone (frees its credit)
-                if t.origin[0] == "l":
-                    self._deliver(t.origin, [(t.id, wire.CANCELLED, b"", self.name, -1, 0.0)], keep=False)
+                if t.origin[0] == "l":  # type: ignore[union-attr]  # (a finished verdict has its task)
+                    self._deliver(t.origin, [(t.id, wire.CANCELLED, b"", self.name, -1, 0.0)],  # type: ignore[union-attr]
+                                  keep=False)
                 continue
-            out.setdefault(tuple(t.origin), []).append(r)
+            out.setdefault(tuple(t.origin), []).append(r)  # type: ignore[union-attr]
         for origin, rs in out.items():
             self._deliver(origin, rs)
         return n
@@ -364,7 +369,7 @@ class Dispatch:
         self.groups.client_gone(cid)
 
     # ------------------------------------------------------------------------------------ losses
-    def link_lost(self, link, why: str) -> None:
+    def link_lost(self, link: "Link", why: str) -> None:
         """A link failed (or re-joins): re-place tasks we had sent it, cancel tasks it had sent us (their
         copies run on; a re-send revives them).  Holds ``lock``."""
         lg = self.ledger
@@ -421,6 +426,7 @@ class Dispatch:
             lg = self.ledger
             dead = [k for k in lg.locations() if k[0] == "w" and k[1] == index and k[2] != h.generation]
             rss = self.mem_killed.pop((index, h.generation - 1), None)
+            err: WorkerLost
             for loc in dead:
                 t = lg.tasks.get(culprit) if culprit else None
                 if t is not None and t.location == loc:

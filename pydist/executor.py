@@ -28,7 +28,8 @@ import types
 import uuid
 import weakref
 from concurrent.futures import Executor, Future
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Sequence,
+                    Union)
 
 from . import security, wire
 from .config import ClientConfig
@@ -41,6 +42,8 @@ from .sources import dumps_function
 
 if TYPE_CHECKING:
     from .aio import AsyncClusterExecutor
+    from .bundle import BundleInfo
+    from .cluster import LocalCluster
     from .taskgroup import TaskGroup
 
 log = logging.getLogger(__name__)
@@ -212,7 +215,8 @@ class ClusterExecutor(Executor):
         return self._core._connect(timeout)
 
     # ------------------------------------------------------------------------------------ Executor API
-    def submit(self, fn: Callable, /, *args: Any, retries: Optional[int] = None, **kwargs: Any) -> PydistFuture:
+    def submit(self, fn: Callable, /, *args: Any, retries: Optional[int] = None,  # type: ignore[override]
+               **kwargs: Any) -> PydistFuture:
         """Schedule ``fn(*args, **kwargs)`` on the cluster; returns a Future.
 
         ``retries``: re-runs if its worker dies (default: the executor's ``retries``); when every
@@ -303,7 +307,7 @@ class ClusterExecutor(Executor):
         except SerializationError as exc:
             key = blob = None
             fn_error = exc
-        calls = zip(*iterables)
+        calls: Iterator[tuple] = zip(*iterables)
         kind = wire.KIND_CALL if chunksize == 1 else wire.KIND_CHUNK
         # a submit replaced on the instance (tqdm's process_map counts that way) or in a subclass sees
         # every call, as with concurrent.futures.Executor.map (one per chunk)
@@ -317,9 +321,9 @@ class ClusterExecutor(Executor):
 
             total = None
             if buffersize is None:   # everything is submitted at once: the total is known up front
-                calls = list(calls)
-                total = len(calls)
-                calls = iter(calls)
+                items = list(calls)
+                total = len(items)
+                calls = iter(items)
             bar = ProgressBar(total, desc=getattr(fn, "__name__", None), unit="call")
 
         def make(group):
@@ -349,7 +353,7 @@ class ClusterExecutor(Executor):
         groups = calls if chunksize == 1 else _chunks(calls, chunksize)
         if buffersize is None:
             fs = collections.deque(make(g) for g in groups)
-            more = iter(())
+            more: Iterator[Any] = iter(())
         else:
             more = iter(groups)
             fs = collections.deque(make(g) for g in itertools.islice(more, buffersize))
@@ -443,7 +447,7 @@ class ClusterExecutor(Executor):
         return url
 
     @property
-    def cluster(self):
+    def cluster(self) -> Optional["LocalCluster"]:
         """The embedded ``LocalCluster`` (None when connected to a running cluster)."""
         return self._core._cluster
 
@@ -455,7 +459,8 @@ class ClusterExecutor(Executor):
         finally:
             p._pyroRelease()
 
-    def upload_code(self, path, exclude: Sequence[str] = (), timeout: float = 300.0, progress=None):
+    def upload_code(self, path: Union[str, "os.PathLike[str]"], exclude: Sequence[str] = (), timeout: float = 300.0,
+                    progress: Optional[Callable[[int, int], None]] = None) -> "BundleInfo":
         """Ship a code directory, package directory or ``.py`` file to every node of the cluster.
 
         Tasks submitted afterwards can import from it (it is first on their ``sys.path``); tasks already
@@ -483,7 +488,11 @@ class ClusterExecutor(Executor):
     def __enter__(self) -> "ClusterExecutor":
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, exc_type: Optional[type] = None, *exc: Any) -> "Literal[False]":
+        if exc_type is not None:   # left by an exception: a running group's ranks may wait on each other forever
+            from .taskgroup import abort_unfinished
+
+            abort_unfinished(self, f"the with block of its ClusterExecutor exited by {exc_type.__name__}")
         self.shutdown(wait=True)
         return False
 

@@ -10,10 +10,15 @@ A group is one unit on the node: it starts when ``size`` workers are reserved at
 fails every other rank's future fails with ``GroupAborted`` (its ``__cause__`` is the failing rank's
 exception).  With ``restart=N`` a failed group runs again as a whole, up to N more times; the futures
 then resolve when an attempt has finished.
+
+A group not finished when its ``with ClusterExecutor()`` block is left by an exception is aborted
+(``abort_unfinished``): its ranks may wait on each other forever, and ``__exit__`` waits for every future.
 """
 from __future__ import annotations
 
+import logging
 import threading
+import weakref
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional
 
@@ -24,6 +29,25 @@ if TYPE_CHECKING:   # pragma: no cover
     from .executor import ClusterExecutor
 
 GROUP_WAIT_NOTE = "waiting"
+
+log = logging.getLogger("pydist.executor")
+
+#: executor -> its groups not finished yet (held strongly until done: a dropped TaskGroup still has ranks)
+_unfinished: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
+_unfinished_lock = threading.Lock()
+
+
+def abort_unfinished(ex: Any, reason: str) -> int:
+    """Abort every group of ``ex`` not finished yet (``ClusterExecutor.__exit__`` on an exception);
+    returns how many.  Errors are logged, never raised: the caller is already handling one."""
+    with _unfinished_lock:
+        groups = [g for g in _unfinished.get(ex, ()) if not g.done()]
+    for g in groups:
+        try:
+            g.abort(reason)
+        except Exception as exc:   # noqa: BLE001 - the cluster may be gone: its futures fail anyway
+            log.warning("could not abort task group %s: %s", g.gid, exc)
+    return len(groups)
 
 
 class TaskGroup:
@@ -50,6 +74,7 @@ class TaskGroup:
         else:
             self.futures = [Future() for _ in range(size)]
             self._watch(inner)
+        self._track()
 
     # -------------------------------------------------------------------------------- list-like
     def __iter__(self) -> Iterator[Future]:
@@ -125,6 +150,21 @@ class TaskGroup:
         finally:
             p._pyroRelease()
         return "running" if st == "unknown" else st
+
+    def _track(self) -> None:
+        """Be listed in ``_unfinished`` until every rank's future is done."""
+        with _unfinished_lock:
+            _unfinished.setdefault(self._ex, set()).add(self)
+        left = [len(self.futures)]
+
+        def one_done(_f: Future) -> None:
+            with _unfinished_lock:
+                left[0] -= 1
+                if not left[0]:
+                    _unfinished.get(self._ex, set()).discard(self)
+
+        for f in self.futures:
+            f.add_done_callback(one_done)
 
     # -------------------------------------------------------------------------------- attempts
     def _launch(self) -> List[Future]:

@@ -36,9 +36,13 @@ import threading
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+
+if TYPE_CHECKING:   # pragma: no cover
+    import mmap
 
 from . import wire
+from .procstate import WorkerState as _WorkerState   # the process-wide state, in one place
 from .errors import DeserializationError, TaskError
 from .globalspace import ClientSpaces
 from .output import FORWARD_OUTPUT, TaskOutput, attach as attach_output, split as split_output
@@ -67,13 +71,6 @@ class TaskContext:
     task_id: str
     hops: int
     path: tuple
-
-
-class _WorkerState:
-    """The one place a worker process keeps mutable state (one instance per process)."""
-
-    current: Optional[TaskContext] = None
-    active_bundle: Optional[str] = None
 
 
 def task_context() -> TaskContext:
@@ -212,7 +209,7 @@ class _Worker:
     def function(self, fns: Dict[str, bytes], key: str, client: str = ""):
         # keyed by (bundle, key): the same function object submitted after a new upload_code must be
         # unpickled again, against the new bundle's modules
-        key = (_WorkerState.active_bundle, key)
+        key = (_WorkerState.active_bundle, key)  # type: ignore[assignment]
         fn = self.fns.get(key)
         if fn is not None:
             self.fns.move_to_end(key)
@@ -271,7 +268,7 @@ class _Worker:
         if path is not None and not os.path.isdir(path):
             from .errors import BundleNotFound
 
-            raise BundleNotFound(f"code bundle {bundle[:12]} is not installed on node {self.node}")
+            raise BundleNotFound(f"code bundle {bundle[:12]} is not installed on node {self.node}")  # type: ignore[index]
         codesync.activate(path)
         _WorkerState.active_bundle = bundle
 
@@ -387,7 +384,7 @@ class _Handle:
         self.generation = 0
         self.wlock = threading.Lock()
         self.queued = 0       # frames waiting for the writer thread (keeps frames in order)
-        self.slot_view = None  # the node's read-only view of this worker's "now running" slot
+        self.slot_view: Optional["mmap.mmap"] = None  # the node's read-only view of this worker's "now running" slot
 
 
 class WorkerPool:
@@ -566,7 +563,7 @@ class WorkerPool:
     def running(self) -> List[dict]:
         """The task each worker runs now: ``worker``, ``id``, ``function``, ``age`` (s); read from the
         workers' shared slots (no message to the worker)."""
-        out = []
+        out: List[dict] = []
         now = time.time()
         for h in self.handles:
             view = h.slot_view

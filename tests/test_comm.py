@@ -176,7 +176,7 @@ def test_32mib_numpy_across_nodes(ex):
 
 def test_every_collective_with_ranks_over_three_nodes():
     with LocalCluster(nodes=3, workers_per_node=[2, 1, 1]) as c, ClusterExecutor(c.address, secret=c.secret) as e:
-        out = e.spawn_group(_where_and_api, 4).results(timeout=120)
+        out = e.spawn_group(_where_and_api, 4).results(timeout=90)   # under the module timeout: a slow group fails here
     assert len({node for node, _ in out}) == 3
     assert all(o["allgather"] == [0, 10, 20, 30] and o["bcast_root3"] == {"k": 3} for _, o in out)
     assert [o["scan"] for _, o in out] == [1, 3, 6, 10]

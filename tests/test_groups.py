@@ -318,3 +318,36 @@ def test_a_group_reaches_workers_two_hops_away(proc_guard):
 def _node_of_rank(comm):
     comm.barrier(timeout=30)
     return pydist.task_context().node
+
+
+def _wait_for_a_message_never_sent(comm):
+    comm.recv(source=(comm.rank + 1) % comm.size, tag=5)     # no timeout: only an abort ends it
+
+
+def test_leaving_the_with_block_by_an_exception_aborts_its_groups(two_nodes):
+    """A group still running when its ``with ClusterExecutor()`` block is left by an exception (a
+    ``results(timeout=)`` that expired, pytest-timeout, Ctrl-C) is aborted: ``__exit__`` waited forever for
+    ranks that no one would ever wake (test_comm's three-node test hung that way under load)."""
+    import threading
+
+    seen: dict = {}
+
+    def body():
+        try:
+            with ClusterExecutor(two_nodes.address, secret=two_nodes.secret) as e:
+                g = seen["group"] = e.spawn_group(_wait_for_a_message_never_sent, 2)
+                with pytest.raises(Exception):
+                    g.results(timeout=1.0)              # the group is stuck: results times out
+                raise RuntimeError("the caller gives up")
+        except RuntimeError as exc:
+            seen["raised"] = exc
+
+    t0 = time.monotonic()
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join(40)
+    assert not t.is_alive(), "__exit__ still waits for the group's ranks"
+    print(f"\n[groups] with-block left by an exception with a stuck group: out in {time.monotonic() - t0:.2f} s")
+    assert "raised" in seen
+    for f in seen["group"]:
+        assert isinstance(f.exception(timeout=0), GroupAborted), f.exception(timeout=0)
