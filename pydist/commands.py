@@ -107,7 +107,7 @@ def format_tasks(nodes: List[dict], lines: int = 3) -> str:
 
 
 def _cmd_status(a) -> int:
-    from .executor import _walk_nodes
+    from .upload import _walk_nodes
 
     secret, tls = _secret_tls(a)
     uri = _root_uri(a, secret, tls)
@@ -219,7 +219,7 @@ def _gone(uri: str, secret, tls) -> bool:
 
 def _cmd_stop(a) -> int:
     from . import security
-    from .executor import _walk_nodes
+    from .upload import _walk_nodes
 
     secret, tls = _secret_tls(a)
     uri = _root_uri(a, secret, tls)
@@ -262,7 +262,7 @@ def _cmd_stop(a) -> int:
 
 def _cmd_sync(a) -> int:
     from . import codesync
-    from .executor import _upload_bundle
+    from .upload import _upload_bundle
 
     secret, tls = _secret_tls(a)
     uri = _root_uri(a, secret, tls)
@@ -289,7 +289,7 @@ def _cmd_sync(a) -> int:
 
 def _pin_everywhere(uri: str, secret, tls, digest: str, pinned: bool) -> List[str]:
     from . import security
-    from .executor import _walk_nodes
+    from .upload import _walk_nodes
 
     names = []
     for st in _walk_nodes(uri, secret, tls):

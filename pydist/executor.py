@@ -28,13 +28,14 @@ import types
 import uuid
 import weakref
 from concurrent.futures import Executor, Future
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Sequence,
+from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Optional, Sequence,
                     Union)
 
 from . import security, wire
 from .config import ClientConfig
 from .clientcore import ClientCore, PydistFuture
 from .client import Entries
+from .upload import _send_bundle, _upload_bundle, _walk_nodes  # noqa: F401  (re-exported: pydist.commands)
 from .errors import SerializationError
 from .progressbar import portable_initializer
 from .scripts import run_script
@@ -576,58 +577,3 @@ def _chunks(it: Iterator, size: int) -> Iterator[tuple]:
         if not chunk:
             return
         yield chunk
-
-
-def _walk_nodes(uri: str, secret, tls) -> List[dict]:
-    """Statuses of every node reachable from ``uri`` through child/peer links (breadth first)."""
-    seen: Dict[str, dict] = {}
-    todo = [uri]
-    while todo:
-        u = todo.pop(0)
-        try:
-            p = security.connect(u, secret=secret, timeout=2.0, tls=tls, call_timeout=10.0)
-            try:
-                st = p.status()
-            finally:
-                p._pyroRelease()
-        except Exception as exc:
-            log.debug("status of %s failed: %s", u, exc)
-            continue
-        if st["name"] in seen:
-            continue
-        seen[st["name"]] = st
-        for l in st["links"]:
-            if l["alive"] and l["name"] not in seen:
-                todo.append(l["uri"])
-    return list(seen.values())
-
-
-def _send_bundle(proxy, info, data: bytes, timeout: float, progress=None) -> None:
-    from .codesync import CHUNK_SIZE
-
-    proxy._pyroTimeout = max(60.0, timeout)
-    t0 = time.monotonic()
-    proxy.code_begin(info.digest, len(data))
-    for off in range(0, len(data), CHUNK_SIZE):
-        proxy.code_chunk(info.digest, off, data[off:off + CHUNK_SIZE])
-        done = min(off + CHUNK_SIZE, len(data))
-        if progress is not None:
-            progress(done, len(data))
-        elif time.monotonic() - t0 > 2.0:
-            log.info("uploading %s: %d%%", info, 100 * done // max(1, len(data)))
-    proxy.code_finish(info.digest, False)
-
-
-def _upload_bundle(uri: str, secret, tls, info, data: bytes, timeout: float, progress=None) -> List[str]:
-    """Send a bundle to every node reachable from ``uri`` that lacks it (in chunks).  Nodes that join
-    later fetch it from their parent when a task needs it.  Returns the names of the nodes."""
-    names = []
-    for st in _walk_nodes(uri, secret, tls):
-        p = security.connect(st["uri"], secret=secret, timeout=5.0, tls=tls, call_timeout=60.0)
-        try:
-            if not p.code_has([info.digest]):
-                _send_bundle(p, info, data, timeout, progress)
-        finally:
-            p._pyroRelease()
-        names.append(st["name"])
-    return names
