@@ -302,3 +302,32 @@ def test_failover_false_breaks_instead(tmp_path):
             open(gate, "w").close()
             ex.shutdown(wait=True)
         wait_gone(root_workers, 20, "the dead root's workers")
+
+
+def test_client_fails_over_from_a_frozen_entry_node_and_the_tree_heals_after_it_thaws(tmp_path):
+    """The entry node is frozen (SIGSTOP), not killed, with tasks running under it: the client moves to
+    another node within node_timeout and every future resolves once with its own value; once the old
+    entry thaws (it still holds copies of those tasks) the tree works again."""
+    import collections
+
+    gate = str(tmp_path / "gate")
+    with LocalCluster(nodes=3, workers_per_node=1, topology="star", node_args=HB) as c:
+        root = c.procs[0]
+        with ClusterExecutor(ns=c.ns_address, secret=c.secret, node_timeout=2.0) as ex:
+            assert ex.node_name == "node0"
+            done = collections.Counter()
+            fs = [ex.submit(gated, gate, i, None, 60) for i in range(8)]
+            for f in fs:
+                f.add_done_callback(lambda f: done.update([id(f)]))
+            wait_for(lambda: sum(f.running() for f in fs) >= 2, 20, "tasks to start")
+            root.send_signal(signal.SIGSTOP)
+            try:
+                wait_for(lambda: ex.node_name != "node0", 20, "the client to fail over")
+                open(gate, "w").close()
+                assert [f.result(60) for f in fs] == list(range(8))
+            finally:
+                root.send_signal(signal.SIGCONT)
+            assert len(done) == 8 and set(done.values()) == {1}, done
+            wait_for(lambda: {"node1", "node2"} <= {n for n, l in links(c.address, c.secret).items() if l["alive"]}, 30,
+                     "the children to rejoin the thawed root")
+            assert list(ex.map(echo, range(30))) == list(range(30))
