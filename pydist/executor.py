@@ -35,7 +35,7 @@ from . import security, wire
 from .config import ClientConfig
 from .clientcore import ClientCore, PydistFuture
 from .client import Entries
-from .upload import _send_bundle, _upload_bundle, _walk_nodes  # noqa: F401  (re-exported: pydist.commands)
+from .upload import _upload_bundle
 from .errors import SerializationError
 from .progressbar import portable_initializer
 from .scripts import run_script

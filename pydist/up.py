@@ -360,7 +360,7 @@ def _raise_first(results: list) -> None:
 
 
 def _wait_tree(root: str, secret: bytes, n: int, timeout: float) -> list:
-    from .executor import _walk_nodes
+    from .upload import _walk_nodes
 
     deadline = time.monotonic() + timeout
     while True:
