@@ -83,10 +83,21 @@ def open_connection(uri: Pyro5.core.URI, secret: Optional[bytes], scope: str, ti
         key = secret or None        # with a scope, the secret given is that scope's capability already
         body, nonce = auth.encode_hello(key, where, uri.object, scope=scope)
         sock.settimeout(max(0.001, deadline - time.monotonic()))
-        sock.sendall(HEADER.pack(b"PYRO", protocol.PROTOCOL_VERSION, protocol.MSG_CONNECT, auth.HELLO_SERIALIZER,
-                                 0, 0, len(body), 0, b"\0" * 16, 0, protocol._magic_number) + body)
-        tag, ver, msgtype, ser, flags, _seq, size, ann, _c, _r, magic = HEADER.unpack(
-            _recv_exact(sock, HEADER.size, deadline))
+        send_error: Optional[OSError] = None
+        try:
+            sock.sendall(HEADER.pack(b"PYRO", protocol.PROTOCOL_VERSION, protocol.MSG_CONNECT, auth.HELLO_SERIALIZER,
+                                     0, 0, len(body), 0, b"\0" * 16, 0, protocol._magic_number) + body)
+        except OSError as exc:
+            # the node may have refused us already (a TLS alert: no client certificate) and closed: the send
+            # then fails (reset, EOF), but what it said is still in our receive buffer, and it is the answer
+            send_error = exc
+        try:
+            head = _recv_exact(sock, HEADER.size, deadline)
+        except OSError as exc:
+            if send_error is not None and not isinstance(exc, ssl.SSLError):
+                raise send_error from None
+            raise
+        tag, ver, msgtype, ser, flags, _seq, size, ann, _c, _r, magic = HEADER.unpack(head)
         if tag != b"PYRO" or ver != protocol.PROTOCOL_VERSION or magic != protocol._magic_number:
             raise AuthenticationError(f"{where} is not a pydist node "
                                       f"(it does not speak Pyro5 {protocol.PROTOCOL_VERSION})")

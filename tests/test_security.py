@@ -396,6 +396,66 @@ def test_tls_two_way_with_make_certs(tmp_path):
             proc.wait(5)
 
 
+
+def test_a_tls_refusal_that_lands_before_the_hello_is_sent_is_still_named_tls(tmp_path, monkeypatch):
+    """The worst moment of a 2-way TLS refusal (CI, Python 3.13): the node checks the client's empty
+    certificate, sends its alert and closes *before* the client's hello goes out.  The send then fails
+    (reset / EOF) but the alert is waiting in the client's receive buffer: the client must read it and
+    say TLS, not "no pydist node answers" after retrying for its whole timeout."""
+    import ssl
+    certs = S.make_certs(tmp_path / "certs", names=("node", "client"))
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(certs["node"], certs["node_key"])
+    sctx.load_verify_locations(certs["ca"])
+    sctx.verify_mode = ssl.CERT_REQUIRED
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    closed, stop = threading.Event(), threading.Event()
+    failures: list = []
+
+    def node_stand_in():      # a TLS endpoint that refuses clients without certificates, closing at once
+        while not stop.is_set():
+            try:
+                raw, _ = listener.accept()
+            except socket.timeout:
+                continue
+            raw.settimeout(5)
+            tls = sctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            try:
+                tls.do_handshake()
+                tls.recv(1)
+            except (ssl.SSLError, OSError) as exc:
+                failures.append(exc)
+            # closed with unread bytes from the client, the kernel resets the connection (SO_LINGER 0 makes
+            # that certain): the client's send can fail with ECONNRESET, not an SSL error
+            tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            tls.close()
+            closed.set()
+
+    server = threading.Thread(target=node_stand_in, daemon=True)
+    server.start()
+    real_sendall = ssl.SSLSocket.sendall
+
+    def sendall_after_the_refusal(self, data, *a):     # the OS's timing at its worst, made certain
+        assert closed.wait(10), "the stand-in never refused"
+        closed.clear()
+        return real_sendall(self, data, *a)
+
+    monkeypatch.setattr(ssl.SSLSocket, "sendall", sendall_after_the_refusal)
+    address = "127.0.0.1:%d" % listener.getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(AuthenticationError, match="TLS"):
+            S.connect(address, secret=SECRET, timeout=4, tls=S.TLSSettings(ca=certs["ca"]))
+        assert time.monotonic() - t0 < 3, "a TLS refusal is final: the client must not retry until its timeout"
+        assert failures and "CERTIFICATE" in str(failures[0]).upper()
+    finally:
+        stop.set()
+        server.join(5)
+        listener.close()
+        assert not server.is_alive()
+        S.configure_pyro(tls=None)
+
 # ------------------------------------------------------------------------------------------------------
 # idle connections, busy pool, gate bounds (issue #11)
 # ------------------------------------------------------------------------------------------------------
