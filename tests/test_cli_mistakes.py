@@ -23,7 +23,7 @@ from pydist.diagnose import advertise_host, parse_ns
 from pydist.errors import ClusterUnavailable, ConfigError
 from conftest import descendants, wait_for as _wait_for, wait_gone
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.one_python]
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 

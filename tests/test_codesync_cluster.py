@@ -33,7 +33,7 @@ from pydist.errors import BundleNotFound, CodeSyncError
 from conftest import _alive, descendants, wait_for, wait_gone
 from conftest import cluster_pids as all_pids
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.one_python]
 
 os.environ.setdefault("PYDIST_POLL_INTERVAL", "0.2")   # shorter client long polls: faster shutdowns
 

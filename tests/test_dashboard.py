@@ -24,7 +24,7 @@ from pydist import ClusterExecutor, LocalCluster
 from pydist.dashboard import MAX_STREAMS, dashboard_token
 from conftest import wait_for as _wait_for
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.timeout(150), pytest.mark.one_python]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

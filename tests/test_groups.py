@@ -15,7 +15,7 @@ import pydist
 from pydist import ClusterExecutor, GroupAborted, MessageTooLarge
 from conftest import descendants, wait_for
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.one_python]
 
 FAST = ["--heartbeat", "0.2", "--heartbeat-timeout", "1.5", "--client-lease", "3"]
 

@@ -33,7 +33,7 @@ from pydist.errors import (AuthenticationError, BundleTooLarge, ClusterUnavailab
 from conftest import wait_for
 from test_hostile import NodeProc, node_env, read_reply, reply_type
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.one_python]
 
 SECRET = b"hardening-test-secret-" + b"y" * 24
 MIB = 1 << 20

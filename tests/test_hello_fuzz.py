@@ -23,7 +23,7 @@ from pydist import security as S
 from test_hardening import MIB, SECRET, report, start_node, usage  # noqa: F401  (fixture)
 from test_hostile import mutated_hello
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.one_python]
 
 N_HELLOS = int(os.environ.get("PYDIST_FUZZ_HELLOS", "10000"))
 

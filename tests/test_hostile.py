@@ -34,7 +34,7 @@ from pydist import security as S
 from pydist.cluster import read_ready
 from conftest import _alive, wait_for
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.one_python]
 
 SECRET = b"hostile-test-secret-" + b"x" * 24
 HDR = protocol._header_size          # 40

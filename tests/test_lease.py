@@ -10,7 +10,7 @@ import pytest
 from conftest import wait_for
 from pydist import ClusterExecutor, LocalCluster, security
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.one_python]
 
 CLIENT = textwrap.dedent("""
     import sys, threading, time

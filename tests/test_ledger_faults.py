@@ -27,7 +27,7 @@ import pytest
 from pydist import BrokenCluster, ClusterExecutor, LocalCluster, PydistError, security, wire
 from conftest import descendants, gated, wait_for as _wait_for, wait_gone
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.one_python]
 
 HB = ["--heartbeat", "0.3", "--heartbeat-timeout", "1.5"]
 

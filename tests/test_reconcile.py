@@ -16,7 +16,7 @@ import pytest
 from pydist import ClusterExecutor, LocalCluster, security, wire
 from conftest import gated, wait_for
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.one_python]
 
 
 def square(x):

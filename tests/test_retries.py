@@ -12,7 +12,7 @@ import pytest
 from pydist import ClusterExecutor, LocalCluster, WorkerLost
 from pydist.errors import MemoryLimitExceeded
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.one_python]
 
 
 def die_first(counter, times, code=9):

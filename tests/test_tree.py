@@ -31,7 +31,7 @@ from pydist import ClusterExecutor, LocalCluster, security, task_context
 from pydist.cluster import read_ready
 from conftest import descendants, wait_for as _wait_for
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.timeout(150), pytest.mark.one_python]
 
 os.environ.setdefault("PYDIST_POLL_INTERVAL", "0.2")
 

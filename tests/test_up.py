@@ -21,7 +21,7 @@ import pytest
 from pydist import ClusterExecutor
 from conftest import _alive, wait_for, wait_gone
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.one_python]
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 
