@@ -126,8 +126,14 @@ class AsyncClusterExecutor:
         await self._ensure()
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.shutdown(wait=True, cancel_futures=exc[0] is not None)
+    async def __aexit__(self, exc_type: Optional[type] = None, *exc: Any) -> None:
+        ex = self._executor
+        if exc_type is not None and ex is not None:   # as ``with``: a running group's ranks may wait forever
+            from .taskgroup import abort_unfinished
+
+            why = f"the async with block of its AsyncClusterExecutor exited by {exc_type.__name__}"
+            await asyncio.get_running_loop().run_in_executor(self._helper, lambda: abort_unfinished(ex, why))
+        await self.shutdown(wait=True, cancel_futures=exc_type is not None)
 
     # ------------------------------------------------------------------------------------ tasks
     async def _send(self, fn: Callable[[], T]) -> T:

@@ -229,3 +229,28 @@ def test_bad_arguments():
             await ex.submit(square, 1)
         await ex.shutdown()
     run(main())
+
+
+def _wait_for_a_message_never_sent(comm):
+    comm.recv(source=(comm.rank + 1) % comm.size, tag=5)     # no timeout: only an abort ends it
+
+
+def test_leaving_async_with_by_an_exception_aborts_its_groups(cluster):
+    """``async with`` left by an exception aborts the task groups still running, as ``with`` does:
+    otherwise its shutdown waits forever for ranks that no one will ever wake."""
+    from pydist.errors import GroupAborted
+
+    seen: dict = {}
+
+    async def main():
+        with pytest.raises(RuntimeError, match="gives up"):
+            async with AsyncClusterExecutor(address=cluster.address, secret=cluster.secret) as aex:
+                g = seen["group"] = aex.executor.spawn_group(_wait_for_a_message_never_sent, 2)
+                wait_for(lambda: g.state == "running", 30, "the group to start")
+                raise RuntimeError("the caller gives up")
+
+    t0 = time.monotonic()
+    run(main())
+    assert time.monotonic() - t0 < 30
+    for f in seen["group"]:
+        assert isinstance(f.exception(timeout=10), GroupAborted), f.exception(timeout=0)
