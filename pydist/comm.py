@@ -20,7 +20,9 @@ here); the mailbox is :mod:`pydist.commbox`, the sockets between ranks :mod:`pyd
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import sys
 import threading
 import time
@@ -45,6 +47,29 @@ PROD = lambda a, b: a * b   # noqa: E731
 MAX = max
 MIN = min
 
+
+
+def _collective(fn: Callable) -> Callable:
+    """A collective's ``CommTimeout`` names the collective and the timeout its caller gave, and the rank
+    whose part never came (not the collective's internal tag and the time left for its last step)."""
+    name = fn.__name__
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(self: "Comm", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except CommTimeout as exc:
+            missing = getattr(exc, "pydist_missing", None)
+            if missing is None:
+                raise
+            timeout = sig.bind(self, *args, **kwargs).arguments.get("timeout")
+            err = CommTimeout(f"rank {self.rank} of group {self.group}: {name} did not complete within {timeout} s: "
+                              f"nothing came from rank {missing} (has every rank of the group called {name}, "
+                              "with the same root?)")
+            err.pydist_missing = missing     # type: ignore[attr-defined]  # an enclosing collective renames it
+            raise err from None
+    return call
 
 class Comm:
     """A rank's view of its group (or of a sub-group made by ``split``): ``rank``, ``size`` and the
@@ -264,12 +289,18 @@ class Comm:
 
     def _crecv(self, source, tag, deadline):
         t = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self._recv(self._ctx + 1, source, tag, None, t)
+        try:
+            return self._recv(self._ctx + 1, source, tag, None, t)
+        except CommTimeout as exc:
+            exc.pydist_missing = source     # type: ignore[attr-defined]  # the collective's wrapper says the rest
+            raise
 
+    @_collective
     def barrier(self, timeout: Optional[float] = None) -> None:
         """Return once every rank has called ``barrier``."""
         self.allreduce(0, timeout=timeout)
 
+    @_collective
     def bcast(self, obj: Any = None, root: int = 0, timeout: Optional[float] = None) -> Any:
         """``root``'s object, on every rank (binomial tree)."""
         self._check_rank(root, "root")
@@ -289,6 +320,7 @@ class Comm:
             mask >>= 1
         return obj
 
+    @_collective
     def reduce(self, obj: Any, op: Optional[Callable[[Any, Any], Any]] = None, root: int = 0,
                timeout: Optional[float] = None) -> Any:
         """``op`` (default ``+``) folded over every rank's object in rank order, on ``root`` (None
@@ -316,11 +348,13 @@ class Comm:
             mask <<= 1
         return acc
 
+    @_collective
     def allreduce(self, obj: Any, op: Optional[Callable[[Any, Any], Any]] = None,
                   timeout: Optional[float] = None) -> Any:
         """``reduce`` then ``bcast``: every rank gets the folded value."""
         return self.bcast(self.reduce(obj, op, 0, timeout), 0, timeout)
 
+    @_collective
     def gather(self, obj: Any, root: int = 0, timeout: Optional[float] = None) -> Optional[List[Any]]:
         """The list of every rank's object, in rank order, on ``root`` (None elsewhere)."""
         self._check_rank(root, "root")
@@ -336,6 +370,7 @@ class Comm:
                 out[r] = self._crecv(r, tag, deadline)
         return out
 
+    @_collective
     def scatter(self, sendobj: Optional[Sequence[Any]] = None, root: int = 0,
                 timeout: Optional[float] = None) -> Any:
         """Rank ``r`` gets ``sendobj[r]`` from ``root`` (``size`` items on the root)."""
@@ -351,10 +386,12 @@ class Comm:
             return sendobj[root]
         return self._crecv(root, tag, deadline)
 
+    @_collective
     def allgather(self, obj: Any, timeout: Optional[float] = None) -> List[Any]:
         """Every rank's object, in rank order, on every rank."""
         return self.bcast(self.gather(obj, 0, timeout), 0, timeout)
 
+    @_collective
     def alltoall(self, sendobj: Sequence[Any], timeout: Optional[float] = None) -> List[Any]:
         """Rank ``r`` sends ``sendobj[d]`` to each rank ``d``; returns what each rank sent it."""
         self._check_live()
@@ -382,6 +419,7 @@ class Comm:
                 raise CommTimeout(f"rank {self.rank}: a send did not complete in time")
             time.sleep(0.0002)
 
+    @_collective
     def scan(self, obj: Any, op: Optional[Callable[[Any, Any], Any]] = None,
              timeout: Optional[float] = None) -> Any:
         """Inclusive prefix: rank ``r`` gets ``op`` folded over ranks 0..r."""
@@ -393,6 +431,7 @@ class Comm:
             self._csend(acc, self.rank + 1, tag)
         return acc
 
+    @_collective
     def exscan(self, obj: Any, op: Optional[Callable[[Any, Any], Any]] = None,
                timeout: Optional[float] = None) -> Any:
         """Exclusive prefix: rank ``r`` gets ``op`` folded over ranks 0..r-1 (None on rank 0)."""

@@ -155,6 +155,29 @@ def test_collectives_take_a_timeout(ex):
     assert ex.spawn_group(_collective_timeout, 2).results(timeout=60) == ["ok", "ok"]
 
 
+def _collective_timeout_text(comm):
+    texts = {}
+    if comm.rank == 0:
+        for name, call in (("bcast", lambda: comm.bcast(None, root=1, timeout=0.3)),
+                           ("barrier", lambda: comm.barrier(timeout=0.3)),
+                           ("allreduce", lambda: comm.allreduce(1, timeout=0.3)),
+                           ("gather", lambda: comm.gather(1, root=0, timeout=0.3))):
+            try:
+                call()
+            except CommTimeout as exc:
+                texts[name] = str(exc)
+    return texts
+
+
+def test_a_collective_timeout_names_the_collective_and_the_timeout_given(ex):
+    """Not the collective's internal tag nor the time left for its last step (what a recv said)."""
+    texts = ex.spawn_group(_collective_timeout_text, 2).results(timeout=60)[0]
+    assert set(texts) == {"bcast", "barrier", "allreduce", "gather"}, texts
+    for name, text in texts.items():
+        assert f"{name} did not complete within 0.3 s" in text, text
+        assert "rank 1" in text and "tag" not in text, text
+
+
 def _big_numpy(comm, n):
     import numpy as np
 
