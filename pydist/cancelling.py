@@ -223,8 +223,25 @@ class Cancelling(NodeParts):
         tid = self.ledger.first_at(loc)
         if tid is not None:
             t = self.ledger.tasks[tid]
-            if t.origin[0] == "c" and t.state is State.PLACED:
-                self.sessions.note_started(t.origin[1], tid)
+            if t.state is State.PLACED:
+                self.tell_started(t)
+
+    def tell_started(self, t: "Task") -> None:
+        """A worker began ``t`` (here, or at a node we sent it to): tell where it came from, its client
+        (``running()``) or the node that sent it (which tells its own origin, up to the client)."""
+        if t.origin[0] == "c":
+            self.sessions.note_started(t.origin[1], t.id)
+        elif t.origin[0] == "l":
+            link = self.links.links.get(t.origin[1])
+            if link is not None and link.epoch == t.origin[2]:
+                link.post(started=[t.id])
+
+    def started_at_link(self, loc: tuple, ids: List[str]) -> None:
+        """(under the lock) The node at link location ``loc`` says these tasks of ours started there."""
+        for tid in ids:
+            t = self.ledger.tasks.get(tid)
+            if t is not None and t.location == loc and t.state is State.PLACED:
+                self.tell_started(t)
 
     def withdraw_answer(self, loc: tuple, req: int, ids: List[str]) -> None:
         """(link thread) A child answered ``withdraw_forwarded`` with the ids it withdrew."""

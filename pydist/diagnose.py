@@ -18,6 +18,14 @@ DEFAULT_NS_PORT = 9090   # Pyro5's name server port (pyro5-ns -p)
 NS_PREFIX = "pydist.node."
 
 
+def ns_proxy(ns: str):
+    """A proxy of the name server at ``host:port`` (or ``host``: Pyro5's default port)."""
+    import Pyro5.api
+
+    host, _, port = ns.rpartition(":")
+    return Pyro5.api.locate_ns(host or ns, int(port) if port else None)
+
+
 def parse_ns(address: str) -> Tuple[str, int]:
     """``"host:port"``, ``"host"`` (port 9090) or ``"tcp://host:port"`` of a name server as (host, port).
 

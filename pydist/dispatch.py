@@ -87,8 +87,8 @@ class Dispatch(NodeParts):
                 loc = detail.location
                 if loc is not None and loc[0] == "l":   # its copy there may be cancelled: send it again
                     resend.setdefault(loc[1], []).append(detail)
-                elif loc is not None and detail.origin[0] == "c":
-                    self.sessions.note_started(detail.origin[1], tid)
+                elif loc is not None and self.ledger.first_at(loc) == tid:   # the one its worker runs
+                    self.tell_started(detail)
             elif verdict == "reuse":
                 back.append(detail)
             elif verdict == "collision":
@@ -144,8 +144,7 @@ class Dispatch(NodeParts):
     def _send_to_link(self, link, ids: List[str]) -> None:
         ts = [self.ledger.tasks[t] for t in ids if t in self.ledger.tasks]
         for t in ts:
-            self.ledger.place(t, link.location)
-            self._note_started(t)
+            self.ledger.place(t, link.location)   # "started" comes from the node whose worker runs it
         if ts:
             self._post_to_link(link, ts)
 
@@ -213,8 +212,7 @@ class Dispatch(NodeParts):
             else:
                 link = self.links.links[key[1]]
                 for t in ts:
-                    self.ledger.place(t, key)
-                    self._note_started(t)
+                    self.ledger.place(t, key)   # "started" comes from the node whose worker runs it
                 self._post_to_link(link, ts)
         self.ledger.requeue_front([taken[i] for i in range(len(taken)) if i not in placed])
 
@@ -262,10 +260,6 @@ class Dispatch(NodeParts):
             recs.append((r[0], r[1], payload, r[3], hops, path, r[6], r[7]))
         self.counts["forwarded_out"] += len(recs)
         link.post(tasks=recs, fns=fns, inits=inits)
-
-    def _note_started(self, t: Task) -> None:
-        if t.origin[0] == "c":
-            self.sessions.note_started(t.origin[1], t.id)
 
     # ------------------------------------------------------------------------------------ results
     def error_result(self, tid: str, exc: BaseException, status: int = wire.ERROR) -> tuple:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 from . import diagnose, security
 from .checks import check_map
 from .errors import AuthenticationError, NodeLost, VersionMismatch
+from .sessions import STARTED_DELAY
 
 if TYPE_CHECKING:   # pragma: no cover
     from .node import Node
@@ -69,6 +70,8 @@ class Link:
         self.out_cancel: List[str] = []
         self.out_withdraw: List[tuple] = []     # (request, ids, wait): "drop these if not started"
         self.out_code: List[str] = []
+        self.out_started: List[str] = []        # ids of tasks it sent us that started here (or further on)
+        self.started_due = 0.0                  # when the oldest of them must go, if no result takes it
         self.stopping = False
         self.left = False               # it told us it is stopping (a clean stop, not a fault)
         self.suspects: Dict[str, int] = {}      # reconciliation of what we sent: id -> round first seen
@@ -85,9 +88,18 @@ class Link:
     def workers(self) -> int:
         return sum(v[0] for v in self.remote_map.values())
 
-    def post(self, *, tasks=(), fns=None, inits=None, results=(), cancel=(), code=(), withdraw=()) -> None:
-        """Queue messages for the link thread (never blocks on the network)."""
+    def post(self, *, tasks=(), fns=None, inits=None, results=(), cancel=(), code=(), withdraw=(),
+             started=()) -> None:
+        """Queue messages for the link thread (never blocks on the network).  ``started`` notes wait up to
+        ``STARTED_DELAY`` for results to ride with (a short task's note then costs no call of its own)."""
         with self.cond:
+            if started:
+                first = not self.out_started   # the pump must learn the due time; later notes wait with it
+                if first:
+                    self.started_due = time.monotonic() + STARTED_DELAY
+                self.out_started.extend(started)
+                if not (first or tasks or results or cancel or code or withdraw):
+                    return
             if tasks:
                 self.out_tasks.extend(tasks)
             if fns:
@@ -299,7 +311,10 @@ class LinkManager:
             with link.cond:
                 while not (link.out_tasks or link.out_results or link.out_cancel or link.out_code
                            or link.out_withdraw or link.stopping) and time.monotonic() < next_hb:
-                    link.cond.wait(max(0.0, next_hb - time.monotonic()))
+                    if link.out_started and time.monotonic() >= link.started_due:
+                        break
+                    wake = min(next_hb, link.started_due) if link.out_started else next_hb
+                    link.cond.wait(max(0.0, wake - time.monotonic()))
                 if link.stopping:
                     return
                 if not link.alive:
@@ -312,11 +327,16 @@ class LinkManager:
                 link.out_tasks, link.out_fns, link.out_inits = [], {}, {}
                 link.out_results, link.out_cancel, link.out_code = [], [], []
                 link.sending_results = results
+                started: List[str] = []
+                if link.out_started and (results or time.monotonic() >= link.started_due):
+                    done = {r[0] for r in results}   # no note for a task whose result goes with it
+                    started = [t for t in link.out_started if t not in done]
+                    link.out_started = []
                 epoch = link.epoch
             if node.stopping.is_set():
                 return
-            if results:
-                proxy.receive_results(node.name, results, epoch)
+            if results or started:
+                proxy.receive_results(node.name, results, epoch, started)
                 with link.cond:
                     link.sending_results = []
             if cancel:   # before tasks: a cancel and a re-send of the same id keep their order

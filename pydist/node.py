@@ -139,7 +139,7 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
         self.pool.stop()
         if self.cfg.ns:
             try:
-                with _ns_proxy(self.cfg.ns) as ns:
+                with diagnose.ns_proxy(self.cfg.ns) as ns:
                     ns.remove(NS_PREFIX + self.name)
             except Exception as exc:  # the name server may be gone already
                 log.info("could not remove %s from the name server: %s", NS_PREFIX + self.name, exc)
@@ -159,7 +159,7 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
         meta = {"pydist", "pydist.root" if not self.cfg.parent else "pydist.child"}
         while not self.stopping.is_set():
             try:
-                with _ns_proxy(ns_address) as ns:
+                with diagnose.ns_proxy(ns_address) as ns:
                     ns.register(NS_PREFIX + self.name, self.uri, metadata=meta)
                 log.info("registered as %s in name server %s", NS_PREFIX + self.name, self.cfg.ns)
                 return
@@ -177,7 +177,7 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
         if not self.cfg.ns:
             raise ValueError(f"cannot resolve node name {target!r} without --ns")
         name = target if target.startswith(NS_PREFIX) else NS_PREFIX + target
-        with _ns_proxy(self.cfg.ns) as ns:
+        with diagnose.ns_proxy(self.cfg.ns) as ns:
             return str(ns.lookup(name))
 
     # ======================================================================================== clients
@@ -355,10 +355,14 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
             self.schedule()
         return n
 
-    def receive_results(self, sender: str, results: list, epoch: Optional[int] = None) -> int:
-        """Results coming back from a linked node we had sent tasks to (over epoch ``epoch``)."""
+    def receive_results(self, sender: str, results: list, epoch: Optional[int] = None,
+                        started: Optional[list] = None) -> int:
+        """Results coming back from a linked node we had sent tasks to (over epoch ``epoch``); ``started``:
+        ids of tasks of ours that a worker there (or further on) began."""
         check_str(sender, "sender")
         check_results(results)
+        if started is not None:
+            check_ids(started, "started")
         with self.lock:
             link = self.links.links.get(sender)
             if link is not None:
@@ -367,6 +371,8 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
                 epoch = link.epoch if link is not None else -1
             check_int(epoch, "epoch")
             n = self.finish_results(results, ("l", sender, epoch))
+            if started:
+                self.started_at_link(("l", sender, epoch), started)
             self.schedule()
         return n
 
@@ -571,11 +577,6 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
 
 
 # ============================================================================================ helpers
-def _ns_proxy(ns: str):
-    host, _, port = ns.rpartition(":")
-    return Pyro5.api.locate_ns(host or ns, int(port) if port else None)
-
-
 def serve(config: NodeConfig, on_ready=None) -> None:
     """Run a node until it is shut down (``pydist-node`` calls this).  ``on_ready(node)`` is called
     once it accepts work."""

@@ -170,6 +170,25 @@ def test_cancel_withdraws_a_task_queued_at_a_child_node(proc_guard, gate, tmp_pa
         assert [m for m in marks if os.path.exists(m)] == [], "tasks cancelled at the child ran"
 
 
+
+def test_running_is_true_only_for_the_task_a_child_nodes_worker_runs(proc_guard, gate, tmp_path):
+    """``running()`` of tasks forwarded to a child node is what the child's worker does: the task it
+    runs (even two hops away) is running, those queued behind it at the child are not (they were
+    all "running" from the moment they were forwarded)."""
+    with LocalCluster(nodes=3, workers_per_node=[0, 0, 1], topology="chain") as c, \
+            ClusterExecutor(address=c.address, secret=c.secret) as ex:
+        wait_for(lambda: ex.status()["reachable"] == ["node0", "node1", "node2"], 30, "the chain to join")
+        _warm(ex, 2000)
+        first = ex.submit(gated, gate.path, "first", gate.started("first"))
+        wait_for(lambda: os.path.exists(gate.started("first")), 30, "the first task to start")
+        futs = [ex.submit(noop, i) for i in range(10)]
+        wait_for(lambda: ex.status()["forwarded"] == 11, 30, "the tasks to be forwarded")
+        wait_for(first.running, 10, "the task node2's worker runs to be running")
+        assert [f.running() for f in futs] == [False] * 10, "queued behind the running task, at node2"
+        gate.open()
+        assert first.result(timeout=30) == "first"
+        assert [f.result(timeout=30) for f in futs] == list(range(10))
+
 # ================================================================== races: cancel while tasks start
 def test_cancel_keeps_its_meaning_while_the_worker_races_through_the_queue(fresh_cluster, tmp_path):
     """Tasks start while another thread cancels them (in random order): every cancel() that returned
