@@ -34,6 +34,7 @@ class Session:
         self.id = cid
         self.results: List[tuple] = []
         self.started: List[str] = []
+        self.started_since = 0.0   # when ``started`` last went from empty to not: its timer is for that
         self.cond = threading.Condition(lock)
         self.last_seen = time.monotonic()
         self.init_blob: Optional[bytes] = None
@@ -115,8 +116,9 @@ class StartedTimer:
         threading.Thread(target=self._run, daemon=True, name="pydist-started").start()
 
     def add(self, client: Session) -> None:
+        """Arm for ``client``, whose ``started`` list just became non-empty (at ``started_since``)."""
         with self.cond:
-            self.due.append((time.monotonic() + STARTED_DELAY, client))
+            self.due.append((client.started_since + STARTED_DELAY, client, client.started_since))
             if len(self.due) == 1:
                 self.cond.notify()
 
@@ -127,14 +129,14 @@ class StartedTimer:
                     self.cond.wait(1.0)
                 if not self.due:
                     continue
-                when, client = self.due[0]
+                when, client, since = self.due[0]
                 left = when - time.monotonic()
                 if left > 0:
                     self.cond.wait(left)
                     continue
                 self.due.popleft()
-            with self.lock:
-                if client.started and not client.results:
+            with self.lock:   # (a list emptied and filled again since has a timer of its own)
+                if client.started and client.started_since == since and not client.results:
                     client.started_due = True
                     client.cond.notify()
 
@@ -171,6 +173,7 @@ class Sessions:
         if c is not None:
             c.started.append(tid)
             if len(c.started) == 1:
+                c.started_since = time.monotonic()
                 self.timer.add(c)
 
     def pop(self, cid: str) -> Optional[Session]:
