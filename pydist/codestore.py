@@ -329,6 +329,8 @@ class CodeStore:
             return
         with self._lock:
             up = self._uploads.get(digest)
+            if up is None and self.has(digest):
+                return   # installed by another uploader while we waited for the lock: nothing to start
             if up is not None:
                 if up.size != size:
                     raise CodeSyncError(f"bundle {digest[:8]} is already being uploaded with size {up.size}, "
@@ -382,9 +384,15 @@ class CodeStore:
         with self._lock_for(digest):   # several uploaders of one bundle: the first finishes, the rest wait
             with self._lock:
                 up = self._uploads.get(digest)
+            if self.has(digest):   # another uploader of the same bytes installed it
+                if up is not None:   # (one that began after that: it was told so by write_chunk)
+                    with self._lock:
+                        if self._uploads.get(digest) is up:
+                            del self._uploads[digest]
+                    up.close()   # (under its lock: a write in progress ends first, later ones see it closed)
+                    _unlink(up.part)
+                return self.path(digest)
             if up is None:
-                if self.has(digest):
-                    return self.path(digest)
                 raise CodeSyncError(f"no upload of bundle {digest[:8]} in progress: call begin() first (or "
                                     "another uploader's finish failed: upload again)")
             try:

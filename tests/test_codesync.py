@@ -497,6 +497,39 @@ def test_two_uploaders_of_same_bundle_and_stale_upload(tmp_path):
     assert sorted(os.listdir(tmp_path / "cache")) == [info.digest]
 
 
+def test_an_uploader_whose_check_raced_with_the_install_neither_starts_over_nor_fails_the_others(tmp_path):
+    """CI, Python 3.11, four uploaders of one bundle: the first installed it while a second had just
+    seen it not installed; the second then opened a fresh, empty upload, and a third uploader's
+    finish() took that one: "bytes 0..307200 never arrived".  The interleaving, made certain: the
+    second uploader's first look at the store is from before the install."""
+    write(tmp_path / "p", {"a.py": "A = 1\n", "b.bin": os.urandom(300_000)})
+    info, data = build_bundle(tmp_path / "p")
+
+    class LateView(CodeStore):
+        stale = 0
+
+        def has(self, digest):
+            if self.stale:
+                self.stale -= 1
+                return False     # what a look just before the install saw
+            return super().has(digest)
+
+    store = LateView(tmp_path / "cache")
+    store.begin(info.digest, len(data))                       # uploader A
+    store.begin(info.digest, len(data))                       # uploader E joins A's upload
+    for off, chunk in chunks(data, 16_384):
+        store.write_chunk(info.digest, off, chunk)
+    installed = store.finish(info.digest)                     # A installs it
+    store.stale = 1
+    store.begin(info.digest, len(data))                       # D: looked before the install
+    assert store.finish(info.digest) == installed             # E: its bytes are installed
+    for off, chunk in chunks(data, 16_384):                   # D goes on with its chunks
+        store.write_chunk(info.digest, off, chunk)
+    assert store.finish(info.digest) == installed
+    assert store.read(info.digest) == data
+    assert sorted(os.listdir(tmp_path / "cache")) == [info.digest]   # no partial upload left
+
+
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 _part = st.sampled_from(["a", "b.py", "..", ".", "", "/", "c:", "\\x", "d\\e", "ü"])
