@@ -4,7 +4,7 @@
 
     Node A (parent)                                             Node B (child)
       ledger: task at ("l", "B", e) ── Link(B).post(tasks) ─▶ pump ─▶ B.run_task(A, ..., epoch=e)
-      ledger ◀── A.receive_results(B, results, epoch=e) ◀── pump ◀── Link(A).post(results)
+      ledger ◀── A.receive_results(B, results, epoch=e, started) ◀── pump ◀── Link(A).post(results, started)
       pump ─▶ B.heartbeat(A, map, {"e": e, "n": count, "d": digest})  (what A believes is at B)
                └─ counts differ ─▶ B.reconcile(A, e, ids at B) ─▶ B's ids from A: each side re-places /
                                                                  drops what only it knew (twice seen)

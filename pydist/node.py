@@ -22,7 +22,7 @@ placements over *slots* (local workers, links with credit) and records each plac
 location (``("w", i, generation)`` or ``("l", name, epoch)``); credit is derived from those locations,
 so it cannot leak.  What comes back: a result is accepted only from its task's current location
 (``Ledger.finish``) and goes to the task's origin: a client's inbox (``sessions.py``, drained by its
-``collect`` long poll) or the link it came from.
+``collect`` long poll) or the link it came from; so do "started" notes (``running()``).
 
 Links (``links.py``) carry tasks, results, cancels, code and heartbeats; heartbeats carry a count and
 digest of the ids each side believes are at the child, and a mismatch is reconciled id by id
@@ -357,8 +357,7 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
 
     def receive_results(self, sender: str, results: list, epoch: Optional[int] = None,
                         started: Optional[list] = None) -> int:
-        """Results coming back from a linked node we had sent tasks to (over epoch ``epoch``); ``started``:
-        ids of tasks of ours that a worker there (or further on) began."""
+        """Results from a linked node we sent tasks to (over ``epoch``); ``started``: ids of them begun there."""
         check_str(sender, "sender")
         check_results(results)
         if started is not None:
