@@ -386,11 +386,7 @@ class CodeStore:
                 up = self._uploads.get(digest)
             if self.has(digest):   # another uploader of the same bytes installed it
                 if up is not None:   # (one that began after that: it was told so by write_chunk)
-                    with self._lock:
-                        if self._uploads.get(digest) is up:
-                            del self._uploads[digest]
-                    up.close()   # (under its lock: a write in progress ends first, later ones see it closed)
-                    _unlink(up.part)
+                    self._forget_upload(digest, up)
                 return self.path(digest)
             if up is None:
                 raise CodeSyncError(f"no upload of bundle {digest[:8]} in progress: call begin() first (or "
@@ -411,10 +407,15 @@ class CodeStore:
                 return self._publish(digest, up.size,
                                      lambda tmp: os.replace(up.part, os.path.join(tmp, _ARCHIVE)))
             finally:
-                with self._lock:
-                    if self._uploads.get(digest) is up:
-                        del self._uploads[digest]
-                _unlink(up.part)
+                self._forget_upload(digest, up)
+
+    def _forget_upload(self, digest: str, up: "_Upload") -> None:
+        """Drop upload ``up`` of ``digest`` and its partial file (its writers find it closed or gone)."""
+        with self._lock:
+            if self._uploads.get(digest) is up:
+                del self._uploads[digest]
+        up.close()   # under its lock: a write in progress ends first, later ones see it closed
+        _unlink(up.part)
 
     def abort(self, digest: str, owner=None) -> None:
         """Give up an upload (the last of its uploaders to abort removes the partial data)."""

@@ -50,6 +50,13 @@ def _warm(ex, n=3000):
     assert st["avg_task_s"] is not None and st["avg_task_s"] < 0.001, st["avg_task_s"]
 
 
+def _start_first(ex, gate):
+    """Submit the gated task "first" and return its future once a worker runs it."""
+    first = ex.submit(gated, gate.path, "first", gate.started("first"))
+    wait_for(lambda: os.path.exists(gate.started("first")), 30, "the first task to start")
+    return first
+
+
 def _running_at_workers(ex):
     return ex.status()["running"]
 
@@ -59,8 +66,7 @@ def test_cancel_withdraws_tasks_already_sent_to_a_worker(fresh_cluster, gate, tm
     c = fresh_cluster(nodes=1, workers_per_node=1)
     with ClusterExecutor(address=c.address, secret=c.secret) as ex:
         _warm(ex)
-        first = ex.submit(gated, gate.path, "first", gate.started("first"))
-        wait_for(lambda: os.path.exists(gate.started("first")), 30, "the first task to start")
+        first = _start_first(ex, gate)
         marks = [str(tmp_path / f"m{i}") for i in range(20)]
         futs = [ex.submit(touch, m, i) for i, m in enumerate(marks)]
         # the point of the test: they wait at the worker (its window), not in the node's queue
@@ -81,8 +87,7 @@ def test_shutdown_cancel_futures_withdraws_tasks_at_the_worker(fresh_cluster, ga
     ex = ClusterExecutor(address=c.address, secret=c.secret)
     try:
         _warm(ex)
-        first = ex.submit(gated, gate.path, "first", gate.started("first"))
-        wait_for(lambda: os.path.exists(gate.started("first")), 30, "the first task to start")
+        first = _start_first(ex, gate)
         marks = [str(tmp_path / f"m{i}") for i in range(30)]
         futs = [ex.submit(touch, m, i) for i, m in enumerate(marks)]
         wait_for(lambda: _running_at_workers(ex) == 31, 30, "the 30 tasks to reach the worker")
@@ -139,8 +144,7 @@ def test_cancel_of_a_started_task_returns_false_and_its_result_arrives(fresh_clu
     c = fresh_cluster(nodes=1, workers_per_node=1)
     with ClusterExecutor(address=c.address, secret=c.secret) as ex:
         _warm(ex, 500)
-        first = ex.submit(gated, gate.path, "first", gate.started("first"))
-        wait_for(lambda: os.path.exists(gate.started("first")), 30, "the first task to start")
+        first = _start_first(ex, gate)
         assert first.cancel() is False
         assert first.running() and not first.cancelled()
         assert first.cancel() is False   # again: still running, still False
@@ -156,8 +160,7 @@ def test_cancel_withdraws_a_task_queued_at_a_child_node(proc_guard, gate, tmp_pa
             ClusterExecutor(address=c.address, secret=c.secret) as ex:
         wait_for(lambda: ex.status()["reachable"] == ["node0", "node1"], 30, "node1 to join")
         _warm(ex, 2000)
-        first = ex.submit(gated, gate.path, "first", gate.started("first"))
-        wait_for(lambda: os.path.exists(gate.started("first")), 30, "the first task to start")
+        first = _start_first(ex, gate)
         marks = [str(tmp_path / f"c{i}") for i in range(20)]
         futs = [ex.submit(touch, m, i) for i, m in enumerate(marks)]
         wait_for(lambda: ex.status()["forwarded"] == 21, 30, "the tasks to be forwarded to node1")
@@ -179,8 +182,7 @@ def test_running_is_true_only_for_the_task_a_child_nodes_worker_runs(proc_guard,
             ClusterExecutor(address=c.address, secret=c.secret) as ex:
         wait_for(lambda: ex.status()["reachable"] == ["node0", "node1", "node2"], 30, "the chain to join")
         _warm(ex, 2000)
-        first = ex.submit(gated, gate.path, "first", gate.started("first"))
-        wait_for(lambda: os.path.exists(gate.started("first")), 30, "the first task to start")
+        first = _start_first(ex, gate)
         futs = [ex.submit(noop, i) for i in range(10)]
         wait_for(lambda: ex.status()["forwarded"] == 11, 30, "the tasks to be forwarded")
         wait_for(first.running, 10, "the task node2's worker runs to be running")
@@ -235,8 +237,7 @@ def test_cancel_while_the_worker_dies(fresh_cluster, gate, tmp_path):
     c = fresh_cluster(nodes=1, workers_per_node=1)
     with ClusterExecutor(address=c.address, secret=c.secret) as ex:
         _warm(ex, 1000)
-        first = ex.submit(gated, gate.path, "first", gate.started("first"))
-        wait_for(lambda: os.path.exists(gate.started("first")), 30, "the first task to start")
+        first = _start_first(ex, gate)
         marks = [str(tmp_path / f"d{i}") for i in range(20)]
         futs = [ex.submit(touch, m, i) for i, m in enumerate(marks)]
         wait_for(lambda: _running_at_workers(ex) == 21, 30, "the tasks to reach the worker")
@@ -296,8 +297,7 @@ def _cancel_as_the_child_dies(c, ex, proc_guard, gate, tmp_path, cluster_pids):
         proc_guard.watch(cluster_pids(c))
         wait_for(lambda: ex.status()["reachable"] == ["node0", "node1"], 30, "node1 to join")
         _warm(ex, 1000)
-        first = ex.submit(gated, gate.path, "first", gate.started("first"))
-        wait_for(lambda: os.path.exists(gate.started("first")), 30, "the first task to start")
+        first = _start_first(ex, gate)
         marks = [str(tmp_path / f"k{i}") for i in range(20)]
         futs = [ex.submit(touch, m, i) for i, m in enumerate(marks)]
         wait_for(lambda: ex.status()["forwarded"] == 21, 30, "the tasks to be forwarded to node1")
