@@ -109,6 +109,21 @@ class Dispatch(NodeParts):
             self._deliver(origin, back)
         return n
 
+    def accept_client_batch(self, client_id: str, fns: dict, tasks: list) -> int:
+        """(``Node.submit``, after its checks) Queue a client's batch and place what can run; tasks over
+        the client's limits fail at once, naming the limit.  Returns how many were accepted."""
+        with self.lock:
+            self.check_fns_known(fns, tasks)
+            self.sessions.touch(client_id)
+            fit, err = self.quota.admit(client_id, [wire.payload_size(t[wire.T_PAYLOAD]) for t in tasks])
+            n = self.accept_tasks(fns, tasks[:fit], ("c", client_id))
+            if err is not None:   # over a limit: those tasks fail at once, naming it; the client goes on
+                self.counts["refused_limit"] += len(tasks) - fit
+                self._deliver(("c", client_id), [self.error_result(t[wire.T_ID], err) for t in tasks[fit:]])
+            self.counts["submitted"] += len(tasks)
+            self.schedule()
+        return n
+
     def hold_tasks(self, fns: dict, tasks: list, origin: tuple) -> None:
         """Enter tasks into the ledger without queueing them (a group's ranks: pydist.groups places
         them when the whole group can start)."""

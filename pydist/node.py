@@ -187,17 +187,7 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
         check_str(client_id, "client_id")
         check_fns(fns)
         check_tasks(tasks, allow_retries=True)
-        with self.lock:
-            self.check_fns_known(fns, tasks)
-            self.sessions.touch(client_id)
-            fit, err = self.quota.admit(client_id, [wire.payload_size(t[wire.T_PAYLOAD]) for t in tasks])
-            n = self.accept_tasks(fns, tasks[:fit], ("c", client_id))
-            if err is not None:   # over a limit: those tasks fail at once, naming it; the client goes on
-                self.counts["refused_limit"] += len(tasks) - fit
-                self._deliver(("c", client_id), [self.error_result(t[wire.T_ID], err) for t in tasks[fit:]])
-            self.counts["submitted"] += len(tasks)
-            self.schedule()
-        return n
+        return self.accept_client_batch(client_id, fns, tasks)
 
     def submit_wait(self, client_id: str, fns: dict, tasks: list, linger: float) -> tuple:
         """``submit``, then, for a lone task known to be short (the node's average task time is under
@@ -205,19 +195,27 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
         back in this reply instead of waking the client's long poll.  Returns ``(accepted, results)``;
         a result not back in time comes through ``collect`` as usual."""
         linger = min(check_timeout(linger), LINGER_MAX)
-        n = self.submit(client_id, fns, tasks)
-        if len(tasks) != 1 or linger <= 0:
-            return n, []
         avg = self.avg.value
-        if avg is None or avg > linger:
-            return n, []
+        if not isinstance(tasks, list) or len(tasks) != 1 or linger <= 0 or avg is None or avg > linger:
+            return self.submit(client_id, fns, tasks), []
+        check_str(client_id, "client_id")
+        check_fns(fns)
+        check_tasks(tasks, allow_retries=True)
         tid = tasks[0][wire.T_ID]
         with self.lock:
-            c = self.sessions.clients.get(client_id)
+            c = self.sessions.touch(client_id)
+            slot = c.reserve(tid)   # before it is placed: see Session.reserve
+            if slot is None:
+                return self.accept_client_batch(client_id, fns, tasks), []
+            try:
+                n = self.accept_client_batch(client_id, fns, tasks)
+            except BaseException:
+                c.deliver(c.linger(tid, slot, None, self.stopping))   # what came meanwhile: to the inbox
+                raise
             t = self.ledger.tasks.get(tid)
-            if c is None or t is None or t.origin != ("c", client_id) or t.state is not State.PLACED:
-                return n, []   # finished already (its result is in the inbox), refused, or still queued
-            return n, c.linger(tid, time.monotonic() + linger, self.stopping)
+            live = t is not None and t.origin == ("c", client_id) and t.state is State.PLACED \
+                and self.sessions.clients.get(client_id) is c
+            return n, c.linger(tid, slot, time.monotonic() + linger if live else None, self.stopping)
 
     def open_client(self, client_id: str, init_blob: Optional[bytes] = None) -> dict:
         """Register a client (and its worker initializer); returns this node's description."""

@@ -6,6 +6,8 @@
     results for the client ──▶ Session.results ──▶ collect (long poll, ≤ COLLECT_MAX_WAIT s) ──▶ client
     "started" notes ──▶ Session.started ── StartedTimer wakes the poll STARTED_DELAY later ──┘
     a lone short task's result ──▶ Session.lingers[id] ──▶ the reply of its own submit_wait ──▶ client
+      (its slot is reserved before it is placed: its "started" note arms the timer only if the linger
+       ends without the result)
 
 ``submit_wait`` (a lone task, known to be short) keeps its reply open for at most ``LINGER_MAX`` s:
 the result rides back in it, which saves the collector's wake-up and its hand-off to the caller's
@@ -30,8 +32,9 @@ STARTED_DELAY = 0.01   # s a collect waits for a result before answering with "s
 class Session:
     """A connected client: its inbox of finished results and started task ids."""
 
-    def __init__(self, cid: str, lock: threading.RLock):
+    def __init__(self, cid: str, lock: threading.RLock, timer: Optional["StartedTimer"] = None):
         self.id = cid
+        self.timer = timer
         self.results: List[tuple] = []
         self.started: List[str] = []
         self.started_since = 0.0   # when ``started`` last went from empty to not: its timer is for that
@@ -45,6 +48,9 @@ class Session:
         self.rounds = 0
         self.lingers: Dict[str, List[tuple]] = {}   # task id -> its result, for a submit_wait waiting
         self.linger_cond = threading.Condition(lock)
+        # the "started" list became non-empty with a lingering task's note: the timer is armed only if
+        # the linger ends without the result (a lone short task costs the timer thread no wake-up)
+        self.timer_owed = False
 
     def deliver(self, results: List[tuple]) -> None:
         """Results for the client (caller holds the node lock): to a ``submit_wait`` waiting for that
@@ -64,21 +70,36 @@ class Session:
         if posted:
             self.cond.notify()
 
-    def linger(self, tid: str, deadline: float, stopping: threading.Event) -> List[tuple]:
-        """Wait (caller holds the node lock) until ``deadline`` for the result of ``tid``; returns
-        ``[result]`` or ``[]`` (then it comes through ``collect`` as usual)."""
+    def reserve(self, tid: str) -> Optional[List[tuple]]:
+        """Before a lone task is placed (caller holds the node lock): a slot its result goes to instead of
+        the inbox, and its "started" note arms no timer while ``linger`` waits.  None: ``tid`` has a slot
+        already (the same id lingering in another call)."""
+        if tid in self.lingers:
+            return None
         slot: List[tuple] = []
         self.lingers[tid] = slot
+        return slot
+
+    def linger(self, tid: str, slot: List[tuple], deadline: Optional[float],
+               stopping: threading.Event) -> List[tuple]:
+        """Wait (caller holds the node lock) until ``deadline`` for the result of ``tid`` in its reserved
+        ``slot`` (``deadline`` None: do not wait); frees the slot and returns ``[result]`` or ``[]``
+        (then it comes through ``collect`` as usual)."""
         try:
-            while not slot and not self.closed and not stopping.is_set():
+            while deadline is not None and not slot and not self.closed and not stopping.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self.linger_cond.wait(left)
         finally:
-            del self.lingers[tid]
+            if self.lingers.get(tid) is slot:
+                del self.lingers[tid]
         if slot and tid in self.started:   # no "started" note for a task whose result is in hand
             self.started.remove(tid)
+        if self.timer_owed:
+            self.timer_owed = False
+            if self.started and self.timer is not None:
+                self.timer.add(self)
         return slot
 
     def post(self, result: tuple) -> None:
@@ -98,6 +119,7 @@ class Session:
         finally:
             self.polling -= 1
         self.started_due = False
+        self.timer_owed = False
         res, started = self.results, self.started
         self.results, self.started = [], []
         self.last_seen = time.monotonic()
@@ -156,7 +178,7 @@ class Sessions:
         """The session of ``cid``, created on first use."""
         c = self.clients.get(cid)
         if c is None:
-            c = self.clients[cid] = Session(cid, self.lock)
+            c = self.clients[cid] = Session(cid, self.lock, self.timer)
         return c
 
     def touch(self, cid: str) -> Session:
@@ -174,7 +196,10 @@ class Sessions:
             c.started.append(tid)
             if len(c.started) == 1:
                 c.started_since = time.monotonic()
-                self.timer.add(c)
+                if tid in c.lingers:
+                    c.timer_owed = True   # armed when its linger ends without the result
+                else:
+                    self.timer.add(c)
 
     def pop(self, cid: str) -> Optional[Session]:
         """Forget a session; wakes its long poll."""

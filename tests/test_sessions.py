@@ -176,3 +176,49 @@ def test_a_started_note_waits_its_full_delay_even_after_an_earlier_task_left():
             f"t2's note came {1000 * (woke - since):.1f} ms after it started (t1's timer)"
     finally:
         stopping.set()
+
+
+def _note_due(c, lock, since, within):
+    """Wait (bounded) for the StartedTimer to mark ``c``'s "started" notes due; returns when (or None)."""
+    deadline = since + within
+    while time.monotonic() < deadline:
+        with lock:
+            if c.started_due:
+                return time.monotonic()
+            c.cond.wait(0.02)
+    return None
+
+
+def test_a_lingering_lone_task_arms_the_started_timer_only_when_its_linger_ends_without_the_result():
+    """A lone short task's result rides back in its submit reply: its "started" note must not wake the
+    node's timer thread (it cost ~10 % of a lone task's node CPU, #15).  A task slower than the linger
+    still gets its note, STARTED_DELAY after it started."""
+    from pydist.sessions import STARTED_DELAY, Sessions
+
+    lock, stopping = threading.RLock(), threading.Event()
+    s = Sessions(lock, stopping, lease=60.0)
+    try:
+        with lock:
+            c = s.get("c1")
+            slot = c.reserve("t1")
+            assert c.reserve("t1") is None, "one id, two lingering calls"
+            s.note_started("c1", "t1")          # placed on a worker while its submit_wait lingers
+            assert not s.timer.due, "the timer was armed for a task whose linger is still open"
+            c.deliver([("t1", wire.OK, b"r")])   # its result arrives: to the slot, not the inbox
+            assert c.linger("t1", slot, time.monotonic() + 1.0, stopping) == [("t1", wire.OK, b"r")]
+            assert not c.results and not c.started and not s.timer.due and "t1" not in c.lingers
+            # the next lone task is slower than its linger: its note is due STARTED_DELAY after it started
+            slot = c.reserve("t2")
+            s.note_started("c1", "t2")
+            since = time.monotonic()
+            assert not s.timer.due
+            assert c.linger("t2", slot, time.monotonic() + 0.002, stopping) == []
+            assert c.started == ["t2"] and len(s.timer.due) == 1, "the linger ended: the timer is owed"
+        woke = _note_due(c, lock, since, 5.0)
+        assert woke is not None, "the started note of a task slower than its linger never came"
+        assert woke - since >= STARTED_DELAY * 0.9
+        with lock:
+            assert c.wait(time.monotonic(), stopping) == ([], ["t2"])
+    finally:
+        stopping.set()
+
