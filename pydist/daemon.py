@@ -33,7 +33,7 @@ from Pyro5 import config as pyro_config
 from Pyro5 import protocol, serializers
 from Pyro5.callcontext import current_context
 
-from . import auth
+from . import auth, fastcall
 from .auth import TAG_AUTH, TAG_BUSY, TAG_REFUSED, TAG_VERSION, local_versions
 from .errors import ConfigError
 from .gate import HEADER, Gate
@@ -114,6 +114,8 @@ class _ServedConnection(Pyro5.socketutil.SocketConnection):
     timeout, so a peer cannot hold the connection's thread with a message it never finishes."""
 
     kernel_timeouts = False
+    unread = b""      # bytes read by the fast path (pydist.fastcall) and put back for Pyro5's handleRequest
+    peer = None       # getpeername(), once (Pyro5 asks the kernel on every request)
 
     def use_idle_timeout(self, idle: Optional[float]) -> None:
         """Apply the idle timeout (None/0: none) to every read and write of this connection."""
@@ -134,6 +136,9 @@ class _ServedConnection(Pyro5.socketutil.SocketConnection):
         sock.settimeout(idle)
 
     def recv(self, size: int) -> bytes:
+        if self.unread:
+            head, self.unread = self.unread[:size], self.unread[size:]
+            return head if len(head) == size else head + self.recv(size - len(head))
         if not self.kernel_timeouts:
             return super().recv(size)
         sock, parts, got = self.sock, [], 0
@@ -175,6 +180,10 @@ class _Serve:
             if not ok:
                 return
             conn.use_idle_timeout(d.idle_timeout or None)
+            try:
+                conn.peer = self.sock.getpeername()
+            except OSError:
+                pass
             while True:
                 try:
                     d.handleRequest(conn)
@@ -376,6 +385,14 @@ class SecureDaemon(Pyro5.server.Daemon):
             log.debug("could not answer the hello of %s: %s", peer, exc)
             return False
         return text is None
+
+    def handleRequest(self, conn) -> None:
+        """One request of an authenticated connection: the common call through ``pydist.fastcall``,
+        anything else through Pyro5's own ``handleRequest``."""
+        if isinstance(conn, _ServedConnection) and not pyro_config.COMPRESSION and not pyro_config.LOGWIRE:
+            fastcall.serve_one(self, conn, super().handleRequest)
+        else:
+            super().handleRequest(conn)
 
     def validateHandshake(self, conn, data):       # pragma: no cover - the gate replaces Pyro5's handshake
         raise Pyro5.errors.SecurityError("pydist nodes check hellos in the gate")

@@ -19,8 +19,9 @@ import Pyro5.errors
 import Pyro5.socketutil
 from Pyro5 import config as pyro_config
 from Pyro5 import protocol
+from Pyro5.callcontext import current_context
 
-from . import auth
+from . import auth, fastcall
 from .auth import TAG_AUTH, TAG_BUSY, TAG_REFUSED, TAG_VERSION, UserSecret
 from .errors import AuthenticationError, ClusterUnavailable, ConfigError, VersionMismatch
 from .gate import HEADER
@@ -206,6 +207,15 @@ class SecureProxy(Pyro5.client.Proxy):
         if idle and self._pyroConnection is not None and time.monotonic() - self._pydist_used > idle / 2:
             self._pyroRelease()            # the node may be about to drop it: open a fresh one
         try:
+            conn = self._pyroConnection
+            if conn is not None and not flags and self._pyroSerializer == "marshal" \
+                    and methodname not in self._pyroOneway and not self._pyroRawWireResponse \
+                    and not current_context.annotations and not current_context.correlation_id \
+                    and not pyro_config.COMPRESSION and not pyro_config.LOGWIRE:
+                self._Proxy__check_owner()   # type: ignore[attr-defined]
+                result = fastcall.invoke(self, conn, methodname, vargs, kwargs, objectId or conn.objectId)
+                if result is not fastcall.NOT_FAST:
+                    return result
             return super()._pyroInvoke(methodname, vargs, kwargs, flags, objectId)
         finally:
             object.__setattr__(self, "_pydist_used", time.monotonic())
@@ -220,6 +230,8 @@ class SecureProxy(Pyro5.client.Proxy):
 
 assert hasattr(Pyro5.client.Proxy, "_Proxy__pyroCreateConnection"), "Pyro5 internals changed: check SecureProxy"
 assert hasattr(Pyro5.client.Proxy, "_Proxy__check_owner"), "Pyro5 internals changed: check SecureProxy"
+assert hasattr(Pyro5.server, "_get_attribute") and hasattr(Pyro5.server, "_unpack_weakref"), \
+    "Pyro5 internals changed: check pydist.fastcall"
 
 
 def translate_connect_error(exc: BaseException, address: str) -> Exception:
