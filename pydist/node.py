@@ -381,8 +381,10 @@ class Node(Dispatch, Cancelling, CodeEndpoints):
         check_recon(recon)
         with self.lock:
             link = self.links.links.get(sender)
-            if link is None or recon is not None and recon["e"] != link.epoch:
+            joining = link is not None and link.initiated and not link.epoch   # our join's reply is on its way
+            if link is None or recon is not None and recon["e"] != link.epoch and not joining:
                 return {"unknown": True}
+            recon = None if joining else recon   # (the epoch is checked, and reconciled, from the next one)
             link.last_heard = time.monotonic()
             changed = link.remote_map != remote_map
             link.remote_map = remote_map

@@ -446,6 +446,50 @@ def test_child_started_before_parent_joins_when_it_comes(procs):
     assert all(r[3] == 1 for r in res)
 
 
+def test_a_parent_heartbeating_before_the_child_read_its_join_reply_keeps_the_link(procs):
+    """The parent's link thread heartbeats a child as soon as it accepted the join; the child may not
+    have read the join's reply (the epoch) yet.  It answered "unknown", so the parent dropped the link
+    and the child re-joined a second later, with a warning on both sides (seen in #15's chain runs, the
+    faster the calls the more often).  A stand-in parent heartbeats from inside ``join``: the moment
+    is certain."""
+    import Pyro5.server
+
+    epoch = 0x1234567 | 1
+    seen: dict = {}
+
+    @Pyro5.server.expose
+    class StandInParent:
+        def join(self, info):
+            child = security.connect(info["uri"], secret=procs.secret, timeout=5, call_timeout=5)
+            try:   # before this reply reaches the child: as a fast parent's first heartbeat does
+                seen["early"] = child.heartbeat("mom", {"mom": [0, 0]}, {"e": epoch, "n": 0, "d": 0})
+            finally:
+                security.release(child)
+            return {"name": "mom", "uri": uri, "map": {}, "epoch": epoch}
+
+        def heartbeat(self, sender, remote_map, recon=None):
+            seen["beats"] = seen.get("beats", 0) + 1
+            return {"map": {}}
+
+        def leave(self, sender):
+            return None
+
+    d = security.SecureDaemon("127.0.0.33", 0, secret=procs.secret, name="mom")
+    uri = str(d.register(StandInParent(), security.NODE_OBJECT_ID))
+    t = threading.Thread(target=d.requestLoop, daemon=True)
+    t.start()
+    try:
+        kid = procs.node("kid", "127.0.0.34", "--parent", d.locationStr, "--workers", "0", *HB_ARGS)
+        wait_for(lambda: "early" in seen and seen.get("beats", 0) >= 3, 20, "the join and three heartbeats")
+        assert not seen["early"].get("unknown"), f"the child disowned a link it was joining: {seen['early']}"
+        links = status(kid.address, procs.secret)["links"]
+        assert [(l["name"], l["alive"]) for l in links] == [("mom", True)], links
+    finally:
+        d.unregister(security.NODE_OBJECT_ID)
+        d.shutdown()
+        t.join(5)
+
+
 # ============================================================================================ 7. parent restart
 def test_parent_restarted_child_rejoins(procs):
     ns = procs.ns()
