@@ -51,6 +51,8 @@ class Dispatch(NodeParts):
 
     def accept_tasks(self, fns: dict, tasks: list, origin: tuple, link=None) -> int:
         """Enter a batch into the ledger; returns how many were taken (new, re-sent or answered)."""
+        if link is not None:
+            link.tasks_came()
         added = [k for k in fns if k not in self.fns]
         for k in added:
             self.fns[k] = [fns[k], 0]

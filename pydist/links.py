@@ -37,6 +37,9 @@ if TYPE_CHECKING:   # pragma: no cover
 
 log = logging.getLogger("pydist.node")
 JOIN_GRACE = 3.0      # s a node may fail to join quietly (its parent may be starting too); then it says why
+#: s a link stays "hot" after tasks came over it: its pump ticks every STARTED_DELAY meanwhile, so a
+#: "started" note (one per task that begins) waits for the tick instead of waking the pump (#15)
+HOT_FOR = 1.0
 
 
 def new_epoch() -> int:
@@ -72,6 +75,7 @@ class Link:
         self.out_code: List[str] = []
         self.out_started: List[str] = []        # ids of tasks it sent us that started here (or further on)
         self.started_due = 0.0                  # when the oldest of them must go, if no result takes it
+        self.last_tasks_in = -HOT_FOR           # when it last sent us tasks (see HOT_FOR)
         self.stopping = False
         self.left = False               # it told us it is stopping (a clean stop, not a fault)
         self.suspects: Dict[str, int] = {}      # reconciliation of what we sent: id -> round first seen
@@ -88,17 +92,29 @@ class Link:
     def workers(self) -> int:
         return sum(v[0] for v in self.remote_map.values())
 
+    def tasks_came(self) -> None:
+        """It sent us tasks: the link is hot for ``HOT_FOR`` s (wakes the pump if it was not)."""
+        now = time.monotonic()
+        cold = now - self.last_tasks_in >= HOT_FOR
+        self.last_tasks_in = now
+        if cold:
+            with self.cond:
+                self.cond.notify()   # the pump waits for the heartbeat: it must start ticking
+
     def post(self, *, tasks=(), fns=None, inits=None, results=(), cancel=(), code=(), withdraw=(),
              started=()) -> None:
         """Queue messages for the link thread (never blocks on the network).  ``started`` notes wait up to
-        ``STARTED_DELAY`` for results to ride with (a short task's note then costs no call of its own)."""
+        ``STARTED_DELAY`` for results to ride with (a short task's note then costs no call of its own);
+        on a hot link they wake nobody: the pump's next tick finds them."""
         with self.cond:
             if started:
+                now = time.monotonic()
                 first = not self.out_started   # the pump must learn the due time; later notes wait with it
                 if first:
-                    self.started_due = time.monotonic() + STARTED_DELAY
+                    self.started_due = now + STARTED_DELAY
                 self.out_started.extend(started)
-                if not (first or tasks or results or cancel or code or withdraw):
+                if not (tasks or results or cancel or code or withdraw) and (
+                        not first or now - self.last_tasks_in < HOT_FOR):
                     return
             if tasks:
                 self.out_tasks.extend(tasks)
@@ -311,10 +327,13 @@ class LinkManager:
             with link.cond:
                 while not (link.out_tasks or link.out_results or link.out_cancel or link.out_code
                            or link.out_withdraw or link.stopping) and time.monotonic() < next_hb:
-                    if link.out_started and time.monotonic() >= link.started_due:
+                    now = time.monotonic()
+                    if link.out_started and now >= link.started_due:
                         break
                     wake = min(next_hb, link.started_due) if link.out_started else next_hb
-                    link.cond.wait(max(0.0, wake - time.monotonic()))
+                    if now - link.last_tasks_in < HOT_FOR:   # hot: tick for "started" notes (post)
+                        wake = min(wake, now + STARTED_DELAY)
+                    link.cond.wait(max(0.0, wake - now))
                 if link.stopping:
                     return
                 if not link.alive:
