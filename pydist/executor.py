@@ -273,12 +273,11 @@ class ClusterExecutor(Executor):
         ``__main__`` function whose globals changed must be sent anew.  Only what pickles by reference
         (an importable module-level function, class or builtin: its pickle is its name) is kept, in a
         small LRU keyed by identity; holding it costs nothing (its module holds it anyway)."""
+        entry = self._fns.get(id(fn))
+        if entry is not None and entry[0] is fn and _resolves_to(fn, entry[3]):
+            self._fns.move_to_end(id(fn))
+            return entry[1], entry[2]
         stable = _pickles_by_reference(fn)
-        if stable:
-            entry = self._fns.get(id(fn))
-            if entry is not None and entry[0] is fn:
-                self._fns.move_to_end(id(fn))
-                return entry[1], entry[2]
         try:
             blob = dumps_function(fn, wire.PICKLE_PROTOCOL)   # file names and source lines kept (pydist.sources)
         except KeyboardInterrupt:
@@ -288,7 +287,7 @@ class ClusterExecutor(Executor):
                                      f"{type(exc).__name__}: {exc}{wire.mp_hint(exc)}") from exc
         key = f"{self._cid}.f{hashlib.blake2b(blob, digest_size=12).hexdigest()}"
         if stable:
-            self._fns[id(fn)] = (fn, key, blob)
+            self._fns[id(fn)] = (fn, key, blob, (fn.__module__, fn.__qualname__.split(".")))
             if len(self._fns) > FN_CACHE:
                 self._fns.popitem(last=False)
         return key, blob
@@ -510,6 +509,18 @@ def _pickles_by_reference(fn: Any) -> bool:
         return False
     obj: Any = sys.modules.get(mod)
     for part in qual.split("."):
+        obj = getattr(obj, part, None)
+    return obj is fn
+
+
+def _resolves_to(fn: Any, ref: tuple) -> bool:
+    """Whether the name ``ref`` (module, qualified name parts) of a function cached as pickling by
+    reference still names ``fn`` (a module reloaded or a name rebound: it pickles by value now)."""
+    mod, parts = ref
+    if mod in _BY_VALUE_MODULES():
+        return False
+    obj: Any = sys.modules.get(mod)
+    for part in parts:
         obj = getattr(obj, part, None)
     return obj is fn
 

@@ -68,6 +68,10 @@ def cp_dumps(obj: Any, protocol: int = PICKLE_PROTOCOL, buffer_callback=None) ->
     return f.getvalue()
 
 
+#: argument types that pickle with the C pickler and never go out of band (bytes may: see OOB_MIN)
+_SCALARS = frozenset({int, float, str, bool, type(None), complex})
+
+
 def _is_plain(obj: Any, depth: int = 0) -> bool:
     t = type(obj)
     if t in _PLAIN:
@@ -151,6 +155,8 @@ def _has_big(args: tuple, kwargs: Optional[dict]) -> bool:
 def dumps_call(args: tuple, kwargs: dict):
     """Pickle the arguments of one call: bytes, or ``[pickle, buffer, ...]`` when large buffers (big
     bytes, numpy arrays) go out of band (pickle protocol 5: no copy until the wire)."""
+    if not kwargs and _SCALARS.issuperset(map(type, args)):   # the common call: one C-level pass
+        return pickle.dumps((args, None), PICKLE_PROTOCOL)
     if not _has_big(args, kwargs):
         if not kwargs and _is_plain(args):
             try:

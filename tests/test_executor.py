@@ -108,6 +108,32 @@ def test_submit_returns_result(executor):
     assert f.done() and not f.cancelled() and f.exception() is None
 
 
+def _named(x):
+    return ("named", x)
+
+
+def test_a_cached_function_whose_name_was_rebound_is_sent_by_value(executor):
+    """Functions that pickle by reference are cached by identity (#15: checking each submit cost ~17 %
+    of a burst's client time).  When the module's name stops naming the function (rebound, reloaded),
+    the cached by-reference pickle would make the worker run whatever the name holds there: it must be
+    sent by value from then on, as cloudpickle itself decides."""
+    import cloudpickle
+
+    mod = sys.modules[__name__]
+    f = mod._named
+    by_ref = executor._fn_key(f)[1]
+    assert executor._fn_key(f)[1] == by_ref and len(by_ref) < 100   # cached: module + name only
+    mod._named = lambda x: ("the name's new holder", x)
+    try:
+        key, blob = executor._fn_key(f)
+        assert blob != by_ref, "the stale by-reference pickle was reused after the name was rebound"
+        assert cloudpickle.loads(blob)(3) == ("named", 3)
+        assert executor.submit(f, 4).result(30) == ("named", 4)
+    finally:
+        mod._named = f
+    assert executor._fn_key(f)[1] == by_ref
+
+
 def test_submit_keyword(executor):
     assert executor.submit(mul, 2, y=8).result(10) == 16
     # fn and self are positional-only in submit: as keywords they reach the task
