@@ -2,8 +2,10 @@
 
 ::
 
-    pipe from the node ──▶ intake thread ──▶ local queue ──▶ main thread: run each task in order
-       ("run", fns, tasks)    ("cancel", req, ids): drop queued ids, answer ("dropped", req, ids) at once
+    task pipe from the node ──▶ main thread (when nothing is queued) ──▶ local queue ──▶ run each in order
+       ("run", fns, tasks), ("init" | "forget" | "stop", ...)
+    control pipe from the node ──▶ intake thread: ("cancel", req, ids): take what waits in the task pipe
+       into the queue, drop the queued ids, answer ("dropped", req, ids) at once (a task may be running)
     pipe to the node   ◀── ("res", [result, ...]) batched, flushed when idle or every FLUSH_EVERY s
 
 A task taken off the local queue has started; one dropped from it never runs.  Function blobs are
@@ -18,6 +20,7 @@ import argparse
 import collections
 import logging
 import os
+import select
 import signal
 import struct
 import sys
@@ -72,8 +75,9 @@ def task_context() -> TaskContext:
 # ---------------------------------------------------------------------------------------------------
 class _Worker:
     def __init__(self, fd_in: int, fd_out: int, index: int, node: str, code_cache: str,
-                 slot_path: Optional[str] = None):
-        self.fd_in, self.fd_out = fd_in, fd_out
+                 slot_path: Optional[str] = None, fd_control: Optional[int] = None):
+        self.fd_in, self.fd_out, self.fd_control = fd_in, fd_out, fd_control
+        self.rlock = threading.Lock()   # held while a whole frame is read from the task pipe (two readers)
         self.slot = None
         if slot_path:
             import mmap
@@ -101,14 +105,19 @@ class _Worker:
     def serve(self) -> None:
         """Run what arrives, in order, until the pipe closes or the node says stop.
 
-        A reader thread (``_intake``) reads the pipe into ``self.queue`` at once, so a ``("cancel",
-        request, ids)`` frame is answered while a task runs: every id still in the queue is dropped
-        (it never runs) and reported back as ``("dropped", request, ids)``.  Taking a task off the
-        queue (under ``self.cond``) is the moment it starts: a cancel either finds it queued or not."""
-        threading.Thread(target=self._intake, daemon=True, name="pydist-intake").start()
+        The main thread reads the task pipe itself whenever nothing is queued (a lone task costs no
+        hand-off between threads).  Cancels come on the control pipe, which the intake thread
+        (``_intake``) reads at once, even while a task runs: it first takes every frame waiting in the
+        task pipe into ``self.queue``, then drops the ids still queued (they never run) and reports
+        them back as ``("dropped", request, ids)``.  Taking a task off the queue (under ``self.cond``)
+        is the moment it starts: a cancel either finds it queued or not."""
+        if self.fd_control is not None:
+            threading.Thread(target=self._intake, daemon=True, name="pydist-intake").start()
         out: List[tuple] = []
         last = time.perf_counter()
         q, cond = self.queue, self.cond
+        poll = select.poll()
+        poll.register(self.fd_in, select.POLLIN)
         while True:
             with cond:
                 item = q.popleft() if q else None
@@ -116,11 +125,9 @@ class _Worker:
                 if out:   # nothing else to run now: what is done goes back at once
                     self._write(("res", out))
                     out = []
-                with cond:
-                    while not q:
-                        cond.wait()
-                    item = q.popleft()
+                self._read_tasks(poll)
                 last = time.perf_counter()
+                continue
             op = item[0]
             if op == "run":
                 if item[3]:   # the first task of a frame: bundles pinned with `pydist sync-code --pin`
@@ -146,35 +153,71 @@ class _Worker:
             elif op in ("stop", "eof"):
                 return
 
+    def _read_tasks(self, poll) -> None:
+        """(main thread, nothing queued) Wait for the task pipe and read one frame into the queue, unless
+        the intake thread took it meanwhile (a cancel came: see ``serve``)."""
+        while True:
+            with self.cond:
+                if self.queue:
+                    return
+            try:
+                poll.poll()
+            except InterruptedError:
+                continue
+            with self.rlock:
+                if poll.poll(0):
+                    self._enqueue(self._read_frame())
+                    return
+
+    def _read_frame(self) -> tuple:
+        """One frame from the task pipe (caller holds ``rlock``); a closed or unreadable pipe ends the
+        worker (the node replaces it)."""
+        try:
+            return wire.read_frame(self.fd_in)
+        except EOFError:
+            return ("eof",)
+        except Exception:   # noqa: BLE001 - an unreadable frame: end the worker
+            log.exception("worker %d could not read its pipe", self.index)
+            return ("eof",)
+
+    def _enqueue(self, msg: tuple) -> None:
+        if msg[0] == "cancel":   # (a node that sends cancels on the task pipe: answered in its turn)
+            self._withdraw(msg[1], msg[2])
+            return
+        with self.cond:
+            if msg[0] == "run":
+                fns, first = msg[1], True
+                for rec in msg[2]:
+                    self.queue.append(("run", fns, rec, first))
+                    first = False
+            else:
+                self.queue.append(msg)
+            self.cond.notify()
+
     def _intake(self) -> None:
-        """(reader thread) Pipe -> ``self.queue``; answers cancels at once (see ``serve``)."""
-        q, cond = self.queue, self.cond
+        """(control thread) Cancels from the control pipe, answered at once (see ``serve``)."""
+        fd = self.fd_control
+        assert fd is not None
+        waiting = select.poll()
+        waiting.register(self.fd_in, select.POLLIN)
         try:
             while True:
                 try:
-                    msg = wire.read_frame(self.fd_in)
+                    msg = wire.read_frame(fd)
                 except EOFError:
-                    msg = ("eof",)
-                op = msg[0]
-                if op == "cancel":
-                    self._withdraw(msg[1], msg[2])
+                    return   # the node closed it (stopping, or gone: the task pipe says so too)
+                if msg[0] != "cancel":
                     continue
-                with cond:
-                    if op == "run":
-                        fns, first = msg[1], True
-                        for rec in msg[2]:
-                            q.append(("run", fns, rec, first))
-                            first = False
-                    else:
-                        q.append(msg)
-                    cond.notify()
-                if op in ("eof", "stop"):
-                    return
-        except BaseException:   # an unreadable frame: end the worker (the node replaces it)
-            log.exception("worker %d could not read its pipe", self.index)
-            with cond:
-                q.append(("eof",))
-                cond.notify()
+                with self.rlock:   # what the node sent before the cancel is in the task pipe: queue it
+                    while waiting.poll(0):
+                        frame = self._read_frame()
+                        self._enqueue(frame)
+                        if frame[0] == "eof":
+                            break
+                self._withdraw(msg[1], msg[2])
+        except BaseException:   # an unreadable control frame: end the worker (the node replaces it)
+            log.exception("worker %d could not read its control pipe", self.index)
+            self._enqueue(("eof",))
 
     def _withdraw(self, request: int, ids: List[str]) -> None:
         """Drop the queued tasks among ``ids`` (they never run) and say which they were."""
@@ -337,6 +380,7 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("node")
     p.add_argument("code_cache")
     p.add_argument("slot", nargs="?")
+    p.add_argument("--control", type=int, default=None)
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     # Ctrl-C in a terminal signals the whole process group: the node stops its workers itself (a worker
     # that exited on SIGINT first would be logged as a death and replaced while the node is stopping)
@@ -344,7 +388,7 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
     # Task output goes to stderr; fd 1 is not ours to keep (the node's READY protocol lives there).
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    w = _Worker(a.fd_in, a.fd_out, a.index, a.node, a.code_cache, a.slot)
+    w = _Worker(a.fd_in, a.fd_out, a.index, a.node, a.code_cache, a.slot, a.control)
     w.output = TaskOutput(a.node, a.index, w.write_tail)   # print/logging in a task: captured (pydist.output)
     w.output.install()
     try:   # (the node may be gone before we say hello: a killed node's worker just exits)

@@ -3,18 +3,20 @@
 ::
 
     Node (scheduler decides)                    worker process i (pydist.workerproc)
-      WorkerPool.send(i, ("run", fns, tasks)) ─▶ writer thread ─pipe─▶ intake thread ─▶ local queue
-      WorkerPool.send(i, ("cancel", req, ids)) ─▶        "        ─pipe─▶ intake: drops queued ids ─┐
+      WorkerPool.send(i, ("run", fns, tasks)) ─▶ writer thread ─pipe─▶ main thread ─▶ local queue
+      WorkerPool.send(i, ("cancel", req, ids)) ─▶ "  ─control pipe─▶ intake thread: drops queued ids ─┐
       on_dropped(i, req, [ids never run]) ◀── reader thread ◀─pipe── ("dropped", req, ids) ◀─────────┘
       on_results(i, [result, ...])  ◀── reader thread ◀─pipe── ("res", [...]) ◀── task thread runs
                                                                  flushed when idle / every 2 ms   the queue
       on_exit(i)  ◀── reader thread sees EOF (segfault, os._exit, kill) ─▶ pool starts a replacement
 
-The node never blocks on a pipe: sends go through a per-worker writer thread.  A worker's intake thread
-reads every frame as it arrives into a local queue; its main thread runs the queued tasks in order;
-results go back in batches (at most ``FLUSH_EVERY`` s late).  Because the intake never waits for a task,
-the node can withdraw tasks it sent ahead (the scheduler's window) until the moment each starts: a
-task taken off the local queue has started, one dropped from it never runs.
+The node never blocks on a pipe: sends go through a per-worker writer thread (frames stay in order,
+cancels included).  A worker's main thread reads the task pipe itself when it has nothing to run (no
+hand-off between threads for a lone task) and runs the queued tasks in order; results go back in
+batches (at most ``FLUSH_EVERY`` s late).  Cancels come on a control pipe, read at once by the worker's
+intake thread, which first takes what waits in the task pipe into the local queue: so the node can
+withdraw tasks it sent ahead (the scheduler's window) until the moment each starts, even behind a long
+task: a task taken off the local queue has started, one dropped from it never runs.
 The function blobs a batch carries are unpickled once and cached (LRU) by key in the worker.
 What a task prints or logs is captured (pydist.output) and rides with its result to a client that asked
 for it (``forward_output``), else goes to the node's stderr, prefixed with node, worker and task.
@@ -57,6 +59,7 @@ class _Handle:
         self.proc: Optional[subprocess.Popen] = None
         self.fd_w = -1
         self.fd_r = -1
+        self.fd_c = -1        # the control pipe (cancels), read by the worker's intake thread
         self.outbox: "queue.SimpleQueue" = queue.SimpleQueue()
         self.ready = threading.Event()
         self.generation = 0
@@ -105,7 +108,8 @@ class WorkerPool:
         return [h.proc.pid for h in self.handles if h.proc is not None and h.proc.poll() is None]
 
     def _spawn(self, h: _Handle) -> None:
-        r_in, w_in = os.pipe()     # node -> worker
+        r_in, w_in = os.pipe()     # node -> worker: tasks and the frames that keep their order
+        r_c, w_c = os.pipe()       # node -> worker: cancels (answered while a task runs)
         r_out, w_out = os.pipe()   # worker -> node
         with tempfile.TemporaryFile(prefix="pydist-slot-") as f:   # unlinked at once
             f.write(b"\0" * SLOT_SIZE)
@@ -116,15 +120,21 @@ class WorkerPool:
 
         view = mmap.mmap(slot_fd, SLOT_SIZE, access=mmap.ACCESS_READ)   # the node's view (pool.running)
         cmd = [sys.executable, "-c", "from pydist.workerproc import worker_main; worker_main()", str(r_in),
-               str(w_out), str(h.index), self.node_name, self.code_cache, f"fd:{slot_fd}"]
+               str(w_out), str(h.index), self.node_name, self.code_cache, f"fd:{slot_fd}", "--control", str(r_c)]
         try:
             # own session: a terminal's Ctrl-C reaches the node, which stops its workers itself
-            proc = subprocess.Popen(cmd, pass_fds=(r_in, w_out, slot_fd), stdin=subprocess.DEVNULL, env=self.env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(cmd, pass_fds=(r_in, r_c, w_out, slot_fd), stdin=subprocess.DEVNULL,
+                                    env=self.env, start_new_session=True)
+        except BaseException:
+            for fd in (w_in, w_c, r_out):
+                os.close(fd)
+            raise
         finally:
             os.close(r_in)
+            os.close(r_c)
             os.close(w_out)
         os.set_blocking(w_in, False)   # send() writes directly when it can, never blocking
+        os.set_blocking(w_c, False)
         for fd in (w_in, r_out):       # bigger pipes: fewer wake-ups for large payloads (Linux)
             try:
                 fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
@@ -132,7 +142,7 @@ class WorkerPool:
                 pass
         h.generation += 1
         with h.wlock:
-            h.proc, h.fd_w, h.fd_r = proc, w_in, r_out
+            h.proc, h.fd_w, h.fd_r, h.fd_c = proc, w_in, r_out, w_c
             old_view, h.slot_view = h.slot_view, view
         if old_view is not None:
             old_view.close()
@@ -140,7 +150,7 @@ class WorkerPool:
             h.queued = 0
         h.ready.clear()
         gen = h.generation
-        threading.Thread(target=self._writer, args=(h, w_in, h.outbox), daemon=True,
+        threading.Thread(target=self._writer, args=(h, w_in, w_c, h.outbox), daemon=True,
                          name=f"pydist-worker{h.index}-w").start()
         threading.Thread(target=self._reader, args=(h, r_out, proc, gen), daemon=True,
                          name=f"pydist-worker{h.index}-r").start()
@@ -148,8 +158,8 @@ class WorkerPool:
     def send(self, index: int, msg: tuple, big: bool = False) -> None:
         """Send a frame to worker ``index``: written at once if the pipe has room, else queued for the
         worker's writer thread (never blocks; frames stay in order).  ``big``: it holds large buffers
-        (sent out of band)."""
-        self._send(self.handles[index], wire.frame(msg, big))
+        (sent out of band).  A ``("cancel", ...)`` goes on the control pipe, after every frame before it."""
+        self._send(self.handles[index], wire.frame(msg, big), msg[0] == "cancel")
 
     def broadcast(self, msg: tuple) -> None:
         """Send a frame to every worker."""
@@ -157,13 +167,14 @@ class WorkerPool:
         for h in self.handles:
             self._send(h, data)
 
-    def _send(self, h: _Handle, parts: list) -> None:
+    def _send(self, h: _Handle, parts: list, control: bool = False) -> None:
         with h.wlock:
-            if h.fd_w < 0:
+            fd = h.fd_c if control else h.fd_w
+            if fd < 0:
                 return   # dead and not yet replaced
             if h.queued == 0:
                 try:
-                    n = os.writev(h.fd_w, parts)
+                    n = os.writev(fd, parts)
                 except BlockingIOError:
                     n = 0
                 except OSError:
@@ -172,30 +183,33 @@ class WorkerPool:
                 if not parts:
                     return
             h.queued += 1
-            h.outbox.put(parts)
+            h.outbox.put((control, parts))
 
-    def _writer(self, h: _Handle, fd: int, outbox: "queue.SimpleQueue") -> None:
+    def _writer(self, h: _Handle, fd: int, fd_c: int, outbox: "queue.SimpleQueue") -> None:
         ok = True
         while True:
-            parts = outbox.get()
-            if parts is None:
+            item = outbox.get()
+            if item is None:
                 break
+            control, parts = item
+            target = fd_c if control else fd
             while ok and parts:
                 try:
-                    parts = wire.skip(parts, os.writev(fd, parts))
+                    parts = wire.skip(parts, os.writev(target, parts))
                 except BlockingIOError:
-                    select.select([], [fd], [], 1.0)
+                    select.select([], [target], [], 1.0)
                 except OSError:
                     ok = False   # the reader sees the death and reports it
             with h.wlock:
                 h.queued -= 1
         with h.wlock:   # never leave a closed fd number where _send could write to it
             if h.fd_w == fd:
-                h.fd_w = -1
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+                h.fd_w = h.fd_c = -1
+            for f in (fd, fd_c):
+                try:
+                    os.close(f)
+                except OSError:
+                    pass
 
     def _reader(self, h: _Handle, fd: int, proc: subprocess.Popen, gen: int) -> None:
         try:

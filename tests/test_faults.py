@@ -142,6 +142,25 @@ def test_worker_dies_mid_task(fresh_cluster, killer, args):
         wait_for(lambda: ex.status()["workers_up"] == 2, 15, "the replacement worker")
 
 
+def test_a_node_holds_no_more_descriptors_after_many_worker_deaths(fresh_cluster):
+    """Each worker has three pipes and a slot file; a replaced worker's must all be closed (a node that
+    lost a descriptor per death would run out after a few hundred)."""
+    import psutil
+
+    c = fresh_cluster(workers_per_node=1)
+    node = psutil.Process(c.procs[0].pid)
+    with ClusterExecutor(address=c.address, secret=c.secret) as ex:
+        assert ex.submit(echo, 0).result(20) == 0
+        before = node.num_fds()
+        for i in range(12):
+            with pytest.raises(WorkerLost):
+                ex.submit(exit_now, 3).result(30)
+            wait_for(lambda: ex.status()["workers_up"] == 1, 15, "the replacement worker")
+            assert ex.submit(echo, i).result(20) == i
+        wait_for(lambda: node.num_fds() <= before + 2, 10,
+                 f"the node's descriptors to come back to {before} (+2) after 12 worker deaths")
+
+
 def test_worker_killed_from_outside(fresh_cluster, gate):
     c = fresh_cluster(workers_per_node=1)
     with ClusterExecutor(address=c.address, secret=c.secret) as ex:
