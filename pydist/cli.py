@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import List, Optional
 
 from .config import ENV_PREFIX, SIZE_FIELDS, NodeConfig
@@ -150,16 +151,38 @@ def node_main(argv: Optional[List[str]] = None) -> None:
     def on_ready(node) -> None:
         state["node"] = node
         if cfg.dashboard is not None:
-            from .dashboard import start_for_node
+            from . import dashboard_listen
 
-            try:
-                state["dashboard"] = start_for_node(node, cfg.dashboard)
-                sys.stdout.write(f"DASHBOARD {node.dashboard_url}\n")   # before READY: readers see both
+            try:   # listening now, served once pydist.dashboard is imported (not before READY: #15)
+                sock = dashboard_listen.listen(cfg.host, cfg.dashboard)
             except OSError as exc:
                 log.error("cannot serve the dashboard on %s:%s: %s", cfg.host, cfg.dashboard, exc.strerror or exc)
+            else:
+                import secrets
+
+                token = dashboard_listen.dashboard_token(cfg.secret) if cfg.secret else secrets.token_hex(20)
+                node.dashboard_url = dashboard_listen.url(sock, node.address.rsplit(":", 1)[0], token,
+                                                          bool(cfg.tls_cert and cfg.tls_key))
+                sys.stdout.write(f"DASHBOARD {node.dashboard_url}\n")   # before READY: readers see both
+                threading.Thread(target=serve_dashboard, args=(node, sock, token), daemon=True,
+                                 name="pydist-dashboard-start").start()
         sys.stdout.write(f"READY {node.name} {node.address}\n")
         sys.stdout.flush()
         log.info("node %s ready at %s with %d workers", node.name, node.address, cfg.workers)
+
+    def serve_dashboard(node, sock, token: str) -> None:
+        # once the workers are up (at most 2 s): their start-up and the first client's come first; a
+        # browser that is quicker waits in the socket's backlog
+        deadline = time.monotonic() + 2.0
+        for h in node.pool.handles:
+            h.ready.wait(max(0.0, deadline - time.monotonic()))
+        from .dashboard import start_for_node
+
+        try:
+            state["dashboard"] = start_for_node(node, cfg.dashboard or 0, sock=sock, token=token)
+        except Exception:   # noqa: BLE001 - the node serves on without its dashboard
+            log.exception("cannot serve the dashboard on %s", node.dashboard_url)
+            sock.close()
 
     def stop(signum, frame) -> None:
         node = state.get("node")

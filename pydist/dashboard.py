@@ -23,7 +23,6 @@ is enough and adds no dependency to every node.  Reads the node only through ``N
 from __future__ import annotations
 
 import collections
-import hashlib
 import hmac
 import http.server
 import json
@@ -36,9 +35,10 @@ import time
 import urllib.parse
 from typing import Any, Callable, Dict, List, Optional
 
+from .dashboard_listen import LABEL, dashboard_token, listen, url as _url   # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
-LABEL = b"pydist-dashboard-token-v1"
 POLL_INTERVAL = 1.0          # s between snapshots while someone watches
 IDLE_AFTER = 30.0            # s without a request after which the poller sleeps
 HISTORY = 300                # samples of the task stream kept (5 minutes at 1 s)
@@ -51,15 +51,6 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
 COOKIE = "pydist_token"
-
-
-def dashboard_token(secret: Optional[bytes]) -> str:
-    """The dashboard's access token for a cluster secret (the same on every node of the cluster)."""
-    if isinstance(secret, str):
-        secret = secret.encode()
-    if not secret:
-        raise ValueError("dashboard_token needs the cluster secret")
-    return hmac.new(secret, LABEL, hashlib.sha256).hexdigest()[:40]
 
 
 class Snapshots:
@@ -268,11 +259,11 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, addr, handler, dashboard: "Dashboard"):
+    def __init__(self, addr, handler, dashboard: "Dashboard", bind_and_activate: bool = True):
         self.dashboard = dashboard
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.streams = threading.BoundedSemaphore(MAX_STREAMS)
-        super().__init__(addr, handler)
+        super().__init__(addr, handler, bind_and_activate)
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):   # bounded: never a thread per connection beyond the cap
@@ -430,8 +421,8 @@ class Dashboard:
 
     def __init__(self, local_status: Callable[[], dict], connect: Callable[[str], Any], *, host: str = "127.0.0.1",
                  port: int = 0, secret: Optional[bytes] = None, advertise: Optional[str] = None,
-                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None):
-        self.token = dashboard_token(secret) if secret else secrets.token_hex(20)
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None, token: Optional[str] = None):
+        self.token = token or (dashboard_token(secret) if secret else secrets.token_hex(20))
         self.host, self.port = host, port
         self.advertise = advertise or host
         self.snapshots = Snapshots(local_status, connect)
@@ -439,12 +430,18 @@ class Dashboard:
         self.url = ""
         self.tls_cert, self.tls_key = tls_cert, tls_key
 
-    def start(self) -> str:
-        """Listen and serve in a background thread; returns the URL to open."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        _Server.address_family = family
-        self._server = _Server((self.host, self.port), _Handler, self)
-        scheme = "http"
+    def start(self, sock: Optional[socket.socket] = None) -> str:
+        """Serve in a background thread, on ``sock`` (bound and listening: ``dashboard_listen.listen``)
+        or on a socket of its own; returns the URL to open."""
+        if sock is None:
+            sock = listen(self.host, self.port)
+        _Server.address_family = sock.family
+        self._server = _Server(sock.getsockname()[:2], _Handler, self, bind_and_activate=False)
+        self._server.socket.close()
+        self._server.socket = sock
+        self._server.server_address = sock.getsockname()
+        self._server.server_name, self._server.server_port = sock.getsockname()[:2]   # (no getfqdn lookup)
+        self.url = _url(sock, self.advertise, self.token, bool(self.tls_cert))
         if self.tls_cert:   # a node with TLS serves its dashboard over HTTPS with the same certificate
             import ssl
 
@@ -452,12 +449,6 @@ class Dashboard:
             ctx.load_cert_chain(self.tls_cert, self.tls_key)
             self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True,
                                                   do_handshake_on_connect=False)
-            scheme = "https"
-        port = self._server.server_address[1]
-        host = self.advertise if ":" not in self.advertise else f"[{self.advertise}]"
-        if host in ("0.0.0.0", "[::]"):
-            host = "127.0.0.1"
-        self.url = f"{scheme}://{host}:{port}/?token={self.token}"
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True,
                          name="pydist-dashboard").start()
         return self.url
@@ -471,9 +462,10 @@ class Dashboard:
             self._server = None
 
 
-def start_for_node(node, port: int, advertise: Optional[str] = None) -> Dashboard:
-    """Start the dashboard of a running ``Node`` on ``port`` (its host, 0 = a free port); sets
-    ``node.dashboard_url``.  Called by ``pydist.node.serve`` for ``--dashboard``."""
+def start_for_node(node, port: int, advertise: Optional[str] = None,
+                   sock: Optional[socket.socket] = None, token: Optional[str] = None) -> Dashboard:
+    """Start the dashboard of a running ``Node`` on ``port`` (its host, 0 = a free port) or on ``sock``
+    (already listening); sets ``node.dashboard_url``.  ``pydist-node --dashboard`` calls it."""
     from . import security
 
     cfg = node.cfg
@@ -483,7 +475,7 @@ def start_for_node(node, port: int, advertise: Optional[str] = None) -> Dashboar
 
     d = Dashboard(node.status, connect, host=cfg.host, port=port, secret=cfg.secret,
                   advertise=advertise or node.address.rsplit(":", 1)[0],
-                  tls_cert=cfg.tls_cert if cfg.tls_key else None, tls_key=cfg.tls_key)
-    node.dashboard_url = d.start()
+                  tls_cert=cfg.tls_cert if cfg.tls_key else None, tls_key=cfg.tls_key, token=token)
+    node.dashboard_url = d.start(sock)
     log.info("dashboard of node %s at %s", node.name, node.dashboard_url)
     return d

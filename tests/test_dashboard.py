@@ -276,3 +276,32 @@ def test_a_tls_cluster_serves_it_over_https(tmp_path, proc_guard):
         assert e.value.code == 403
         with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):   # no plain HTTP
             urllib.request.urlopen(url.replace("https://", "http://"), timeout=5)
+
+
+def test_an_insecure_nodes_dashboard_answers_with_the_token_of_its_url(tmp_path):
+    """The DASHBOARD line is printed before the dashboard is imported and served (#15, start-up): with
+    no cluster secret its token is random, and the served dashboard must take the one printed."""
+    import subprocess
+    import sys
+
+    from pydist.cluster import read_ready
+
+    env = dict(os.environ)
+    for k in ("PYDIST_SECRET", "PYDIST_SECRET_FILE"):
+        env.pop(k, None)
+    p = subprocess.Popen([sys.executable, "-m", "pydist.cli", "node", "--host", "127.0.0.8", "--workers", "1",
+                          "--name", "open", "--insecure", "--dashboard", "0", "--watch-stdin",
+                          "--code-cache", str(tmp_path / "c"), "--log-level", "WARNING"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    try:
+        first = p.stdout.readline().decode()
+        assert first.startswith("DASHBOARD http://127.0.0.8:"), first
+        url = first.split()[1]
+        assert read_ready(p, 20)
+        code, _, body = get(url.replace("/?", "/api/status?"))   # waits in the backlog until served
+        assert code == 200 and json.loads(body)["root"] == "open", (code, body[:200])
+        assert get(url.replace("/?", "/api/status?").rsplit("=", 1)[0] + "=" + "0" * 40)[0] == 403
+    finally:
+        p.terminate()
+        p.stdin.close()
+        p.wait(15)
