@@ -1,8 +1,13 @@
+import re
+
 from setuptools import find_packages, setup
+
+# one place for the release: pydist/__init__.py (the hello sends pydist.__version__)
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("pydist/__init__.py", encoding="utf-8").read(), re.M).group(1)
 
 setup(
     name="pydist",
-    version="0.1.0",
+    version=VERSION,
     description="Distribute Python functions and scripts over the computers of a network "
                 "through concurrent.futures (Pyro5 remote-object cluster)",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",

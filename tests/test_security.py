@@ -570,3 +570,14 @@ def test_a_message_stalled_halfway_is_dropped_after_the_idle_timeout(node):
     sock.sendall(msg[: len(msg) // 2])
     assert closed_by_server(sock, 10), "a half-sent message held the connection open"
     p._pyroRelease()
+
+
+def test_the_hello_names_the_release_of_the_running_code():
+    """The release in every hello is ``pydist.__version__``, the one ``setup.py`` installs (reading the
+    installed metadata instead cost each process's first connection ~30 ms, #15)."""
+    import importlib.metadata
+
+    import pydist
+
+    assert auth.local_versions()["ver"] == pydist.__version__
+    assert importlib.metadata.version("pydist") == pydist.__version__
