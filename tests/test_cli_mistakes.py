@@ -375,3 +375,34 @@ def test_stop_node_all_stops_its_tree_and_node_alone_stops_one(proc_guard):
         r = cli("stop", "--node", c.address, "--all", secret=c.secret, timeout=90)
         assert r.returncode == 0 and "stopped 2 nodes" in r.stdout, r.stdout + r.stderr
         assert c.procs[1].wait(20) == 0 and c.procs[0].wait(20) == 0
+
+
+def test_a_node_that_cannot_listen_says_so_and_leaves_no_worker_behind(tmp_path):
+    """A node that cannot listen must say why in the process the user started, and no worker of it
+    may outlive it (tried in #15: starting the workers before the node imports, which did not pay)."""
+    import psutil
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    cache = str(tmp_path / "busy-port-cache")
+    env = dict(os.environ, PYDIST_SECRET=security.new_secret().decode())
+    try:
+        r = subprocess.run([sys.executable, "-m", "pydist.cli", "node", "--host", "127.0.0.1", "--port", str(port),
+                            "--workers", "2", "--code-cache", cache, "--log-level", "WARNING"],
+                           capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    finally:
+        taken.close()
+    assert r.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, (r.returncode, r.stderr[-800:])
+
+    def workers_left():
+        left = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if cache in " ".join(p.info["cmdline"] or []):
+                    left.append(p.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return left
+    wait_for(lambda: not workers_left(), 10, "the early workers of the node that could not listen to exit")
