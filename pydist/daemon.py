@@ -8,6 +8,8 @@ connections which proved the secret.
                               ▼
                             _Serve on a Pyro5 pool thread: dst/versions checked, CONNECTOK with the reply
                               mac ──▶ handleRequest loop (idle timeout in the kernel) ──▶ on_disconnect
+                                        └─ each request: pydist.fastcall.serve_one (the common call),
+                                           Pyro5's own handleRequest for anything else
     a scoped hello (a group's ranks) sees only ``scoped(scope)`` in place of ``pydist.node``
 
 The whole exchange is drawn in :mod:`pydist.security`, which re-exports every public name here.

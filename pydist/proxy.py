@@ -3,7 +3,9 @@ pydist's bounded format (``pydist.auth``), never with a general deserializer.
 
 A rogue server (say, one registered in the name server under a node's name) can therefore cost a client at
 most ``auth.REPLY_MAX`` bytes and ``handshake_timeout`` seconds, and, without the secret, gets no call: the
-reply's MAC over the client's fresh nonce is checked before the connection is used.
+reply's MAC over the client's fresh nonce is checked before the connection is used.  After the hello,
+the common call goes through ``pydist.fastcall.invoke`` (same bytes as Pyro5's, fewer steps); anything
+else through Pyro5's own ``_pyroInvoke``.
 """
 from __future__ import annotations
 
