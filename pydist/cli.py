@@ -158,9 +158,7 @@ def node_main(argv: Optional[List[str]] = None) -> None:
             except OSError as exc:
                 log.error("cannot serve the dashboard on %s:%s: %s", cfg.host, cfg.dashboard, exc.strerror or exc)
             else:
-                import secrets
-
-                token = dashboard_listen.dashboard_token(cfg.secret) if cfg.secret else secrets.token_hex(20)
+                token = dashboard_listen.token_for(cfg.secret)
                 node.dashboard_url = dashboard_listen.url(sock, node.address.rsplit(":", 1)[0], token,
                                                           bool(cfg.tls_cert and cfg.tls_key))
                 sys.stdout.write(f"DASHBOARD {node.dashboard_url}\n")   # before READY: readers see both

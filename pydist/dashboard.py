@@ -28,14 +28,13 @@ import http.server
 import json
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
 import urllib.parse
 from typing import Any, Callable, Dict, List, Optional
 
-from .dashboard_listen import LABEL, dashboard_token, listen, url as _url   # noqa: F401 (re-exported)
+from .dashboard_listen import LABEL, dashboard_token, listen, token_for, url as _url   # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +421,7 @@ class Dashboard:
     def __init__(self, local_status: Callable[[], dict], connect: Callable[[str], Any], *, host: str = "127.0.0.1",
                  port: int = 0, secret: Optional[bytes] = None, advertise: Optional[str] = None,
                  tls_cert: Optional[str] = None, tls_key: Optional[str] = None, token: Optional[str] = None):
-        self.token = token or (dashboard_token(secret) if secret else secrets.token_hex(20))
+        self.token = token or token_for(secret)
         self.host, self.port = host, port
         self.advertise = advertise or host
         self.snapshots = Snapshots(local_status, connect)

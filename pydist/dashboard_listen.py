@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import socket
 from typing import Optional
 
-__all__ = ["LABEL", "dashboard_token", "listen", "url"]
+__all__ = ["LABEL", "dashboard_token", "token_for", "listen", "url"]
 
 LABEL = b"pydist-dashboard-token-v1"
 BACKLOG = 16
@@ -30,6 +31,12 @@ def dashboard_token(secret: Optional[bytes]) -> str:
     if not secret:
         raise ValueError("dashboard_token needs the cluster secret")
     return hmac.new(secret, LABEL, hashlib.sha256).hexdigest()[:40]
+
+
+def token_for(secret: Optional[bytes]) -> str:
+    """The token a node's dashboard takes: the cluster's (``dashboard_token``), or a random one when
+    the node has no secret."""
+    return dashboard_token(secret) if secret else secrets.token_hex(20)
 
 
 def listen(host: str, port: int) -> socket.socket:

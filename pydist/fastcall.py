@@ -130,13 +130,13 @@ def invoke(proxy, conn, methodname: str, vargs: tuple, kwargs: dict, object_id: 
     marshal serializer, no oneway, no annotations, no compression, no correlation id)."""
     for v in vargs:
         if type(v) not in _ARGS:
-            return _NOT_FAST
+            return NOT_FAST
     if kwargs and any(type(v) not in _ARGS for v in kwargs.values()):
-        return _NOT_FAST
+        return NOT_FAST
     try:
         data = marshal.dumps((object_id, methodname, list(vargs), kwargs))
     except ValueError:   # something inside marshal cannot carry: Pyro5 converts it
-        return _NOT_FAST
+        return NOT_FAST
     if len(data) > pyro_config.MAX_MESSAGE_SIZE:
         raise errors.ProtocolError(f"message too large ({len(data):d}, max={pyro_config.MAX_MESSAGE_SIZE:d})")
     seq = proxy._pyroSeq = (proxy._pyroSeq + 1) & 0xffff
@@ -182,5 +182,4 @@ class _NotFast:
 
 
 #: what ``invoke`` returns when the call must go through Pyro5 (nothing was sent)
-_NOT_FAST: Any = _NotFast()
-NOT_FAST = _NOT_FAST
+NOT_FAST: Any = _NotFast()
