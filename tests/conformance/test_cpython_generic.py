@@ -448,6 +448,8 @@ def test_interpreter_exit_output_is_the_tasks_line(kind, tmp_path):
     """CPython's test_interpreter_shutdown wants exactly b"apple": pydist prefixes what a task prints
     with where it ran (README, "Task output"); the line itself is the task's, nothing else is printed."""
     p = _script(kind, EXIT_SCRIPT, tmp_path)
+    if kind == "ppe" and not p.stdout.strip():   # PPE itself lost the line once under load (CI): the reference runs again
+        p = _script(kind, EXIT_SCRIPT, tmp_path)
     assert p.returncode == 0 and not p.stderr.strip(), p.stderr
     lines = p.stdout.strip().splitlines()
     assert len(lines) == 1, lines
